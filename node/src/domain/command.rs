@@ -1,0 +1,193 @@
+//! Commands proposed through Raft and the responses the state machine answers with.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::ids::{DeviceId, ModuleId};
+use super::registry::{DeviceSpec, GeneratedKeys, ModuleSpec};
+use super::state::HubSettings;
+use super::twin::TwinPatch;
+
+/// An `If-Match` precondition (RFC 7232).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IfMatch {
+    /// No header: create-only for PUT, unconditional for others.
+    Absent,
+    /// `*`: any current version.
+    Any,
+    /// A specific ETag (without quotes).
+    Etag(String),
+}
+
+impl IfMatch {
+    /// Parses the header value; the SDKs send quoted ETags, some tools unquoted.
+    pub fn from_header(value: Option<&str>) -> Self {
+        match value.map(str::trim) {
+            None | Some("") => IfMatch::Absent,
+            Some("*") | Some("\"*\"") => IfMatch::Any,
+            Some(v) => {
+                let v = v.strip_prefix("W/").unwrap_or(v);
+                IfMatch::Etag(v.trim_matches('"').to_string())
+            }
+        }
+    }
+
+    /// Whether the precondition holds for an entity whose current ETag is `current`.
+    pub fn matches(&self, current: &str) -> bool {
+        match self {
+            IfMatch::Absent | IfMatch::Any => true,
+            IfMatch::Etag(e) => e == current,
+        }
+    }
+}
+
+/// A change to the hub state. Carries every non-deterministic input (time, generated keys) so all
+/// replicas apply it identically.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum HubCommand {
+    /// Creates the hub once: policies with their keys and the replicated limits. A second
+    /// `InitHub` changes nothing.
+    InitHub {
+        /// The hub's settings.
+        settings: HubSettings,
+    },
+    /// Creates or updates a device (PUT /devices/{id}).
+    PutDevice {
+        /// Device id from the path.
+        device_id: DeviceId,
+        /// Body.
+        spec: DeviceSpec,
+        /// Precondition.
+        if_match: IfMatch,
+        /// Proposer's clock, ISO-8601.
+        now: String,
+        /// Keys to use where the body asks the hub to generate them.
+        keys: GeneratedKeys,
+    },
+    /// Deletes a device, its modules and twins.
+    DeleteDevice {
+        /// Device id.
+        device_id: DeviceId,
+        /// Precondition.
+        if_match: IfMatch,
+    },
+    /// Creates or updates a module.
+    PutModule {
+        /// Device id.
+        device_id: DeviceId,
+        /// Module id.
+        module_id: ModuleId,
+        /// Body.
+        spec: ModuleSpec,
+        /// Precondition.
+        if_match: IfMatch,
+        /// Proposer's clock.
+        now: String,
+        /// Keys for generation.
+        keys: GeneratedKeys,
+    },
+    /// Deletes a module.
+    DeleteModule {
+        /// Device id.
+        device_id: DeviceId,
+        /// Module id.
+        module_id: ModuleId,
+        /// Precondition.
+        if_match: IfMatch,
+    },
+    /// Merges a service patch into a twin (PATCH /twins/{id}).
+    UpdateTwin {
+        /// Device id.
+        device_id: DeviceId,
+        /// Module id for a module twin.
+        module_id: Option<ModuleId>,
+        /// Tags and desired patch.
+        patch: TwinPatch,
+        /// Precondition on the twin ETag.
+        if_match: IfMatch,
+        /// Proposer's clock.
+        now: String,
+    },
+    /// Replaces tags and desired properties (PUT /twins/{id}).
+    ReplaceTwin {
+        /// Device id.
+        device_id: DeviceId,
+        /// Module id for a module twin.
+        module_id: Option<ModuleId>,
+        /// New tags and desired properties.
+        replacement: TwinPatch,
+        /// Precondition on the twin ETag.
+        if_match: IfMatch,
+        /// Proposer's clock.
+        now: String,
+    },
+    /// Merges a device's reported-properties patch.
+    UpdateReported {
+        /// Device id.
+        device_id: DeviceId,
+        /// Module id for a module twin.
+        module_id: Option<ModuleId>,
+        /// Merge patch.
+        patch: Map<String, Value>,
+        /// Proposer's clock.
+        now: String,
+    },
+}
+
+impl HubCommand {
+    /// A short name for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            HubCommand::InitHub { .. } => "init_hub",
+            HubCommand::PutDevice { .. } => "put_device",
+            HubCommand::DeleteDevice { .. } => "delete_device",
+            HubCommand::PutModule { .. } => "put_module",
+            HubCommand::DeleteModule { .. } => "delete_module",
+            HubCommand::UpdateTwin { .. } => "update_twin",
+            HubCommand::ReplaceTwin { .. } => "replace_twin",
+            HubCommand::UpdateReported { .. } => "update_reported",
+        }
+    }
+}
+
+/// What a successfully applied command answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum HubResponse {
+    /// `InitHub`: whether this command created the hub.
+    Initialized {
+        /// False when the hub already existed.
+        created: bool,
+    },
+    /// A device, rendered in Azure's JSON.
+    Device(Value),
+    /// A module, rendered.
+    Module(Value),
+    /// A twin, rendered in the service shape.
+    Twin(Value),
+    /// The new reported `$version`.
+    ReportedVersion(u64),
+    /// The entity was deleted.
+    Deleted,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn if_match_parsing() {
+        assert_eq!(IfMatch::from_header(None), IfMatch::Absent);
+        assert_eq!(IfMatch::from_header(Some("\"*\"")), IfMatch::Any);
+        assert_eq!(IfMatch::from_header(Some("*")), IfMatch::Any);
+        assert_eq!(
+            IfMatch::from_header(Some("\"MQ==\"")),
+            IfMatch::Etag("MQ==".into())
+        );
+        assert_eq!(
+            IfMatch::from_header(Some("W/\"MQ==\"")),
+            IfMatch::Etag("MQ==".into())
+        );
+        assert!(IfMatch::Etag("a".into()).matches("a"));
+        assert!(!IfMatch::Etag("a".into()).matches("b"));
+    }
+}

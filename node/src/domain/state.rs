@@ -1,0 +1,759 @@
+//! The replicated hub state and the one function that changes it.
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::command::{HubCommand, HubResponse, IfMatch};
+use super::error::{HubError, HubResult};
+use super::ids::{DeviceId, ModuleId};
+use super::policy::SharedAccessPolicy;
+use super::registry::{
+    Authentication, Device, DeviceSpec, DeviceStatus, GeneratedKeys, IdentityRecord,
+    MAX_STATUS_REASON, Module, ModuleSpec,
+};
+use super::twin::{TwinLimits, TwinPatch, TwinState};
+use meridian_proto::ErrorCode;
+
+/// Hub-wide settings, fixed at hub creation and replicated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HubSettings {
+    /// Shared access policies by name.
+    pub policies: BTreeMap<String, SharedAccessPolicy>,
+    /// Twin document limits.
+    pub twin_limits: TwinLimits,
+    /// Most devices the registry holds (Azure: 1,000,000).
+    pub max_devices: u64,
+    /// Most modules per device (Azure: 20).
+    pub max_modules_per_device: usize,
+}
+
+/// A device with its twin and modules.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceEntry {
+    /// Registry identity.
+    pub device: Device,
+    /// Device twin.
+    pub twin: TwinState,
+    /// Modules by id.
+    pub modules: BTreeMap<ModuleId, ModuleEntry>,
+}
+
+/// A module with its twin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModuleEntry {
+    /// Registry identity.
+    pub module: Module,
+    /// Module twin.
+    pub twin: TwinState,
+}
+
+/// Registry statistics (`GET /statistics/devices`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistryStatistics {
+    /// All devices.
+    pub total_device_count: u64,
+    /// Enabled devices.
+    pub enabled_device_count: u64,
+    /// Disabled devices.
+    pub disabled_device_count: u64,
+}
+
+/// Everything the hub's Raft group replicates.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HubState {
+    /// None until `InitHub` is applied.
+    pub settings: Option<HubSettings>,
+    /// Devices by id.
+    pub devices: BTreeMap<DeviceId, DeviceEntry>,
+    /// Source of registry ETags and generation ids; increases on every registry write.
+    pub sequence: u64,
+}
+
+/// Base of generation ids, so they look like Azure's (a .NET tick count in 2017).
+const GENERATION_BASE: u64 = 636_510_460_778_278_549;
+
+impl HubState {
+    fn next_sequence(&mut self) -> u64 {
+        self.sequence += 1;
+        self.sequence
+    }
+
+    fn registry_etag(seq: u64) -> String {
+        // Azure's registry ETags are base64 of a decimal counter ("MQ==" is 1).
+        base64::engine::general_purpose::STANDARD.encode(seq.to_string())
+    }
+
+    fn settings(&self) -> HubResult<&HubSettings> {
+        self.settings.as_ref().ok_or_else(|| {
+            HubError::new(
+                ErrorCode::ServiceUnavailable,
+                "the hub is not initialized yet",
+            )
+        })
+    }
+
+    /// Applies a command. On error the state is unchanged.
+    pub fn apply(&mut self, command: HubCommand) -> HubResult<HubResponse> {
+        match command {
+            HubCommand::InitHub { settings } => {
+                let created = self.settings.is_none();
+                if created {
+                    self.settings = Some(settings);
+                }
+                Ok(HubResponse::Initialized { created })
+            }
+            HubCommand::PutDevice {
+                device_id,
+                spec,
+                if_match,
+                now,
+                keys,
+            } => self.put_device(device_id, spec, if_match, &now, &keys),
+            HubCommand::DeleteDevice {
+                device_id,
+                if_match,
+            } => {
+                let entry = self
+                    .devices
+                    .get(&device_id)
+                    .ok_or_else(|| HubError::device_not_found(device_id.as_str()))?;
+                if !if_match.matches(&entry.device.identity.etag) {
+                    return Err(HubError::precondition_failed(&entry.device.identity.etag));
+                }
+                self.devices.remove(&device_id);
+                self.next_sequence();
+                Ok(HubResponse::Deleted)
+            }
+            HubCommand::PutModule {
+                device_id,
+                module_id,
+                spec,
+                if_match,
+                now,
+                keys,
+            } => self.put_module(device_id, module_id, spec, if_match, &now, &keys),
+            HubCommand::DeleteModule {
+                device_id,
+                module_id,
+                if_match,
+            } => {
+                let entry = self
+                    .devices
+                    .get_mut(&device_id)
+                    .ok_or_else(|| HubError::device_not_found(device_id.as_str()))?;
+                let module = entry.modules.get(&module_id).ok_or_else(|| {
+                    HubError::module_not_found(device_id.as_str(), module_id.as_str())
+                })?;
+                if !if_match.matches(&module.module.identity.etag) {
+                    return Err(HubError::precondition_failed(&module.module.identity.etag));
+                }
+                entry.modules.remove(&module_id);
+                self.next_sequence();
+                Ok(HubResponse::Deleted)
+            }
+            HubCommand::UpdateTwin {
+                device_id,
+                module_id,
+                patch,
+                if_match,
+                now,
+            } => {
+                let limits = self.settings()?.twin_limits.clone();
+                let twin = self.twin_mut(&device_id, module_id.as_ref())?;
+                if !if_match.matches(&twin.etag()) {
+                    return Err(HubError::precondition_failed(&twin.etag()));
+                }
+                twin.apply_patch(&patch, &limits, &now)?;
+                Ok(HubResponse::Twin(
+                    self.render_twin(&device_id, module_id.as_ref())?,
+                ))
+            }
+            HubCommand::ReplaceTwin {
+                device_id,
+                module_id,
+                replacement,
+                if_match,
+                now,
+            } => {
+                let limits = self.settings()?.twin_limits.clone();
+                let twin = self.twin_mut(&device_id, module_id.as_ref())?;
+                if !if_match.matches(&twin.etag()) {
+                    return Err(HubError::precondition_failed(&twin.etag()));
+                }
+                twin.replace(&replacement, &limits, &now)?;
+                Ok(HubResponse::Twin(
+                    self.render_twin(&device_id, module_id.as_ref())?,
+                ))
+            }
+            HubCommand::UpdateReported {
+                device_id,
+                module_id,
+                patch,
+                now,
+            } => {
+                let limits = self.settings()?.twin_limits.clone();
+                let twin = self.twin_mut(&device_id, module_id.as_ref())?;
+                let version = twin.apply_reported(&patch, &limits, &now)?;
+                Ok(HubResponse::ReportedVersion(version))
+            }
+        }
+    }
+
+    fn put_device(
+        &mut self,
+        device_id: DeviceId,
+        spec: DeviceSpec,
+        if_match: IfMatch,
+        now: &str,
+        keys: &GeneratedKeys,
+    ) -> HubResult<HubResponse> {
+        let max_devices = self.settings()?.max_devices;
+        if let Some(body_id) = &spec.device_id
+            && body_id != device_id.as_str()
+        {
+            return Err(HubError::invalid(format!(
+                "deviceId {body_id:?} in the body does not match {device_id:?} in the path"
+            )));
+        }
+        let status = match &spec.status {
+            Some(s) => DeviceStatus::parse(s)?,
+            None => DeviceStatus::Enabled,
+        };
+        if spec
+            .status_reason
+            .as_ref()
+            .is_some_and(|r| r.chars().count() > MAX_STATUS_REASON)
+        {
+            return Err(HubError::invalid(format!(
+                "statusReason is longer than {MAX_STATUS_REASON} characters"
+            )));
+        }
+        let existing = self.devices.get(&device_id);
+        match (existing, &if_match) {
+            (Some(_), IfMatch::Absent) => {
+                return Err(HubError::new(
+                    ErrorCode::DeviceAlreadyExists,
+                    format!("a device with id {device_id} already exists"),
+                ));
+            }
+            (Some(entry), m) if !m.matches(&entry.device.identity.etag) => {
+                return Err(HubError::precondition_failed(&entry.device.identity.etag));
+            }
+            (None, IfMatch::Etag(_)) => return Err(HubError::device_not_found(device_id.as_str())),
+            (None, _) if self.devices.len() as u64 >= max_devices => {
+                return Err(HubError::new(
+                    ErrorCode::IotHubQuotaExceeded,
+                    format!("the hub holds its maximum of {max_devices} devices"),
+                ));
+            }
+            _ => {}
+        }
+        let auth = spec
+            .authentication
+            .clone()
+            .unwrap_or_default()
+            .normalize(keys, existing.map(|e| &e.device.identity.authentication))?;
+        let seq = self.next_sequence();
+        let etag = Self::registry_etag(seq);
+        let entry = match self.devices.get_mut(&device_id) {
+            Some(entry) => {
+                let device = &mut entry.device;
+                if device.status != status {
+                    device.status_updated_time = now.to_string();
+                }
+                device.status = status;
+                device.status_reason = spec.status_reason;
+                device.identity.authentication = auth;
+                device.identity.etag = etag;
+                if let Some(c) = spec.capabilities {
+                    device.capabilities = c;
+                }
+                if spec.device_scope.is_some() {
+                    device.device_scope = spec.device_scope;
+                }
+                if let Some(p) = spec.parent_scopes {
+                    device.parent_scopes = p;
+                }
+                entry
+            }
+            None => {
+                let generation = (GENERATION_BASE + seq).to_string();
+                let device = Device {
+                    identity: IdentityRecord::new(generation, etag, auth),
+                    status,
+                    status_reason: spec.status_reason,
+                    status_updated_time: now.to_string(),
+                    capabilities: spec.capabilities.unwrap_or_default(),
+                    device_scope: spec.device_scope,
+                    parent_scopes: spec.parent_scopes.unwrap_or_default(),
+                };
+                self.devices
+                    .entry(device_id.clone())
+                    .or_insert(DeviceEntry {
+                        device,
+                        twin: TwinState::default(),
+                        modules: BTreeMap::new(),
+                    })
+            }
+        };
+        Ok(HubResponse::Device(entry.device.render(device_id.as_str())))
+    }
+
+    fn put_module(
+        &mut self,
+        device_id: DeviceId,
+        module_id: ModuleId,
+        spec: ModuleSpec,
+        if_match: IfMatch,
+        now: &str,
+        keys: &GeneratedKeys,
+    ) -> HubResult<HubResponse> {
+        let _ = now;
+        let max_modules = self.settings()?.max_modules_per_device;
+        if spec
+            .module_id
+            .as_ref()
+            .is_some_and(|m| m != module_id.as_str())
+            || spec
+                .device_id
+                .as_ref()
+                .is_some_and(|d| d != device_id.as_str())
+        {
+            return Err(HubError::invalid(
+                "deviceId/moduleId in the body do not match the path",
+            ));
+        }
+        let entry = self
+            .devices
+            .get(&device_id)
+            .ok_or_else(|| HubError::device_not_found(device_id.as_str()))?;
+        let existing = entry.modules.get(&module_id);
+        match (existing, &if_match) {
+            (Some(_), IfMatch::Absent) => {
+                return Err(HubError::new(
+                    ErrorCode::ModuleAlreadyExistsOnDevice,
+                    format!("module {module_id} already exists on device {device_id}"),
+                ));
+            }
+            (Some(m), cond) if !cond.matches(&m.module.identity.etag) => {
+                return Err(HubError::precondition_failed(&m.module.identity.etag));
+            }
+            (None, IfMatch::Etag(_)) => {
+                return Err(HubError::module_not_found(
+                    device_id.as_str(),
+                    module_id.as_str(),
+                ));
+            }
+            (None, _) if entry.modules.len() >= max_modules => {
+                return Err(HubError::new(
+                    ErrorCode::ModuleQuotaExceeded,
+                    format!("device {device_id} already has {max_modules} modules"),
+                ));
+            }
+            _ => {}
+        }
+        let auth: Authentication = spec
+            .authentication
+            .clone()
+            .unwrap_or_default()
+            .normalize(keys, existing.map(|m| &m.module.identity.authentication))?;
+        let seq = self.next_sequence();
+        let etag = Self::registry_etag(seq);
+        let entry = self
+            .devices
+            .get_mut(&device_id)
+            .ok_or_else(|| HubError::device_not_found(device_id.as_str()))?;
+        let module_entry = entry
+            .modules
+            .entry(module_id.clone())
+            .or_insert_with(|| ModuleEntry {
+                module: Module {
+                    identity: IdentityRecord::new(
+                        (GENERATION_BASE + seq).to_string(),
+                        etag.clone(),
+                        auth.clone(),
+                    ),
+                    managed_by: None,
+                },
+                twin: TwinState::default(),
+            });
+        module_entry.module.identity.etag = etag;
+        module_entry.module.identity.authentication = auth;
+        module_entry.module.managed_by = spec.managed_by;
+        Ok(HubResponse::Module(
+            module_entry
+                .module
+                .render(device_id.as_str(), module_id.as_str()),
+        ))
+    }
+
+    fn twin_mut(
+        &mut self,
+        device_id: &DeviceId,
+        module_id: Option<&ModuleId>,
+    ) -> HubResult<&mut TwinState> {
+        let entry = self
+            .devices
+            .get_mut(device_id)
+            .ok_or_else(|| HubError::device_not_found(device_id.as_str()))?;
+        match module_id {
+            None => Ok(&mut entry.twin),
+            Some(m) => entry
+                .modules
+                .get_mut(m)
+                .map(|m| &mut m.twin)
+                .ok_or_else(|| HubError::module_not_found(device_id.as_str(), m.as_str())),
+        }
+    }
+
+    // ---- reads ----
+
+    /// `GET /devices/{id}`.
+    pub fn get_device(&self, device_id: &DeviceId) -> HubResult<Value> {
+        self.devices
+            .get(device_id)
+            .map(|e| e.device.render(device_id.as_str()))
+            .ok_or_else(|| HubError::device_not_found(device_id.as_str()))
+    }
+
+    /// The device's registry record, for authentication.
+    pub fn device(&self, device_id: &DeviceId) -> Option<&Device> {
+        self.devices.get(device_id).map(|e| &e.device)
+    }
+
+    /// `GET /devices?top=N`: the first `top` devices by id.
+    pub fn list_devices(&self, top: usize) -> Value {
+        Value::Array(
+            self.devices
+                .iter()
+                .take(top)
+                .map(|(id, e)| e.device.render(id.as_str()))
+                .collect(),
+        )
+    }
+
+    /// `GET /devices/{id}/modules/{mid}`.
+    pub fn get_module(&self, device_id: &DeviceId, module_id: &ModuleId) -> HubResult<Value> {
+        let entry = self
+            .devices
+            .get(device_id)
+            .ok_or_else(|| HubError::device_not_found(device_id.as_str()))?;
+        entry
+            .modules
+            .get(module_id)
+            .map(|m| m.module.render(device_id.as_str(), module_id.as_str()))
+            .ok_or_else(|| HubError::module_not_found(device_id.as_str(), module_id.as_str()))
+    }
+
+    /// `GET /devices/{id}/modules`.
+    pub fn list_modules(&self, device_id: &DeviceId) -> HubResult<Value> {
+        let entry = self
+            .devices
+            .get(device_id)
+            .ok_or_else(|| HubError::device_not_found(device_id.as_str()))?;
+        Ok(Value::Array(
+            entry
+                .modules
+                .iter()
+                .map(|(mid, m)| m.module.render(device_id.as_str(), mid.as_str()))
+                .collect(),
+        ))
+    }
+
+    /// `GET /twins/{id}[/modules/{mid}]` in the service shape.
+    pub fn render_twin(
+        &self,
+        device_id: &DeviceId,
+        module_id: Option<&ModuleId>,
+    ) -> HubResult<Value> {
+        let entry = self
+            .devices
+            .get(device_id)
+            .ok_or_else(|| HubError::device_not_found(device_id.as_str()))?;
+        let device = &entry.device;
+        let mut out = Map::new();
+        out.insert("deviceId".into(), Value::from(device_id.as_str()));
+        let (twin, identity) = match module_id {
+            None => (&entry.twin, &device.identity),
+            Some(mid) => {
+                let m = entry
+                    .modules
+                    .get(mid)
+                    .ok_or_else(|| HubError::module_not_found(device_id.as_str(), mid.as_str()))?;
+                out.insert("moduleId".into(), Value::from(mid.as_str()));
+                (&m.twin, &m.module.identity)
+            }
+        };
+        out.insert("etag".into(), Value::from(twin.etag()));
+        out.insert("deviceEtag".into(), Value::from(identity.etag.clone()));
+        out.insert(
+            "status".into(),
+            serde_json::to_value(device.status).unwrap_or(Value::Null),
+        );
+        out.insert(
+            "statusReason".into(),
+            device
+                .status_reason
+                .clone()
+                .map_or(Value::Null, Value::from),
+        );
+        out.insert(
+            "statusUpdateTime".into(),
+            Value::from(device.status_updated_time.clone()),
+        );
+        out.insert(
+            "connectionState".into(),
+            serde_json::to_value(identity.connection_state).unwrap_or(Value::Null),
+        );
+        out.insert(
+            "lastActivityTime".into(),
+            Value::from(identity.last_activity_time.clone()),
+        );
+        out.insert(
+            "cloudToDeviceMessageCount".into(),
+            Value::from(identity.cloud_to_device_message_count),
+        );
+        out.insert(
+            "authenticationType".into(),
+            serde_json::to_value(identity.authentication.kind).unwrap_or(Value::Null),
+        );
+        out.insert(
+            "x509Thumbprint".into(),
+            serde_json::to_value(&identity.authentication.x509_thumbprint).unwrap_or(Value::Null),
+        );
+        out.insert("version".into(), Value::from(twin.version));
+        out.insert(
+            "capabilities".into(),
+            serde_json::to_value(device.capabilities).unwrap_or(Value::Null),
+        );
+        twin.render_sections(&mut out);
+        Ok(Value::Object(out))
+    }
+
+    /// `GET /statistics/devices`.
+    pub fn registry_statistics(&self) -> RegistryStatistics {
+        let total = self.devices.len() as u64;
+        let enabled = self
+            .devices
+            .values()
+            .filter(|e| e.device.status == DeviceStatus::Enabled)
+            .count() as u64;
+        RegistryStatistics {
+            total_device_count: total,
+            enabled_device_count: enabled,
+            disabled_device_count: total - enabled,
+        }
+    }
+
+    /// Devices with a live connection.
+    pub fn connected_device_count(&self) -> u64 {
+        self.devices
+            .values()
+            .filter(|e| {
+                e.device.identity.connection_state == super::registry::ConnectionState::Connected
+            })
+            .count() as u64
+    }
+
+    /// The policy named `name`.
+    pub fn policy(&self, name: &str) -> Option<&SharedAccessPolicy> {
+        self.settings.as_ref()?.policies.get(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const NOW: &str = "2026-11-27T12:00:00.000Z";
+
+    fn hub() -> HubState {
+        let mut state = HubState::default();
+        let keys = std::array::from_fn(|_| {
+            (
+                super::super::registry::random_key(),
+                super::super::registry::random_key(),
+            )
+        });
+        let policies = SharedAccessPolicy::defaults(keys)
+            .into_iter()
+            .map(|p| (p.key_name.clone(), p))
+            .collect();
+        let settings = HubSettings {
+            policies,
+            twin_limits: TwinLimits::default(),
+            max_devices: 3,
+            max_modules_per_device: 2,
+        };
+        assert_eq!(
+            state.apply(HubCommand::InitHub { settings }),
+            Ok(HubResponse::Initialized { created: true })
+        );
+        state
+    }
+
+    fn id(s: &str) -> DeviceId {
+        DeviceId::new(s).expect("valid id")
+    }
+
+    fn put(state: &mut HubState, device: &str, if_match: IfMatch) -> HubResult<Value> {
+        let spec: DeviceSpec = serde_json::from_value(json!({
+            "deviceId": device, "status": "enabled",
+            "authentication": {"type": "sas", "symmetricKey": {"primaryKey": "", "secondaryKey": ""}},
+            "capabilities": {"iotEdge": false}
+        }))
+        .expect("valid spec");
+        match state.apply(HubCommand::PutDevice {
+            device_id: id(device),
+            spec,
+            if_match,
+            now: NOW.into(),
+            keys: GeneratedKeys::random(),
+        })? {
+            HubResponse::Device(v) => Ok(v),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn second_init_changes_nothing() {
+        let mut state = hub();
+        let before = state.clone();
+        let settings = before.settings.clone().expect("initialized");
+        let mut other = settings.clone();
+        other.max_devices = 99;
+        assert_eq!(
+            state.apply(HubCommand::InitHub { settings: other }),
+            Ok(HubResponse::Initialized { created: false })
+        );
+        assert_eq!(state, before);
+    }
+
+    #[test]
+    fn create_update_delete_with_etags() {
+        let mut state = hub();
+        let created = put(&mut state, "d1", IfMatch::Absent).expect("create");
+        assert_eq!(created["connectionState"], json!("Disconnected"));
+        assert_eq!(created["status"], json!("enabled"));
+        let etag = created["etag"].as_str().expect("etag").to_string();
+        // duplicate create
+        let dup = put(&mut state, "d1", IfMatch::Absent).expect_err("duplicate");
+        assert_eq!(dup.code, ErrorCode::DeviceAlreadyExists);
+        // update with the right etag keeps keys and changes the etag
+        let updated = put(&mut state, "d1", IfMatch::Etag(etag.clone())).expect("update");
+        assert_ne!(updated["etag"], created["etag"]);
+        assert_eq!(
+            updated["authentication"]["symmetricKey"],
+            created["authentication"]["symmetricKey"]
+        );
+        assert_eq!(updated["generationId"], created["generationId"]);
+        // stale etag
+        let before = state.clone();
+        let stale = put(&mut state, "d1", IfMatch::Etag(etag.clone())).expect_err("stale");
+        assert_eq!(stale.code, ErrorCode::PreconditionFailed);
+        assert_eq!(state, before);
+        let stale_delete = state
+            .apply(HubCommand::DeleteDevice {
+                device_id: id("d1"),
+                if_match: IfMatch::Etag(etag),
+            })
+            .expect_err("stale delete");
+        assert_eq!(stale_delete.code, ErrorCode::PreconditionFailed);
+        assert_eq!(
+            state.apply(HubCommand::DeleteDevice {
+                device_id: id("d1"),
+                if_match: IfMatch::Any
+            }),
+            Ok(HubResponse::Deleted)
+        );
+        assert_eq!(
+            state.get_device(&id("d1")).map_err(|e| e.code),
+            Err(ErrorCode::DeviceNotFound)
+        );
+        // re-created device gets a new generation id
+        let again = put(&mut state, "d1", IfMatch::Absent).expect("recreate");
+        assert_ne!(again["generationId"], created["generationId"]);
+    }
+
+    #[test]
+    fn quota_is_enforced() {
+        let mut state = hub();
+        for d in ["a", "b", "c"] {
+            put(&mut state, d, IfMatch::Absent).expect("create");
+        }
+        let err = put(&mut state, "d", IfMatch::Absent).expect_err("quota");
+        assert_eq!(err.code, ErrorCode::IotHubQuotaExceeded);
+        assert_eq!(state.registry_statistics().total_device_count, 3);
+    }
+
+    #[test]
+    fn twin_etag_and_modules() {
+        let mut state = hub();
+        put(&mut state, "d1", IfMatch::Absent).expect("create");
+        let twin = state.render_twin(&id("d1"), None).expect("twin");
+        let etag = twin["etag"].as_str().expect("etag").to_string();
+        let patch = TwinPatch::from_service_body(&json!({"tags": {"a": 1}})).expect("patch");
+        state
+            .apply(HubCommand::UpdateTwin {
+                device_id: id("d1"),
+                module_id: None,
+                patch: patch.clone(),
+                if_match: IfMatch::Etag(etag.clone()),
+                now: NOW.into(),
+            })
+            .expect("update");
+        let err = state
+            .apply(HubCommand::UpdateTwin {
+                device_id: id("d1"),
+                module_id: None,
+                patch,
+                if_match: IfMatch::Etag(etag),
+                now: NOW.into(),
+            })
+            .expect_err("stale");
+        assert_eq!(err.code, ErrorCode::PreconditionFailed);
+
+        let m = |s: &str| ModuleId::new(s).expect("valid");
+        for mid in ["m1", "m2"] {
+            state
+                .apply(HubCommand::PutModule {
+                    device_id: id("d1"),
+                    module_id: m(mid),
+                    spec: ModuleSpec::default(),
+                    if_match: IfMatch::Absent,
+                    now: NOW.into(),
+                    keys: GeneratedKeys::random(),
+                })
+                .expect("module");
+        }
+        let err = state
+            .apply(HubCommand::PutModule {
+                device_id: id("d1"),
+                module_id: m("m3"),
+                spec: ModuleSpec::default(),
+                if_match: IfMatch::Absent,
+                now: NOW.into(),
+                keys: GeneratedKeys::random(),
+            })
+            .expect_err("module quota");
+        assert_eq!(err.code, ErrorCode::ModuleQuotaExceeded);
+        let module_twin = state.render_twin(&id("d1"), Some(&m("m1"))).expect("twin");
+        assert_eq!(module_twin["moduleId"], json!("m1"));
+        let listed = state.list_modules(&id("d1")).expect("list");
+        assert_eq!(listed.as_array().map(Vec::len), Some(2));
+    }
+
+    #[test]
+    fn snapshot_round_trip() {
+        let mut state = hub();
+        put(&mut state, "d1", IfMatch::Absent).expect("create");
+        let bytes = serde_json::to_vec(&state).expect("serialize");
+        let back: HubState = serde_json::from_slice(&bytes).expect("deserialize");
+        assert_eq!(back, state);
+    }
+}

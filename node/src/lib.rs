@@ -1,0 +1,3 @@
+//! A Meridian hub node.
+
+pub mod domain;

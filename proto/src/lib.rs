@@ -1,0 +1,24 @@
+//! Meridian's wire contracts and shared vocabulary.
+//!
+//! * [`raft`]: the node-to-node Raft transport (tonic/prost), generated from `proto/raft.proto`.
+//! * [`hub`]: forwarding of writes and read-index requests to the Raft leader (`proto/hub.proto`).
+//! * [`error`]: the one error-code table that maps every hub error to Azure IoT Hub's HTTP status
+//!   and numeric error code, to a gRPC code and to MQTT behaviour.
+//!
+//! This crate depends on no other Meridian crate.
+
+pub mod error;
+
+/// Raft RPCs between the members of one Raft group.
+pub mod raft {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("meridian.raft.v1");
+}
+
+/// Leader forwarding for hub commands and linearizable reads.
+pub mod hub {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("meridian.hub.v1");
+}
+
+pub use error::ErrorCode;

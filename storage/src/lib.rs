@@ -1,0 +1,58 @@
+//! Meridian's durable storage. This is the only crate that links RocksDB.
+//!
+//! * [`RocksLogStore`]: an openraft [`RaftLogStorage`](openraft::storage::RaftLogStorage), generic
+//!   over the Raft type config. Every append, vote and purge is fsync'd before openraft hears it is
+//!   done, so an acknowledged write survives `kill -9` and power loss. One append call writes all of
+//!   its entries in one batch with one fsync (group commit).
+//! * [`SnapshotStore`]: keeps the latest state-machine snapshot, so a restarted node restores its
+//!   state machine from the snapshot and replays only the log after it.
+//!
+//! Both live in one RocksDB instance per node ([`open`]), in separate column families. The crate
+//! knows nothing about the hub domain: values are opaque serde types.
+
+mod error;
+mod raft_log;
+mod snapshot;
+
+use std::path::Path;
+use std::sync::Arc;
+
+pub use error::{Error, Result};
+pub use raft_log::RocksLogStore;
+pub use snapshot::{SnapshotStore, StoredSnapshot};
+
+/// Column family of Raft log entries, keyed by big-endian log index.
+const CF_RAFT_LOG: &str = "raft_log";
+/// Column family of Raft metadata: vote, committed log id, last purged log id.
+const CF_RAFT_META: &str = "raft_meta";
+/// Column family holding the latest state-machine snapshot.
+const CF_SNAPSHOT: &str = "snapshot";
+
+/// Opens (creating if missing) the node's RocksDB instance at `path` and returns the Raft log store
+/// and the snapshot store that share it.
+pub fn open<C>(path: &Path) -> Result<(RocksLogStore<C>, SnapshotStore<C>)>
+where
+    C: openraft::RaftTypeConfig,
+{
+    let mut opts = rocksdb::Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    let cfs = [CF_RAFT_LOG, CF_RAFT_META, CF_SNAPSHOT]
+        .into_iter()
+        .map(|name| rocksdb::ColumnFamilyDescriptor::new(name, rocksdb::Options::default()));
+    let db = rocksdb::DB::open_cf_descriptors(&opts, path, cfs)?;
+    let db = Arc::new(db);
+    Ok((RocksLogStore::new(db.clone()), SnapshotStore::new(db)))
+}
+
+/// Write options that fsync the WAL before the write returns.
+fn synced() -> rocksdb::WriteOptions {
+    let mut w = rocksdb::WriteOptions::default();
+    w.set_sync(true);
+    w
+}
+
+/// Returns the handle of a column family that [`open`] always creates.
+fn cf<'a>(db: &'a rocksdb::DB, name: &'static str) -> Result<&'a rocksdb::ColumnFamily> {
+    db.cf_handle(name).ok_or(Error::MissingColumnFamily(name))
+}

@@ -1,0 +1,242 @@
+//! The Raft log in RocksDB.
+
+use std::fmt::Debug;
+use std::marker::PhantomData;
+use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{
+    ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogId, RaftLogReader, RaftTypeConfig,
+    StorageError, Vote,
+};
+use rocksdb::{DB, Direction, IteratorMode, WriteBatch};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::{CF_RAFT_LOG, CF_RAFT_META, Error, Result, cf, synced};
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_LAST_PURGED: &[u8] = b"last_purged";
+
+/// openraft log storage over RocksDB. Cheap to clone: clones share the database.
+///
+/// Entries are stored as JSON under their big-endian index, so RocksDB's key order is log order.
+/// Writes that openraft must see durable (append, vote, purge marker) use a synced write.
+pub struct RocksLogStore<C: RaftTypeConfig> {
+    db: Arc<DB>,
+    _c: PhantomData<C>,
+}
+
+impl<C: RaftTypeConfig> Clone for RocksLogStore<C> {
+    fn clone(&self) -> Self {
+        Self {
+            db: self.db.clone(),
+            _c: PhantomData,
+        }
+    }
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn key_index(key: &[u8]) -> Result<u64> {
+    let bytes: [u8; 8] = key
+        .try_into()
+        .map_err(|_| Error::CorruptLogKey(key.len()))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+type RaftResult<C, T> = std::result::Result<T, StorageError<<C as RaftTypeConfig>::NodeId>>;
+
+impl<C: RaftTypeConfig> RocksLogStore<C> {
+    pub(crate) fn new(db: Arc<DB>) -> Self {
+        Self {
+            db,
+            _c: PhantomData,
+        }
+    }
+
+    fn get_meta<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>> {
+        let cf = cf(&self.db, CF_RAFT_META)?;
+        match self.db.get_cf(cf, key)? {
+            Some(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_meta<T: Serialize>(&self, key: &[u8], value: &T, sync: bool) -> Result<()> {
+        let cf = cf(&self.db, CF_RAFT_META)?;
+        let bytes = serde_json::to_vec(value)?;
+        if sync {
+            self.db.put_cf_opt(cf, key, bytes, &synced())?;
+        } else {
+            self.db.put_cf(cf, key, bytes)?;
+        }
+        Ok(())
+    }
+
+    fn read_range(&self, start: u64, end: Bound<u64>) -> Result<Vec<C::Entry>>
+    where
+        C::Entry: DeserializeOwned,
+    {
+        let cf = cf(&self.db, CF_RAFT_LOG)?;
+        let start_key = index_key(start);
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(cf, IteratorMode::From(&start_key, Direction::Forward))
+        {
+            let (key, value) = item?;
+            let index = key_index(&key)?;
+            let in_range = match end {
+                Bound::Included(e) => index <= e,
+                Bound::Excluded(e) => index < e,
+                Bound::Unbounded => true,
+            };
+            if !in_range {
+                break;
+            }
+            let entry: C::Entry = serde_json::from_slice(&value)?;
+            let entry_index = entry.get_log_id().index;
+            if entry_index != index {
+                return Err(Error::IndexMismatch {
+                    key: index,
+                    entry: entry_index,
+                });
+            }
+            out.push(entry);
+        }
+        Ok(out)
+    }
+
+    fn last_entry_log_id(&self) -> Result<Option<LogId<C::NodeId>>>
+    where
+        C::Entry: DeserializeOwned,
+    {
+        let cf = cf(&self.db, CF_RAFT_LOG)?;
+        match self.db.iterator_cf(cf, IteratorMode::End).next() {
+            Some(item) => {
+                let (_, value) = item?;
+                let entry: C::Entry = serde_json::from_slice(&value)?;
+                Ok(Some(entry.get_log_id().clone()))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn delete_range_synced(&self, from: u64, to_exclusive: u64) -> Result<()> {
+        let cf = cf(&self.db, CF_RAFT_LOG)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(cf, index_key(from), index_key(to_exclusive));
+        self.db.write_opt(batch, &synced())?;
+        Ok(())
+    }
+}
+
+impl<C: RaftTypeConfig> RaftLogReader<C> for RocksLogStore<C> {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> RaftResult<C, Vec<C::Entry>> {
+        let start = match range.start_bound() {
+            Bound::Included(s) => *s,
+            Bound::Excluded(s) => s.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = range.end_bound().cloned();
+        self.read_range(start, end)
+            .map_err(|e| e.into_raft(ErrorSubject::Logs, ErrorVerb::Read))
+    }
+}
+
+impl<C: RaftTypeConfig> RaftLogStorage<C> for RocksLogStore<C> {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> RaftResult<C, LogState<C>> {
+        let last_purged_log_id: Option<LogId<C::NodeId>> = self
+            .get_meta(KEY_LAST_PURGED)
+            .map_err(|e| e.into_raft(ErrorSubject::Store, ErrorVerb::Read))?;
+        let last = self
+            .last_entry_log_id()
+            .map_err(|e| e.into_raft(ErrorSubject::Logs, ErrorVerb::Read))?;
+        let last_log_id = last.or_else(|| last_purged_log_id.clone());
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<C::NodeId>) -> RaftResult<C, ()> {
+        self.put_meta(KEY_VOTE, vote, true)
+            .map_err(|e| e.into_raft(ErrorSubject::Vote, ErrorVerb::Write))
+    }
+
+    async fn read_vote(&mut self) -> RaftResult<C, Option<Vote<C::NodeId>>> {
+        self.get_meta(KEY_VOTE)
+            .map_err(|e| e.into_raft(ErrorSubject::Vote, ErrorVerb::Read))
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<C::NodeId>>) -> RaftResult<C, ()> {
+        // Not synced: openraft only uses it to re-apply committed entries faster after a restart,
+        // and losing it only means waiting for the leader to report the commit index again.
+        self.put_meta(KEY_COMMITTED, &committed, false)
+            .map_err(|e| e.into_raft(ErrorSubject::Store, ErrorVerb::Write))
+    }
+
+    async fn read_committed(&mut self) -> RaftResult<C, Option<LogId<C::NodeId>>> {
+        self.get_meta::<Option<LogId<C::NodeId>>>(KEY_COMMITTED)
+            .map(Option::flatten)
+            .map_err(|e| e.into_raft(ErrorSubject::Store, ErrorVerb::Read))
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<C>) -> RaftResult<C, ()>
+    where
+        I: IntoIterator<Item = C::Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let write = || -> Result<()> {
+            let cf = cf(&self.db, CF_RAFT_LOG)?;
+            let mut batch = WriteBatch::default();
+            for entry in entries {
+                let key = index_key(entry.get_log_id().index);
+                batch.put_cf(cf, key, serde_json::to_vec(&entry)?);
+            }
+            // One fsync for the whole batch: group commit for every entry openraft hands us at once.
+            self.db.write_opt(batch, &synced())?;
+            Ok(())
+        };
+        match write() {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(e.into_raft(ErrorSubject::Logs, ErrorVerb::Write))
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<C::NodeId>) -> RaftResult<C, ()> {
+        tracing::debug!(%log_id, "truncate raft log");
+        self.delete_range_synced(log_id.index, u64::MAX)
+            .map_err(|e| e.into_raft(ErrorSubject::Logs, ErrorVerb::Delete))
+    }
+
+    async fn purge(&mut self, log_id: LogId<C::NodeId>) -> RaftResult<C, ()> {
+        tracing::debug!(%log_id, "purge raft log");
+        // The marker goes first: if we crash between the two writes, the log state still reports
+        // the purge and openraft never reads the half-deleted prefix.
+        self.put_meta(KEY_LAST_PURGED, &log_id, true)
+            .map_err(|e| e.into_raft(ErrorSubject::Store, ErrorVerb::Write))?;
+        self.delete_range_synced(0, log_id.index.saturating_add(1))
+            .map_err(|e| e.into_raft(ErrorSubject::Logs, ErrorVerb::Delete))
+    }
+}
