@@ -1,3 +1,4 @@
 //! A Meridian hub node.
 
 pub mod domain;
+pub mod raft;

@@ -14,6 +14,7 @@ Environment:
 
 Run with the venv made by tests/sdk/setup.sh:
   ~/.cache/meridian-sdk/venv/bin/python tests/sdk/service_registry.py
+or with any python3 (it re-execs itself with that venv's python when azure-iot-hub is not importable).
 
 Output: one "ok <step>" line per passed step, then "PASS service_registry.py".
 Exit codes: 0 all passed, 1 a step failed (traceback printed), 2 watchdog timeout.
@@ -50,8 +51,18 @@ if CA:
     os.environ["REQUESTS_CA_BUNDLE"] = CA
     os.environ["CURL_CA_BUNDLE"] = CA
 
-from azure.iot.hub import IoTHubRegistryManager  # noqa: E402
-from azure.iot.hub.models import Twin, TwinProperties  # noqa: E402
+try:
+    from azure.iot.hub import IoTHubRegistryManager
+    from azure.iot.hub.models import Twin, TwinProperties
+except ImportError:
+    # Not running inside the SDK venv: re-exec with the venv python made by setup.sh, if present.
+    _cache = os.environ.get("MERIDIAN_SDK_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "meridian-sdk")
+    _venv_py = os.path.join(_cache, "venv", "bin", "python")
+    if os.path.exists(_venv_py) and os.path.realpath(sys.prefix) != os.path.realpath(os.path.join(_cache, "venv")):
+        sys.stdout.flush()
+        os.execv(_venv_py, [_venv_py, os.path.abspath(__file__)] + sys.argv[1:])
+    sys.stderr.write("azure-iot-hub is not importable; run tests/sdk/setup.sh first\n")
+    raise
 
 
 class StepFailure(AssertionError):
@@ -117,6 +128,8 @@ def main():
     if not CONN:
         print("MERIDIAN_CONNECTION_STRING is not set", file=sys.stderr)
         return 1
+    if not CA:
+        print("warning: MERIDIAN_CA_CERT is not set; using the preset REQUESTS_CA_BUNDLE", file=sys.stderr)
 
     rm = IoTHubRegistryManager.from_connection_string(CONN)
     # Bound each HTTP request (SDK default: 100 s connect/read timeout, urllib3 retries kept as-is).

@@ -14,7 +14,7 @@ use super::registry::{
     Authentication, Device, DeviceSpec, DeviceStatus, GeneratedKeys, IdentityRecord,
     MAX_STATUS_REASON, Module, ModuleSpec,
 };
-use super::twin::{TwinLimits, TwinPatch, TwinState};
+use super::twin::{TwinLimits, TwinState};
 use meridian_proto::ErrorCode;
 
 /// Hub-wide settings, fixed at hub creation and replicated.
@@ -567,6 +567,7 @@ impl HubState {
 
 #[cfg(test)]
 mod tests {
+    use super::super::twin::TwinPatch;
     use super::*;
     use serde_json::json;
 
