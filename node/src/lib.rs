@@ -1,4 +1,12 @@
 //! A Meridian hub node.
 
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod config;
 pub mod domain;
+pub mod hub;
+pub mod observability;
 pub mod raft;
+pub mod server;
+pub mod tls;

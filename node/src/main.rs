@@ -1,1 +1,35 @@
-fn main() {}
+//! The `meridian` binary: parse flags, load configuration, start telemetry, run the node.
+
+use std::collections::HashMap;
+
+use clap::Parser;
+use meridian::cli::{Cli, Command, run_dev, shutdown_on_signal};
+use meridian::observability::init_tracing;
+use meridian::server;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let config = match &cli.command {
+        Command::Dev(args) => args.config(&env)?,
+        Command::Node(args) | Command::CheckConfig(args) => args.config(&env)?,
+    };
+    if let Command::CheckConfig(_) = cli.command {
+        println!("{}", toml::to_string_pretty(&config)?);
+        return Ok(());
+    }
+    // A panic anywhere leaves a half-alive node; abort the process instead so supervisors restart it.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::abort();
+    }));
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let _telemetry = init_tracing(&config.observability)?;
+        match cli.command {
+            Command::Dev(_) => run_dev(config).await,
+            _ => Ok(server::run(config, shutdown_on_signal()).await?),
+        }
+    })
+}

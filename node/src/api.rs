@@ -1,0 +1,605 @@
+//! The service REST API (Azure IoT Hub's data-plane paths) over HTTPS.
+//!
+//! Handlers decode the request, authenticate its SAS token against the hub's shared access
+//! policies, call the [`Hub`] and encode Azure's response shapes and status codes (the exact codes
+//! the official SDKs accept: PUT device 200, DELETE 204, ...). Errors become Azure's error body and
+//! `iothub-errorcode` header through the one table in `meridian_proto::ErrorCode`.
+
+mod serve;
+
+use std::collections::HashMap;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tracing::Instrument;
+
+pub use serve::serve_https;
+
+use crate::auth::authorize_service;
+use crate::domain::registry::{DeviceSpec, GeneratedKeys, ModuleSpec};
+use crate::domain::twin::TwinPatch;
+use crate::domain::{
+    DeviceId, HubCommand, HubError, HubResponse, HubResult, IfMatch, ModuleId, Permission,
+    SharedAccessPolicy,
+};
+use crate::hub::{Hub, ReadConsistency};
+use crate::observability::metrics;
+use meridian_proto::ErrorCode;
+
+/// Most devices one list call returns (Azure: 1000).
+const MAX_LIST: usize = 1000;
+
+/// Shared state of the API handlers.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The hub.
+    pub hub: Hub,
+}
+
+/// An error answered in Azure's format.
+#[derive(Debug)]
+pub struct ApiError(pub HubError);
+
+impl From<HubError> for ApiError {
+    fn from(e: HubError) -> Self {
+        Self(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let code = self.0.code;
+        let status =
+            StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let now = chrono::Utc::now().format("%m/%d/%Y %H:%M:%S");
+        let body = json!({
+            "Message": format!("ErrorCode:{};{}", code.name(), self.0.message),
+            "ExceptionMessage": format!("ErrorCode:{} ({});TimeStamp:{now}", code.name(), code.azure_code()),
+            "errorCode": code.azure_code(),
+        });
+        let mut response = (status, axum::Json(body)).into_response();
+        if let Ok(v) = HeaderValue::from_str(code.name()) {
+            response.headers_mut().insert("iothub-errorcode", v);
+        }
+        if code.retryable() {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// Builds the router with every service route.
+pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/devices", get(list_devices))
+        .route("/devices/", get(list_devices))
+        .route(
+            "/devices/{id}",
+            get(get_device).put(put_device).delete(delete_device),
+        )
+        .route("/devices/{id}/modules", get(list_modules))
+        .route(
+            "/devices/{id}/modules/{mid}",
+            get(get_module).put(put_module).delete(delete_module),
+        )
+        .route(
+            "/twins/{id}",
+            get(get_twin).patch(patch_twin).put(replace_twin),
+        )
+        .route(
+            "/twins/{id}/modules/{mid}",
+            get(get_module_twin)
+                .patch(patch_module_twin)
+                .put(replace_module_twin),
+        )
+        .route("/statistics/devices", get(registry_statistics))
+        .route("/statistics/service", get(service_statistics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(check_api_version))
+        .layer(middleware::from_fn(observe))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError(HubError::new(
+        ErrorCode::ResourceNotFound,
+        format!("no route for {method} {}", uri.path()),
+    ))
+}
+
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError(HubError::new(
+        ErrorCode::MethodNotAllowed,
+        format!("{method} is not allowed on {}", uri.path()),
+    ))
+}
+
+/// Records a span, a latency sample and a request count for every request.
+async fn observe(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let span = tracing::info_span!("api", %method, route = %route, status = tracing::field::Empty);
+    let started = Instant::now();
+    let response = next.run(request).instrument(span.clone()).await;
+    let status = response.status().as_u16();
+    span.record("status", status);
+    let m = metrics();
+    m.api_requests
+        .with_label_values(&[method.as_str(), &route, &status.to_string()])
+        .inc();
+    m.api_latency
+        .with_label_values(&[method.as_str(), &route])
+        .observe(started.elapsed().as_secs_f64());
+    tracing::debug!(parent: &span, %status, elapsed_ms = started.elapsed().as_millis() as u64, "request done");
+    response
+}
+
+/// Accepts any `api-version` that looks like an Azure API version; a malformed one is a 400.
+async fn check_api_version(request: Request, next: Next) -> Response {
+    let bad = request.uri().query().and_then(|q| {
+        q.split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == "api-version")
+            .map(|(_, v)| v.to_string())
+            .filter(|v| !valid_api_version(v))
+    });
+    match bad {
+        Some(v) => ApiError(HubError::invalid(format!(
+            "api-version {v:?} is not a valid version (YYYY-MM-DD[-preview])"
+        )))
+        .into_response(),
+        None => next.run(request).await,
+    }
+}
+
+fn valid_api_version(v: &str) -> bool {
+    let date = v.strip_suffix("-preview").unwrap_or(v);
+    let b = date.as_bytes();
+    b.len() == 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn iso_now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+impl ApiState {
+    /// Authenticates the request for one of `needed` on `resource`.
+    async fn authorize(
+        &self,
+        headers: &HeaderMap,
+        needed: &[Permission],
+        resource: &[&str],
+    ) -> HubResult<()> {
+        let auth = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        // Policies change rarely; a local read is enough unless this node has not yet applied the
+        // hub's creation, in which case it catches up with the leader first.
+        let initialized = self
+            .hub
+            .read(ReadConsistency::Stale, |s| Ok(s.settings.is_some()))
+            .await?;
+        let consistency = if initialized {
+            ReadConsistency::Stale
+        } else {
+            ReadConsistency::Linearizable
+        };
+        let now = unix_now();
+        self.hub
+            .read(consistency, |s| {
+                let lookup = |name: &str| -> Option<&SharedAccessPolicy> { s.policy(name) };
+                authorize_service(auth, lookup, needed, resource, now).map(|_| ())
+            })
+            .await
+    }
+}
+
+fn parse_body<T: DeserializeOwned>(body: &Bytes) -> HubResult<T> {
+    serde_json::from_slice(body).map_err(|e| {
+        HubError::new(
+            ErrorCode::IotHubFormatError,
+            format!("the request body is not valid JSON for this operation: {e}"),
+        )
+    })
+}
+
+fn if_match(headers: &HeaderMap) -> IfMatch {
+    IfMatch::from_header(headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok()))
+}
+
+fn ok_json(value: Value) -> Response {
+    (StatusCode::OK, axum::Json(value)).into_response()
+}
+
+fn no_content() -> Response {
+    StatusCode::NO_CONTENT.into_response()
+}
+
+fn unexpected(response: HubResponse) -> ApiError {
+    ApiError(HubError::new(
+        ErrorCode::ServerError,
+        format!("unexpected state machine response {response:?}"),
+    ))
+}
+
+// ---- devices ----
+
+async fn list_devices(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    s.authorize(&headers, &[Permission::RegistryRead], &["devices"])
+        .await?;
+    let top = match q.get("top") {
+        Some(t) => t
+            .parse::<usize>()
+            .ok()
+            .filter(|t| (1..=MAX_LIST).contains(t))
+            .ok_or_else(|| HubError::invalid(format!("top must be 1 to {MAX_LIST}")))?,
+        None => MAX_LIST,
+    };
+    let devices = s
+        .hub
+        .read(ReadConsistency::Linearizable, |st| Ok(st.list_devices(top)))
+        .await?;
+    Ok(ok_json(devices))
+}
+
+async fn get_device(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    s.authorize(&headers, &[Permission::RegistryRead], &["devices", &id])
+        .await?;
+    let id = DeviceId::new(id)?;
+    let device = s
+        .hub
+        .read(ReadConsistency::Linearizable, |st| st.get_device(&id))
+        .await?;
+    Ok(ok_json(device))
+}
+
+async fn put_device(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    s.authorize(&headers, &[Permission::RegistryWrite], &["devices", &id])
+        .await?;
+    let device_id = DeviceId::new(id)?;
+    let spec: DeviceSpec = parse_body(&body)?;
+    let command = HubCommand::PutDevice {
+        device_id,
+        spec,
+        if_match: if_match(&headers),
+        now: iso_now(),
+        keys: GeneratedKeys::random(),
+    };
+    match s.hub.write(command).await? {
+        HubResponse::Device(d) => Ok(ok_json(d)),
+        other => Err(unexpected(other)),
+    }
+}
+
+async fn delete_device(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    s.authorize(&headers, &[Permission::RegistryWrite], &["devices", &id])
+        .await?;
+    let device_id = DeviceId::new(id)?;
+    match s
+        .hub
+        .write(HubCommand::DeleteDevice {
+            device_id,
+            if_match: if_match(&headers),
+        })
+        .await?
+    {
+        HubResponse::Deleted => Ok(no_content()),
+        other => Err(unexpected(other)),
+    }
+}
+
+// ---- modules ----
+
+async fn list_modules(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    s.authorize(&headers, &[Permission::RegistryRead], &["devices", &id])
+        .await?;
+    let id = DeviceId::new(id)?;
+    let modules = s
+        .hub
+        .read(ReadConsistency::Linearizable, |st| st.list_modules(&id))
+        .await?;
+    Ok(ok_json(modules))
+}
+
+async fn get_module(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path((id, mid)): Path<(String, String)>,
+) -> ApiResult {
+    s.authorize(
+        &headers,
+        &[Permission::RegistryRead],
+        &["devices", &id, "modules", &mid],
+    )
+    .await?;
+    let (id, mid) = (DeviceId::new(id)?, ModuleId::new(mid)?);
+    let module = s
+        .hub
+        .read(ReadConsistency::Linearizable, |st| st.get_module(&id, &mid))
+        .await?;
+    Ok(ok_json(module))
+}
+
+async fn put_module(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path((id, mid)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    s.authorize(
+        &headers,
+        &[Permission::RegistryWrite],
+        &["devices", &id, "modules", &mid],
+    )
+    .await?;
+    let (device_id, module_id) = (DeviceId::new(id)?, ModuleId::new(mid)?);
+    let spec: ModuleSpec = parse_body(&body)?;
+    let command = HubCommand::PutModule {
+        device_id,
+        module_id,
+        spec,
+        if_match: if_match(&headers),
+        now: iso_now(),
+        keys: GeneratedKeys::random(),
+    };
+    match s.hub.write(command).await? {
+        HubResponse::Module(m) => Ok(ok_json(m)),
+        other => Err(unexpected(other)),
+    }
+}
+
+async fn delete_module(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path((id, mid)): Path<(String, String)>,
+) -> ApiResult {
+    s.authorize(
+        &headers,
+        &[Permission::RegistryWrite],
+        &["devices", &id, "modules", &mid],
+    )
+    .await?;
+    let (device_id, module_id) = (DeviceId::new(id)?, ModuleId::new(mid)?);
+    match s
+        .hub
+        .write(HubCommand::DeleteModule {
+            device_id,
+            module_id,
+            if_match: if_match(&headers),
+        })
+        .await?
+    {
+        HubResponse::Deleted => Ok(no_content()),
+        other => Err(unexpected(other)),
+    }
+}
+
+// ---- twins ----
+
+/// Twin reads need ServiceConnect (or RegistryRead); writes need ServiceConnect.
+const TWIN_READ: &[Permission] = &[Permission::ServiceConnect, Permission::RegistryRead];
+const TWIN_WRITE: &[Permission] = &[Permission::ServiceConnect];
+
+async fn read_twin(
+    s: &ApiState,
+    headers: &HeaderMap,
+    id: String,
+    mid: Option<String>,
+) -> ApiResult {
+    let mut resource = vec!["devices", id.as_str()];
+    if let Some(m) = &mid {
+        resource.extend(["modules", m.as_str()]);
+    }
+    s.authorize(headers, TWIN_READ, &resource).await?;
+    let id = DeviceId::new(id.clone())?;
+    let mid = mid.map(ModuleId::new).transpose()?;
+    let twin = s
+        .hub
+        .read(ReadConsistency::Linearizable, |st| {
+            st.render_twin(&id, mid.as_ref())
+        })
+        .await?;
+    Ok(ok_json(twin))
+}
+
+async fn write_twin(
+    s: &ApiState,
+    headers: &HeaderMap,
+    id: String,
+    mid: Option<String>,
+    body: &Bytes,
+    replace: bool,
+) -> ApiResult {
+    let mut resource = vec!["devices", id.as_str()];
+    if let Some(m) = &mid {
+        resource.extend(["modules", m.as_str()]);
+    }
+    s.authorize(headers, TWIN_WRITE, &resource).await?;
+    let device_id = DeviceId::new(id.clone())?;
+    let module_id = mid.map(ModuleId::new).transpose()?;
+    let value: Value = parse_body(body)?;
+    let patch = TwinPatch::from_service_body(&value)?;
+    let if_match = if_match(headers);
+    let now = iso_now();
+    let command = if replace {
+        HubCommand::ReplaceTwin {
+            device_id,
+            module_id,
+            replacement: patch,
+            if_match,
+            now,
+        }
+    } else {
+        HubCommand::UpdateTwin {
+            device_id,
+            module_id,
+            patch,
+            if_match,
+            now,
+        }
+    };
+    match s.hub.write(command).await? {
+        HubResponse::Twin(t) => Ok(ok_json(t)),
+        other => Err(unexpected(other)),
+    }
+}
+
+async fn get_twin(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    read_twin(&s, &headers, id, None).await
+}
+
+async fn patch_twin(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    write_twin(&s, &headers, id, None, &body, false).await
+}
+
+async fn replace_twin(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    write_twin(&s, &headers, id, None, &body, true).await
+}
+
+async fn get_module_twin(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path((id, mid)): Path<(String, String)>,
+) -> ApiResult {
+    read_twin(&s, &headers, id, Some(mid)).await
+}
+
+async fn patch_module_twin(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path((id, mid)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    write_twin(&s, &headers, id, Some(mid), &body, false).await
+}
+
+async fn replace_module_twin(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path((id, mid)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    write_twin(&s, &headers, id, Some(mid), &body, true).await
+}
+
+// ---- statistics ----
+
+async fn registry_statistics(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    s.authorize(&headers, &[Permission::RegistryRead], &["devices"])
+        .await?;
+    // Azure serves statistics eventually consistent; a local read is enough.
+    let stats = s
+        .hub
+        .read(ReadConsistency::Stale, |st| Ok(st.registry_statistics()))
+        .await?;
+    Ok(ok_json(serde_json::to_value(stats).unwrap_or(Value::Null)))
+}
+
+async fn service_statistics(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    s.authorize(&headers, &[Permission::ServiceConnect], &[])
+        .await?;
+    let connected = s
+        .hub
+        .read(ReadConsistency::Stale, |st| Ok(st.connected_device_count()))
+        .await?;
+    Ok(ok_json(json!({ "connectedDeviceCount": connected })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_versions() {
+        assert!(valid_api_version("2021-04-12"));
+        assert!(valid_api_version("2020-09-30-preview"));
+        assert!(!valid_api_version("yesterday"));
+        assert!(!valid_api_version("2021-4-12"));
+    }
+
+    #[tokio::test]
+    async fn error_body_is_azure_shaped() {
+        let response = ApiError(HubError::device_not_found("d1")).into_response();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            response
+                .headers()
+                .get("iothub-errorcode")
+                .and_then(|v| v.to_str().ok()),
+            Some("DeviceNotFound")
+        );
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .expect("body");
+        let v: Value = serde_json::from_slice(&body).expect("json");
+        assert!(
+            v["Message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("ErrorCode:DeviceNotFound;"))
+        );
+        assert_eq!(v["errorCode"], json!(404001));
+    }
+}

@@ -1,0 +1,324 @@
+//! Shared access signature (SAS) tokens: parsing, signing and verification.
+//!
+//! Token form: `SharedAccessSignature sr={url-encoded resource}&sig={url-encoded base64}&se={unix
+//! expiry}[&skn={policy}]`, fields in any order. The signature is HMAC-SHA256 with the base64-decoded
+//! key over `sr` exactly as sent (still URL-encoded) + `"\n"` + `se` — the one rule that matches every
+//! official SDK (see `shared/spec/sdk-wire.md` §1.8). Scope is a path-segment prefix: a token for
+//! `host/devices/d1` covers `devices/d1/...` but not `devices/d10`.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use hmac::{Hmac, KeyInit, Mac};
+use percent_encoding::{NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+
+use crate::domain::{HubError, HubResult, Permission, SharedAccessPolicy};
+use meridian_proto::ErrorCode;
+
+const PREFIX: &str = "SharedAccessSignature ";
+
+/// A parsed SAS token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SasToken {
+    /// `sr` as sent (URL-encoded); the signature covers exactly this text.
+    pub resource_raw: String,
+    /// `sr` decoded and lower-cased, for scope checks.
+    pub resource: String,
+    /// Decoded signature bytes.
+    pub signature: Vec<u8>,
+    /// Expiry, seconds since the Unix epoch.
+    pub expiry: u64,
+    /// Policy name; absent for device-key tokens.
+    pub key_name: Option<String>,
+}
+
+fn unauthorized(message: impl Into<String>) -> HubError {
+    HubError::new(ErrorCode::IotHubUnauthorizedAccess, message)
+}
+
+impl SasToken {
+    /// Parses an `Authorization` header value or MQTT password.
+    pub fn parse(text: &str) -> HubResult<Self> {
+        let body = text
+            .trim()
+            .strip_prefix(PREFIX)
+            .ok_or_else(|| unauthorized("credentials are not a SharedAccessSignature"))?;
+        let (mut sr, mut sig, mut se, mut skn) = (None, None, None, None);
+        for field in body.split('&') {
+            let (key, value) = field
+                .split_once('=')
+                .ok_or_else(|| unauthorized("malformed SharedAccessSignature field"))?;
+            match key {
+                "sr" => sr = Some(value.to_string()),
+                "sig" => sig = Some(value.to_string()),
+                "se" => se = Some(value.to_string()),
+                "skn" => skn = Some(value.to_string()),
+                _ => {}
+            }
+        }
+        let resource_raw = sr.ok_or_else(|| unauthorized("SharedAccessSignature lacks sr"))?;
+        let sig = sig.ok_or_else(|| unauthorized("SharedAccessSignature lacks sig"))?;
+        let se = se.ok_or_else(|| unauthorized("SharedAccessSignature lacks se"))?;
+        let resource = percent_decode_str(&resource_raw)
+            .decode_utf8()
+            .map_err(|_| unauthorized("sr is not UTF-8"))?
+            .to_lowercase();
+        let sig_decoded = percent_decode_str(&sig).decode_utf8_lossy().into_owned();
+        let signature = B64
+            .decode(sig_decoded.as_bytes())
+            .map_err(|_| unauthorized("sig is not base64"))?;
+        let expiry = se
+            .parse::<u64>()
+            .map_err(|_| unauthorized("se is not a number"))?;
+        let key_name = skn
+            .map(|s| percent_decode_str(&s).decode_utf8_lossy().into_owned())
+            .filter(|s| !s.is_empty());
+        Ok(Self {
+            resource_raw,
+            resource,
+            signature,
+            expiry,
+            key_name,
+        })
+    }
+
+    /// Whether the token is signed by `key_b64` (constant-time comparison).
+    pub fn signed_by(&self, key_b64: &str) -> bool {
+        let Ok(key) = B64.decode(key_b64) else {
+            return false;
+        };
+        let expected = signature(&key, &self.resource_raw, self.expiry);
+        expected.ct_eq(&self.signature).into()
+    }
+
+    /// The path segments of the token's scope, after the host.
+    pub fn scope_segments(&self) -> Vec<&str> {
+        // `sr` is `host[/path]`; a trailing query-like suffix seen in old samples is ignored.
+        let path = self.resource.split('?').next().unwrap_or("");
+        path.split('/').skip(1).filter(|s| !s.is_empty()).collect()
+    }
+
+    /// Whether the token's scope covers a resource path (segment prefix, case-insensitive).
+    pub fn covers(&self, resource: &[&str]) -> bool {
+        let scope = self.scope_segments();
+        scope.len() <= resource.len()
+            && scope
+                .iter()
+                .zip(resource)
+                .all(|(s, r)| s.eq_ignore_ascii_case(r) || (*s == "module" && *r == "modules"))
+    }
+
+    /// Fails when the token is expired at `now` (Unix seconds).
+    pub fn check_expiry(&self, now: u64) -> HubResult<()> {
+        if self.expiry <= now {
+            return Err(unauthorized("the SharedAccessSignature has expired"));
+        }
+        Ok(())
+    }
+}
+
+fn signature(key: &[u8], resource_raw: &str, expiry: u64) -> Vec<u8> {
+    // HMAC accepts keys of any length, so new_from_slice cannot fail here.
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
+        return Vec::new();
+    };
+    mac.update(resource_raw.as_bytes());
+    mac.update(b"\n");
+    mac.update(expiry.to_string().as_bytes());
+    mac.finalize().into_bytes().to_vec()
+}
+
+/// Builds a token for `resource` (unencoded, e.g. `host/devices/d1`) signed with `key_b64`.
+pub fn sign(
+    resource: &str,
+    key_b64: &str,
+    expiry: u64,
+    key_name: Option<&str>,
+) -> HubResult<String> {
+    let key = B64
+        .decode(key_b64)
+        .map_err(|_| HubError::invalid("key is not base64"))?;
+    let sr = utf8_percent_encode(resource, NON_ALPHANUMERIC).to_string();
+    let sig = B64.encode(signature(&key, &sr, expiry));
+    let sig = utf8_percent_encode(&sig, NON_ALPHANUMERIC).to_string();
+    let mut token = format!("{PREFIX}sr={sr}&sig={sig}&se={expiry}");
+    if let Some(name) = key_name {
+        token.push_str("&skn=");
+        token.push_str(name);
+    }
+    Ok(token)
+}
+
+/// Authenticates a service request: the token must name a hub policy (`skn`), be signed with one
+/// of its keys, be unexpired, cover `resource`, and the policy must grant one of `needed`.
+pub fn authorize_service<'a>(
+    header: Option<&str>,
+    policies: impl Fn(&str) -> Option<&'a SharedAccessPolicy>,
+    needed: &[Permission],
+    resource: &[&str],
+    now: u64,
+) -> HubResult<&'a SharedAccessPolicy> {
+    let header = header.ok_or_else(|| unauthorized("the request has no Authorization header"))?;
+    let token = SasToken::parse(header)?;
+    token.check_expiry(now)?;
+    let name = token.key_name.as_deref().ok_or_else(|| {
+        unauthorized("service requests need a token signed with a shared access policy (skn)")
+    })?;
+    let policy = policies(name).ok_or_else(|| unauthorized(format!("unknown policy {name}")))?;
+    if !(token.signed_by(&policy.primary_key) || token.signed_by(&policy.secondary_key)) {
+        return Err(unauthorized(
+            "the SharedAccessSignature does not match the policy's keys",
+        ));
+    }
+    if !token.covers(resource) {
+        return Err(unauthorized(
+            "the token's scope (sr) does not cover this resource",
+        ));
+    }
+    if !needed.iter().any(|p| policy.grants(*p)) {
+        return Err(HubError::new(
+            ErrorCode::Unauthorized,
+            format!("policy {name} lacks the permission for this operation (one of {needed:?})"),
+        ));
+    }
+    Ok(policy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> String {
+        B64.encode([7u8; 32])
+    }
+
+    fn policy(rights: Vec<Permission>) -> SharedAccessPolicy {
+        SharedAccessPolicy {
+            key_name: "p".into(),
+            primary_key: key(),
+            secondary_key: B64.encode([9u8; 32]),
+            rights,
+        }
+    }
+
+    #[test]
+    fn python_service_sdk_token_verifies() {
+        // The service SDK signs quote_plus(HostName): "localhost%3A8443".
+        let sr = "localhost%3A8443";
+        let sig = B64.encode(signature(&[7u8; 32], sr, 2_000_000_000));
+        let sig = utf8_percent_encode(&sig, percent_encoding::CONTROLS).to_string();
+        let header = format!("SharedAccessSignature sr={sr}&sig={sig}&se=2000000000&skn=p");
+        let p = policy(vec![Permission::RegistryRead]);
+        let ok = authorize_service(
+            Some(&header),
+            |_| Some(&p),
+            &[Permission::RegistryRead],
+            &["devices", "d1"],
+            1,
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    #[test]
+    fn rejects_missing_expired_wrong_key_and_underprivileged() {
+        let p = policy(vec![Permission::RegistryRead]);
+        let lookup = |_: &str| Some(&p);
+        let code = |r: HubResult<&SharedAccessPolicy>| r.map(|_| ()).map_err(|e| e.code);
+        assert_eq!(
+            code(authorize_service(
+                None,
+                lookup,
+                &[Permission::RegistryRead],
+                &[],
+                1
+            )),
+            Err(ErrorCode::IotHubUnauthorizedAccess)
+        );
+        let expired = sign("h", &key(), 100, Some("p")).expect("sign");
+        assert_eq!(
+            code(authorize_service(
+                Some(&expired),
+                lookup,
+                &[Permission::RegistryRead],
+                &[],
+                200
+            )),
+            Err(ErrorCode::IotHubUnauthorizedAccess)
+        );
+        let wrong = sign("h", &B64.encode([1u8; 32]), 300, Some("p")).expect("sign");
+        assert_eq!(
+            code(authorize_service(
+                Some(&wrong),
+                lookup,
+                &[Permission::RegistryRead],
+                &[],
+                200
+            )),
+            Err(ErrorCode::IotHubUnauthorizedAccess)
+        );
+        let good = sign("h", &key(), 300, Some("p")).expect("sign");
+        assert_eq!(
+            code(authorize_service(
+                Some(&good),
+                lookup,
+                &[Permission::RegistryWrite],
+                &[],
+                200
+            )),
+            Err(ErrorCode::Unauthorized)
+        );
+        let secondary = sign("h", &B64.encode([9u8; 32]), 300, Some("p")).expect("sign");
+        assert_eq!(
+            code(authorize_service(
+                Some(&secondary),
+                lookup,
+                &[Permission::RegistryRead],
+                &[],
+                200
+            )),
+            Ok(())
+        );
+        let device_token = sign("h/devices/d1", &key(), 300, None).expect("sign");
+        assert_eq!(
+            code(authorize_service(
+                Some(&device_token),
+                lookup,
+                &[Permission::RegistryRead],
+                &[],
+                200
+            )),
+            Err(ErrorCode::IotHubUnauthorizedAccess)
+        );
+    }
+
+    #[test]
+    fn scope_is_a_segment_prefix() {
+        let t = SasToken::parse(&sign("Hub.example/devices/d1", &key(), 9, None).expect("sign"))
+            .expect("parse");
+        assert!(t.covers(&["devices", "d1"]));
+        assert!(t.covers(&["devices", "d1", "modules", "m"]));
+        assert!(!t.covers(&["devices", "d10"]));
+        assert!(!t.covers(&["devices"]));
+        let root =
+            SasToken::parse(&sign("hub.example", &key(), 9, None).expect("sign")).expect("parse");
+        assert!(root.covers(&["devices", "anything"]));
+    }
+
+    #[test]
+    fn device_sdk_escaped_slash_in_sig() {
+        // The device SDK escapes '/' in sig as %2F; the signature must still verify.
+        let sr = "127.0.0.1%2Fdevices%2Fprobe1";
+        let raw = B64.encode(signature(&[7u8; 32], sr, 1_795_774_756));
+        let escaped = raw
+            .replace('/', "%2F")
+            .replace('+', "%2B")
+            .replace('=', "%3D");
+        let t = SasToken::parse(&format!(
+            "SharedAccessSignature sr={sr}&sig={escaped}&se=1795774756"
+        ))
+        .expect("parse");
+        assert!(t.signed_by(&key()));
+        assert_eq!(t.resource, "127.0.0.1/devices/probe1");
+    }
+}

@@ -1,0 +1,222 @@
+//! The hub handle front-ends call: proposes commands through Raft (forwarding to the leader when
+//! this node is a follower) and serves linearizable reads from the local state machine.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use tokio::time::{Instant, sleep};
+use tonic::transport::Channel;
+
+use crate::domain::{HubCommand, HubError, HubResponse, HubResult, HubState};
+use crate::raft::state_machine::SharedState;
+use crate::raft::{HubRaft, NodeId, network};
+use meridian_proto::ErrorCode;
+use meridian_proto::hub::hub_forward_client::HubForwardClient;
+use meridian_proto::hub::{ClientWriteRequest, ReadIndexRequest};
+
+/// How a read is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadConsistency {
+    /// Confirms leadership with a quorum (read index) and waits for the local state machine to
+    /// catch up before reading. The default for every registry and twin read.
+    Linearizable,
+    /// Reads the local state as applied, possibly behind the leader. Only for data Azure itself
+    /// serves eventually consistent (statistics).
+    Stale,
+}
+
+/// Cloneable handle to the local hub node.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    raft: HubRaft,
+    state: SharedState,
+    request_timeout: Duration,
+    forward_clients: Mutex<HashMap<String, HubForwardClient<Channel>>>,
+}
+
+fn unavailable(message: impl Into<String>) -> HubError {
+    HubError::new(ErrorCode::ServiceUnavailable, message)
+}
+
+/// Whether a forwarding failure means the request was certainly not proposed, so a retry cannot
+/// apply it twice: the peer refused it as not leader, or the connection was never made.
+fn safe_to_retry(status: &tonic::Status) -> bool {
+    let message = status.message();
+    (status.code() == tonic::Code::FailedPrecondition
+        && message.contains(crate::raft::service::NOT_LEADER))
+        || message.contains("tcp connect error")
+        || message.contains("Connection refused")
+}
+
+impl Hub {
+    /// Wraps a started Raft node and its state machine's shared state.
+    pub fn new(raft: HubRaft, state: SharedState, request_timeout: Duration) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                raft,
+                state,
+                request_timeout,
+                forward_clients: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The Raft handle (for admin and metrics).
+    pub fn raft(&self) -> &HubRaft {
+        &self.inner.raft
+    }
+
+    fn forward_client(&self, addr: &str) -> HubResult<HubForwardClient<Channel>> {
+        let mut clients =
+            self.inner.forward_clients.lock().map_err(|_| {
+                HubError::new(ErrorCode::ServerError, "forward client cache poisoned")
+            })?;
+        if let Some(c) = clients.get(addr) {
+            return Ok(c.clone());
+        }
+        let channel = network::channel(addr)
+            .map_err(|e| unavailable(format!("bad leader address {addr}: {e}")))?;
+        let client = HubForwardClient::new(channel);
+        clients.insert(addr.to_string(), client.clone());
+        Ok(client)
+    }
+
+    /// Proposes a command and returns the state machine's answer once it is committed by a quorum
+    /// and applied. Followers forward to the leader; elections in progress are waited out up to
+    /// the request timeout.
+    pub async fn write(&self, command: HubCommand) -> HubResult<HubResponse> {
+        let deadline = Instant::now() + self.inner.request_timeout;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let leader = match self.inner.raft.client_write(command.clone()).await {
+                Ok(resp) => return resp.data,
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    f.leader_node.map(|n| (f.leader_id, n.addr))
+                }
+                Err(RaftError::APIError(e)) => return Err(unavailable(e.to_string())),
+                Err(RaftError::Fatal(e)) => return Err(unavailable(format!("raft stopped: {e}"))),
+            };
+            if let Some((leader_id, addr)) = leader {
+                match self.forward_write(leader_id, &addr, &command).await {
+                    Ok(result) => return result,
+                    Err(status) if safe_to_retry(&status) => {
+                        tracing::debug!(?leader_id, %status, "forward refused; retrying");
+                    }
+                    Err(status) => {
+                        return Err(unavailable(format!(
+                            "forwarding to leader {leader_id:?} failed: {}",
+                            status.message()
+                        )));
+                    }
+                }
+            }
+            if Instant::now() + backoff > deadline {
+                return Err(unavailable("no Raft leader could take the write in time"));
+            }
+            sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(300));
+        }
+    }
+
+    async fn forward_write(
+        &self,
+        leader_id: Option<NodeId>,
+        addr: &str,
+        command: &HubCommand,
+    ) -> Result<HubResult<HubResponse>, tonic::Status> {
+        let mut client = self
+            .forward_client(addr)
+            .map_err(|e| tonic::Status::unavailable(e.message))?;
+        let command_json = serde_json::to_vec(command)
+            .map_err(|e| tonic::Status::internal(format!("encode command: {e}")))?;
+        tracing::debug!(
+            ?leader_id,
+            addr,
+            command = command.name(),
+            "forwarding write to leader"
+        );
+        let reply = tokio::time::timeout(
+            self.inner.request_timeout,
+            client.client_write(ClientWriteRequest { command_json }),
+        )
+        .await
+        .map_err(|_| tonic::Status::deadline_exceeded("forwarded write timed out"))??;
+        serde_json::from_slice(&reply.get_ref().response_json)
+            .map_err(|e| tonic::Status::internal(format!("decode response: {e}")))
+    }
+
+    /// Reads the hub state with the given consistency.
+    pub async fn read<T>(
+        &self,
+        consistency: ReadConsistency,
+        f: impl FnOnce(&HubState) -> HubResult<T>,
+    ) -> HubResult<T> {
+        if consistency == ReadConsistency::Linearizable {
+            self.linearize().await?;
+        }
+        let state = self
+            .inner
+            .state
+            .read()
+            .map_err(|_| HubError::new(ErrorCode::ServerError, "hub state lock poisoned"))?;
+        f(&state)
+    }
+
+    /// Waits until the local state machine reflects every write committed before this call.
+    async fn linearize(&self) -> HubResult<()> {
+        let deadline = Instant::now() + self.inner.request_timeout;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let leader = match self.inner.raft.ensure_linearizable().await {
+                Ok(_) => return Ok(()),
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                    f.leader_node.map(|n| n.addr)
+                }
+                Err(RaftError::APIError(e)) => return Err(unavailable(e.to_string())),
+                Err(RaftError::Fatal(e)) => return Err(unavailable(format!("raft stopped: {e}"))),
+            };
+            if let Some(addr) = leader {
+                match self.read_index_from(&addr).await {
+                    Ok(index) => {
+                        let remaining = deadline.saturating_duration_since(Instant::now());
+                        return self
+                            .inner
+                            .raft
+                            .wait(Some(remaining))
+                            .applied_index_at_least(Some(index), "linearizable read")
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| unavailable(format!("catching up to the leader: {e}")));
+                    }
+                    Err(status) => {
+                        tracing::debug!(%status, "read index from leader failed; retrying");
+                    }
+                }
+            }
+            if Instant::now() + backoff > deadline {
+                return Err(unavailable("no Raft leader confirmed the read in time"));
+            }
+            sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(300));
+        }
+    }
+
+    async fn read_index_from(&self, addr: &str) -> Result<u64, tonic::Status> {
+        let mut client = self
+            .forward_client(addr)
+            .map_err(|e| tonic::Status::unavailable(e.message))?;
+        let reply = tokio::time::timeout(
+            self.inner.request_timeout,
+            client.read_index(ReadIndexRequest {}),
+        )
+        .await
+        .map_err(|_| tonic::Status::deadline_exceeded("read index timed out"))??;
+        Ok(reply.get_ref().read_index)
+    }
+}

@@ -1,0 +1,375 @@
+//! Wiring of one node, top to bottom: storage, Raft, the node-to-node gRPC server, hub creation,
+//! the HTTPS service API and the metrics endpoint. `main` and every test start nodes through
+//! [`start`], so tests run exactly what production runs.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::BasicNode;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::api::{self, ApiState};
+use crate::config::Config;
+use crate::domain::HubCommand;
+use crate::domain::policy::SharedAccessPolicy;
+use crate::domain::registry::random_key;
+use crate::domain::state::HubSettings;
+use crate::hub::{Hub, ReadConsistency};
+use crate::observability::metrics;
+use crate::raft::network::GrpcNetworkFactory;
+use crate::raft::service::{HubForwardImpl, RaftServiceImpl};
+use crate::raft::state_machine::HubStateMachine;
+use crate::raft::{HubRaft, TypeConfig};
+use crate::tls::{self, TlsFiles};
+use meridian_proto::hub::hub_forward_server::HubForwardServer;
+use meridian_proto::raft::raft_service_server::RaftServiceServer;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Configuration.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Data directory or socket I/O.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// RocksDB.
+    #[error("storage: {0}")]
+    Storage(#[from] meridian_storage::Error),
+    /// TLS material.
+    #[error("tls: {0}")]
+    Tls(#[from] tls::TlsError),
+    /// openraft.
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
+    let context = context.into();
+    move |source| StartError::Io { context, source }
+}
+
+/// A running node.
+pub struct Node {
+    /// The hub handle.
+    pub hub: Hub,
+    /// Bound address of the HTTPS service API.
+    pub https_addr: SocketAddr,
+    /// Bound address of the node-to-node gRPC server.
+    pub grpc_addr: SocketAddr,
+    /// Bound address of the metrics endpoint, if enabled.
+    pub metrics_addr: Option<SocketAddr>,
+    /// TLS files the public listeners use.
+    pub tls: TlsFiles,
+    /// The hub host name clients use.
+    pub host_name: String,
+    tasks: Vec<(&'static str, JoinHandle<()>)>,
+}
+
+impl Node {
+    /// Waits until the hub exists (created by the leader on first start) and returns its
+    /// `iothubowner` policy.
+    pub async fn wait_hub_ready(&self, timeout: Duration) -> Option<SharedAccessPolicy> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            let owner = self
+                .hub
+                .read(ReadConsistency::Linearizable, |s| {
+                    Ok(s.policy("iothubowner").cloned())
+                })
+                .await
+                .ok()
+                .flatten();
+            if owner.is_some() {
+                return owner;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+
+    /// Waits for every task to end (after shutdown), then stops Raft.
+    pub async fn join(self) {
+        for (name, task) in self.tasks {
+            if let Err(e) = task.await {
+                tracing::error!(task = name, error = %e, "task failed");
+            }
+        }
+        if let Err(e) = self.hub.raft().shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+        tracing::info!("node stopped");
+    }
+}
+
+fn raft_config(config: &Config) -> Result<Arc<openraft::Config>, StartError> {
+    let c = &config.cluster;
+    let raft = openraft::Config {
+        cluster_name: "meridian-hub".into(),
+        heartbeat_interval: c.heartbeat_interval_ms,
+        election_timeout_min: c.election_timeout_min_ms,
+        election_timeout_max: c.election_timeout_max_ms,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(c.snapshot_every_logs),
+        max_in_snapshot_log_to_keep: c.max_in_snapshot_log_to_keep,
+        ..Default::default()
+    };
+    Ok(Arc::new(
+        raft.validate()
+            .map_err(|e| StartError::Raft(e.to_string()))?,
+    ))
+}
+
+/// The settings a new hub is created with: the default policies with fresh keys, and limits.
+fn new_hub_settings(config: &Config) -> HubSettings {
+    let keys = std::array::from_fn(|_| (random_key(), random_key()));
+    HubSettings {
+        policies: SharedAccessPolicy::defaults(keys)
+            .into_iter()
+            .map(|p| (p.key_name.clone(), p))
+            .collect(),
+        twin_limits: config.hub.twin_limits.clone(),
+        max_devices: config.hub.max_devices,
+        max_modules_per_device: config.hub.max_modules_per_device,
+    }
+}
+
+/// Starts a node; it runs until `shutdown` turns true, then [`Node::join`] returns.
+pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<Node, StartError> {
+    config.validate()?;
+    let node_id = config.node.id;
+    let data_dir: PathBuf = config.node.data_dir.clone();
+    tracing::info!(node_id, data_dir = %data_dir.display(), "starting meridian node");
+
+    // ---- storage ----
+    std::fs::create_dir_all(&data_dir).map_err(io(format!("create {}", data_dir.display())))?;
+    let (log_store, snapshots) = meridian_storage::open::<TypeConfig>(&data_dir.join("raft"))?;
+    let state_machine =
+        HubStateMachine::open(snapshots).map_err(|e| StartError::Raft(e.to_string()))?;
+    let state = state_machine.shared_state();
+
+    // ---- tls ----
+    let tls_files = match (&config.tls.cert, &config.tls.key) {
+        (Some(cert), Some(key)) => TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca_cert: None,
+        },
+        _ => tls::ensure_dev_certificates(&data_dir.join("tls"))?,
+    };
+    let https_tls = tls::server_config(&tls_files, &[b"h2", b"http/1.1"])?;
+
+    // ---- raft ----
+    let raft: HubRaft = openraft::Raft::new(
+        node_id,
+        raft_config(&config)?,
+        GrpcNetworkFactory,
+        log_store,
+        state_machine,
+    )
+    .await
+    .map_err(|e| StartError::Raft(e.to_string()))?;
+    let hub = Hub::new(
+        raft.clone(),
+        state,
+        Duration::from_millis(config.cluster.request_timeout_ms),
+    );
+    let mut tasks: Vec<(&'static str, JoinHandle<()>)> = Vec::new();
+
+    // ---- node-to-node grpc ----
+    let grpc_listener = TcpListener::bind(config.cluster.grpc_listen)
+        .await
+        .map_err(io(format!("bind grpc {}", config.cluster.grpc_listen)))?;
+    let grpc_addr = grpc_listener.local_addr().map_err(io("grpc local addr"))?;
+    {
+        let raft = raft.clone();
+        let mut shutdown = shutdown.clone();
+        tasks.push((
+            "grpc",
+            tokio::spawn(async move {
+                let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener)
+                    .with_nodelay(Some(true));
+                let result = tonic::transport::Server::builder()
+                    .add_service(RaftServiceServer::new(RaftServiceImpl::new(raft.clone())))
+                    .add_service(HubForwardServer::new(HubForwardImpl::new(raft)))
+                    .serve_with_incoming_shutdown(incoming, async move {
+                        let _ = shutdown.wait_for(|s| *s).await;
+                    })
+                    .await;
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "grpc server failed");
+                }
+            }),
+        ));
+    }
+    tracing::info!(%grpc_addr, "raft grpc listening");
+
+    // ---- bootstrap the raft group ----
+    let members = config.members();
+    let lowest = members.iter().map(|m| m.id).min().unwrap_or(node_id);
+    let initialized = raft
+        .is_initialized()
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
+    if !initialized && lowest == node_id {
+        let voters: BTreeMap<u64, BasicNode> = members
+            .iter()
+            .map(|m| (m.id, BasicNode::new(m.grpc_addr.clone())))
+            .collect();
+        tracing::info!(?voters, "initializing raft group");
+        if let Err(e) = raft.initialize(voters).await {
+            tracing::warn!(error = %e, "initialize raft group");
+        }
+    }
+
+    // ---- create the hub once a leader exists ----
+    {
+        let hub = hub.clone();
+        let config = config.clone();
+        let mut shutdown = shutdown.clone();
+        tasks.push((
+            "hub-creation",
+            tokio::spawn(async move {
+                loop {
+                    let exists = hub
+                        .read(ReadConsistency::Stale, |s| Ok(s.settings.is_some()))
+                        .await
+                        .unwrap_or(false);
+                    if exists {
+                        return;
+                    }
+                    let leader = hub.raft().metrics().borrow().current_leader;
+                    if leader == Some(node_id) {
+                        let settings = new_hub_settings(&config);
+                        match hub.write(HubCommand::InitHub { settings }).await {
+                            Ok(r) => tracing::info!(?r, "hub created"),
+                            Err(e) => tracing::warn!(error = %e, "hub creation"),
+                        }
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        _ = shutdown.wait_for(|s| *s) => return,
+                    }
+                }
+            }),
+        ));
+    }
+
+    // ---- raft metrics ----
+    {
+        let hub = hub.clone();
+        let mut rx = raft.metrics();
+        let mut shutdown = shutdown.clone();
+        tasks.push((
+            "raft-metrics",
+            tokio::spawn(async move {
+                loop {
+                    {
+                        let m = rx.borrow_and_update();
+                        let gauges = metrics();
+                        gauges.raft_term.set(m.current_term as i64);
+                        gauges
+                            .raft_last_applied
+                            .set(m.last_applied.map_or(0, |l| l.index) as i64);
+                        gauges
+                            .raft_is_leader
+                            .set(i64::from(m.current_leader == Some(m.id)));
+                    }
+                    if let Ok(n) = hub
+                        .read(ReadConsistency::Stale, |s| Ok(s.devices.len() as i64))
+                        .await
+                    {
+                        metrics().registry_devices.set(n);
+                    }
+                    tokio::select! {
+                        changed = rx.changed() => if changed.is_err() { return },
+                        _ = shutdown.wait_for(|s| *s) => return,
+                    }
+                }
+            }),
+        ));
+    }
+
+    // ---- https service api ----
+    let https_listener = TcpListener::bind(config.api.https_listen)
+        .await
+        .map_err(io(format!("bind https {}", config.api.https_listen)))?;
+    let https_addr = https_listener
+        .local_addr()
+        .map_err(io("https local addr"))?;
+    let router = api::router(ApiState { hub: hub.clone() }, config.api.max_body_bytes);
+    {
+        let shutdown = shutdown.clone();
+        tasks.push((
+            "https",
+            tokio::spawn(async move {
+                if let Err(e) = api::serve_https(https_listener, https_tls, router, shutdown).await
+                {
+                    tracing::error!(error = %e, "https server failed");
+                }
+            }),
+        ));
+    }
+    tracing::info!(%https_addr, "service api listening (https)");
+
+    // ---- metrics ----
+    let metrics_addr = match config.observability.metrics_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(io(format!("bind metrics {addr}")))?;
+            let bound = listener.local_addr().map_err(io("metrics local addr"))?;
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(|| async { metrics().render() }),
+            );
+            let mut shutdown = shutdown.clone();
+            tasks.push((
+                "metrics",
+                tokio::spawn(async move {
+                    let result = axum::serve(listener, app)
+                        .with_graceful_shutdown(async move {
+                            let _ = shutdown.wait_for(|s| *s).await;
+                        })
+                        .await;
+                    if let Err(e) = result {
+                        tracing::error!(error = %e, "metrics server failed");
+                    }
+                }),
+            ));
+            tracing::info!(addr = %bound, "metrics listening (http)");
+            Some(bound)
+        }
+        None => None,
+    };
+
+    Ok(Node {
+        hub,
+        https_addr,
+        grpc_addr,
+        metrics_addr,
+        tls: tls_files,
+        host_name: config
+            .api
+            .host_name
+            .clone()
+            .unwrap_or_else(|| format!("localhost:{}", https_addr.port())),
+        tasks,
+    })
+}
+
+/// Starts a node and runs it until `shutdown` turns true.
+pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), StartError> {
+    let node = start(config, shutdown).await?;
+    node.join().await;
+    Ok(())
+}
