@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::config::{Config, ConfigError};
@@ -67,19 +66,6 @@ pub struct NodeArgs {
     pub data_dir: Option<PathBuf>,
 }
 
-/// What `meridian dev` writes to `<data-dir>/dev-credentials.json`.
-#[derive(Debug, Serialize)]
-pub struct DevCredentials {
-    /// `HostName=...;SharedAccessKeyName=iothubowner;SharedAccessKey=...`
-    pub service_connection_string: String,
-    /// PEM file clients trust.
-    pub ca_cert: Option<PathBuf>,
-    /// HTTPS service API port.
-    pub https_port: u16,
-    /// MQTT/TLS device port; null until the device endpoint exists.
-    pub mqtt_port: Option<u16>,
-}
-
 impl DevArgs {
     /// The configuration `dev` runs with: defaults, environment overrides, then these flags.
     pub fn config(&self, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
@@ -135,29 +121,17 @@ pub fn shutdown_on_signal() -> watch::Receiver<bool> {
     rx
 }
 
-/// Runs `meridian dev`: starts the node, waits for the hub, prints and saves the credentials.
+/// Runs `meridian dev`: starts the node, waits for the hub, prints and saves the credentials to
+/// `<data-dir>/dev-credentials.json`.
 pub async fn run_dev(config: Config) -> anyhow::Result<()> {
     let shutdown = shutdown_on_signal();
     let node = server::start(config.clone(), shutdown).await?;
-    let owner = node
-        .wait_hub_ready(Duration::from_secs(30))
+    let credentials = node
+        .credentials(Duration::from_secs(30))
         .await
         .ok_or_else(|| anyhow::anyhow!("the hub was not created within 30 s"))?;
-    let credentials = DevCredentials {
-        service_connection_string: format!(
-            "HostName={};SharedAccessKeyName={};SharedAccessKey={}",
-            node.host_name, owner.key_name, owner.primary_key
-        ),
-        ca_cert: node
-            .tls
-            .ca_cert
-            .as_ref()
-            .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())),
-        https_port: node.https_addr.port(),
-        mqtt_port: None,
-    };
     let path = config.node.data_dir.join("dev-credentials.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&credentials)?)?;
+    server::write_credentials(&path, &credentials)?;
     println!("Meridian dev hub is ready.");
     println!(
         "  service connection string: {}",

@@ -367,9 +367,82 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
     })
 }
 
-/// Starts a node and runs it until `shutdown` turns true.
+/// The hub's owner credentials as a node writes them to `<data_dir>/credentials.json` (mode 0600)
+/// once the hub exists, for operators and tests.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Credentials {
+    /// `HostName=...;SharedAccessKeyName=iothubowner;SharedAccessKey=...`
+    pub service_connection_string: String,
+    /// PEM file clients trust, when Meridian generated the certificate.
+    pub ca_cert: Option<PathBuf>,
+    /// HTTPS service API port.
+    pub https_port: u16,
+    /// MQTT/TLS device port; null until the device endpoint exists.
+    pub mqtt_port: Option<u16>,
+    /// Every shared access policy with its keys (as Azure's portal lists them).
+    #[serde(default)]
+    pub shared_access_policies: Vec<SharedAccessPolicy>,
+}
+
+impl Node {
+    /// Waits for the hub and returns the owner credentials.
+    pub async fn credentials(&self, timeout: Duration) -> Option<Credentials> {
+        let owner = self.wait_hub_ready(timeout).await?;
+        let policies = self
+            .hub
+            .read(ReadConsistency::Linearizable, |s| {
+                Ok(s.settings
+                    .as_ref()
+                    .map(|h| h.policies.values().cloned().collect())
+                    .unwrap_or_default())
+            })
+            .await
+            .unwrap_or_default();
+        Some(Credentials {
+            service_connection_string: format!(
+                "HostName={};SharedAccessKeyName={};SharedAccessKey={}",
+                self.host_name, owner.key_name, owner.primary_key
+            ),
+            ca_cert: self
+                .tls
+                .ca_cert
+                .as_ref()
+                .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())),
+            https_port: self.https_addr.port(),
+            mqtt_port: None,
+            shared_access_policies: policies,
+        })
+    }
+}
+
+/// Writes credentials as JSON readable only by the owner.
+pub fn write_credentials(path: &std::path::Path, credentials: &Credentials) -> std::io::Result<()> {
+    let json = serde_json::to_vec_pretty(credentials).map_err(std::io::Error::other)?;
+    std::fs::write(path, json)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
+/// Starts a node and runs it until `shutdown` turns true; writes `<data_dir>/credentials.json`
+/// once the hub exists.
 pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), StartError> {
-    let node = start(config, shutdown).await?;
+    let node = start(config.clone(), shutdown.clone()).await?;
+    let path = config.node.data_dir.join("credentials.json");
+    let mut stop = shutdown;
+    tokio::select! {
+        creds = node.credentials(Duration::from_secs(3600)) => match creds {
+            Some(c) => match write_credentials(&path, &c) {
+                Ok(()) => tracing::info!(path = %path.display(), "hub credentials written"),
+                Err(e) => tracing::warn!(error = %e, "writing hub credentials"),
+            },
+            None => tracing::warn!("the hub was not created within an hour"),
+        },
+        _ = stop.wait_for(|s| *s) => {}
+    }
     node.join().await;
     Ok(())
 }

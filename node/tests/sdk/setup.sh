@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the official Azure IoT SDKs used by the black-box tests in tests/sdk/.
+# Installs the official Azure IoT SDKs used by the black-box tests in node/tests/sdk/.
 #
 #   Python venv : ${MERIDIAN_SDK_CACHE:-$HOME/.cache/meridian-sdk}/venv
 #                 azure-iot-hub==2.7.0 azure-iot-device==2.14.0 six

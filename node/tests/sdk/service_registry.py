@@ -12,8 +12,8 @@ Environment:
   MERIDIAN_TEST_TIMEOUT       watchdog seconds for the whole run (default 120)
   MERIDIAN_HTTP_TIMEOUT       per-request socket timeout in seconds (default 20; SDK default is 100)
 
-Run with the venv made by tests/sdk/setup.sh:
-  ~/.cache/meridian-sdk/venv/bin/python tests/sdk/service_registry.py
+Run with the venv made by node/tests/sdk/setup.sh:
+  ~/.cache/meridian-sdk/venv/bin/python node/tests/sdk/service_registry.py
 or with any python3 (it re-execs itself with that venv's python when azure-iot-hub is not importable).
 
 Output: one "ok <step>" line per passed step, then "PASS service_registry.py".
@@ -61,7 +61,7 @@ except ImportError:
     if os.path.exists(_venv_py) and os.path.realpath(sys.prefix) != os.path.realpath(os.path.join(_cache, "venv")):
         sys.stdout.flush()
         os.execv(_venv_py, [_venv_py, os.path.abspath(__file__)] + sys.argv[1:])
-    sys.stderr.write("azure-iot-hub is not importable; run tests/sdk/setup.sh first\n")
+    sys.stderr.write("azure-iot-hub is not importable; run node/tests/sdk/setup.sh first\n")
     raise
 
 

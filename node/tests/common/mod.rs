@@ -1,0 +1,308 @@
+//! Harness for integration tests: starts real `meridian` processes (the binary `main` builds) on
+//! loopback with fresh data directories, kills and restarts them, and talks to them with the
+//! service client. Every wait is bounded; every process is killed when the harness drops.
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use meridian::client::ServiceClient;
+use meridian::server::Credentials;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A free loopback port (bound and released; good enough on a test machine).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// One node process.
+pub struct NodeProc {
+    pub id: u64,
+    pub data_dir: PathBuf,
+    pub config_path: PathBuf,
+    pub https: SocketAddr,
+    pub grpc: SocketAddr,
+    pub metrics: SocketAddr,
+    child: Option<Child>,
+    log: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl NodeProc {
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(env!("CARGO_BIN_EXE_meridian"))
+            .args(&self.args)
+            .env("MERIDIAN_OBSERVABILITY__LOG_FILTER", "info,openraft=warn")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn meridian")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL, no shutdown path.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether the process is running.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The node's log so far (for failure messages).
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Reads one metric value from `/metrics`.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let body = http_get(self.metrics, "/metrics").await.ok()?;
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+            .await?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).await?;
+        Ok::<_, anyhow::Error>(buf)
+    };
+    tokio::time::timeout(Duration::from_secs(3), fut).await?
+}
+
+/// A set of nodes sharing one TLS certificate and one Raft group.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<NodeProc>,
+    pub ca: PathBuf,
+}
+
+/// Starts `size` nodes; `env` adds `MERIDIAN_<SECTION>__<KEY>` overrides to every node.
+pub fn start_cluster(size: usize, env: &[(&str, &str)]) -> Result<Cluster> {
+    let dir = tempfile::tempdir()?;
+    let tls = meridian::tls::ensure_dev_certificates(&dir.path().join("tls"))?;
+    let ca = tls.ca_cert.clone().context("generated CA")?;
+    let mut specs = Vec::new();
+    for i in 0..size {
+        specs.push((i as u64 + 1, free_port()?, free_port()?, free_port()?));
+    }
+    let members: Vec<String> = specs
+        .iter()
+        .map(|(id, _, grpc, _)| format!("{{ id = {id}, grpc_addr = \"127.0.0.1:{grpc}\" }}"))
+        .collect();
+    let mut nodes = Vec::new();
+    for (id, https, grpc, metrics) in specs {
+        let data_dir = dir.path().join(format!("node{id}"));
+        let config_path = dir.path().join(format!("node{id}.toml"));
+        let toml = format!(
+            "[node]\nid = {id}\ndata_dir = \"{data}\"\n\n[cluster]\ngrpc_listen = \"127.0.0.1:{grpc}\"\nmembers = [{members}]\n\n[api]\nhttps_listen = \"127.0.0.1:{https}\"\n\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n\n[observability]\nmetrics_listen = \"127.0.0.1:{metrics}\"\n",
+            data = data_dir.display(),
+            members = members.join(", "),
+            cert = tls.cert.display(),
+            key = tls.key.display(),
+        );
+        std::fs::write(&config_path, toml)?;
+        let mut node = NodeProc {
+            id,
+            data_dir,
+            args: vec![
+                "node".into(),
+                "--config".into(),
+                config_path.display().to_string(),
+            ],
+            config_path,
+            https: SocketAddr::from(([127, 0, 0, 1], https)),
+            grpc: SocketAddr::from(([127, 0, 0, 1], grpc)),
+            metrics: SocketAddr::from(([127, 0, 0, 1], metrics)),
+            child: None,
+            log: dir.path().join(format!("node{id}.log")),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        node.spawn()?;
+        nodes.push(node);
+    }
+    Ok(Cluster { dir, nodes, ca })
+}
+
+/// Starts `meridian dev` in a fresh directory.
+pub fn start_dev() -> Result<Cluster> {
+    let dir = tempfile::tempdir()?;
+    let (https, grpc, metrics) = (free_port()?, free_port()?, free_port()?);
+    let data_dir = dir.path().join("data");
+    let mut node = NodeProc {
+        id: 1,
+        args: vec![
+            "dev".into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--https-port".into(),
+            https.to_string(),
+            "--grpc-port".into(),
+            grpc.to_string(),
+            "--metrics-port".into(),
+            metrics.to_string(),
+        ],
+        data_dir: data_dir.clone(),
+        config_path: PathBuf::new(),
+        https: SocketAddr::from(([127, 0, 0, 1], https)),
+        grpc: SocketAddr::from(([127, 0, 0, 1], grpc)),
+        metrics: SocketAddr::from(([127, 0, 0, 1], metrics)),
+        child: None,
+        log: dir.path().join("dev.log"),
+        env: Vec::new(),
+    };
+    node.spawn()?;
+    let ca = data_dir.join("tls").join("ca.pem");
+    Ok(Cluster {
+        dir,
+        nodes: vec![node],
+        ca,
+    })
+}
+
+impl Cluster {
+    pub fn node(&mut self, id: u64) -> &mut NodeProc {
+        let idx = self.nodes.iter().position(|n| n.id == id).unwrap_or(0);
+        &mut self.nodes[idx]
+    }
+
+    pub fn restart(&mut self, id: u64) -> Result<()> {
+        let node = self.node(id);
+        node.kill9();
+        node.spawn()
+    }
+
+    /// Waits until some node writes its credentials file and returns them.
+    pub async fn credentials(&self, timeout: Duration) -> Result<Credentials> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for n in &self.nodes {
+                for name in ["dev-credentials.json", "credentials.json"] {
+                    if let Ok(bytes) = std::fs::read(n.data_dir.join(name))
+                        && let Ok(c) = serde_json::from_slice::<Credentials>(&bytes)
+                    {
+                        return Ok(c);
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("no credentials after {timeout:?}; logs:\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A client for node `id`.
+    pub async fn client(&mut self, id: u64) -> Result<ServiceClient> {
+        let creds = self.credentials(Duration::from_secs(60)).await?;
+        let ca = self.ca.clone();
+        let addr = self.node(id).https;
+        Ok(ServiceClient::new(
+            &creds.service_connection_string,
+            addr,
+            &ca,
+        )?)
+    }
+
+    /// The id of the node reporting itself leader, if exactly one does.
+    pub async fn leader(&self) -> Option<u64> {
+        let mut leaders = Vec::new();
+        for n in self.nodes.iter().filter(|n| n.is_running()) {
+            if n.metric("meridian_raft_is_leader").await == Some(1.0) {
+                leaders.push(n.id);
+            }
+        }
+        (leaders.len() == 1).then(|| leaders[0])
+    }
+
+    pub async fn wait_leader(&self, timeout: Duration) -> Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.leader().await {
+                return Ok(l);
+            }
+            if Instant::now() > deadline {
+                bail!("no single leader after {timeout:?}; logs:\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("--- node {} ---\n{}", n.id, n.log_tail(30)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Where `node/tests/sdk/setup.sh` put the SDKs.
+pub fn sdk_cache() -> PathBuf {
+    std::env::var_os("MERIDIAN_SDK_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/meridian-sdk")
+        })
+}
+
+/// Runs an SDK script with a bounded time; fails with its output unless it exits 0.
+pub fn run_sdk_script(program: &Path, script: &str, envs: &[(&str, String)]) -> Result<String> {
+    let script_path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/sdk")
+        .join(script);
+    if !program.exists() {
+        bail!(
+            "{} is missing: run `bash node/tests/sdk/setup.sh` (deploy/test.sh does)",
+            program.display()
+        );
+    }
+    let mut cmd = Command::new("timeout");
+    cmd.arg("180").arg(program).arg(&script_path);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().context("run sdk script")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!("{script} failed ({}):\n{text}", out.status);
+    }
+    Ok(text)
+}

@@ -1,0 +1,63 @@
+//! A single node killed with SIGKILL and restarted keeps its registry, twins and policies.
+
+mod common;
+
+use std::time::Duration;
+
+use anyhow::Result;
+use common::start_dev;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_restart_keeps_registry_twins_and_policies() -> Result<()> {
+    let mut cluster = start_dev()?;
+    let before = cluster.credentials(Duration::from_secs(60)).await?;
+    let client = cluster.client(1).await?;
+    let mut conn = client.connect().await?;
+    let created = conn
+        .json(
+            "PUT",
+            "/devices/keep-me",
+            Some(&json!({"deviceId": "keep-me"})),
+        )
+        .await?;
+    assert_eq!(created.status, 200, "{:?}", created.json());
+    let twin = conn
+        .json(
+            "PATCH",
+            "/twins/keep-me",
+            Some(&json!({"tags": {"site": "x"}, "properties": {"desired": {"mode": "eco"}}})),
+        )
+        .await?;
+    assert_eq!(twin.status, 200, "{:?}", twin.json());
+    drop(conn);
+
+    cluster.node(1).kill9();
+    // Remove the credentials file so the wait below sees the restarted node's own answer.
+    std::fs::remove_file(cluster.node(1).data_dir.join("dev-credentials.json"))?;
+    cluster.restart(1)?;
+    let after = cluster.credentials(Duration::from_secs(60)).await?;
+    assert_eq!(
+        before.service_connection_string, after.service_connection_string,
+        "policy keys changed across restart"
+    );
+    assert_eq!(before.shared_access_policies, after.shared_access_policies);
+
+    let mut conn = client.connect().await?;
+    let device = conn.json("GET", "/devices/keep-me", None).await?;
+    assert_eq!(device.status, 200, "{}", cluster.logs());
+    assert_eq!(device.json()["etag"], created.json()["etag"]);
+    assert_eq!(
+        device.json()["authentication"],
+        created.json()["authentication"]
+    );
+    let twin_after = conn.json("GET", "/twins/keep-me", None).await?;
+    assert_eq!(twin_after.status, 200);
+    assert_eq!(twin_after.json()["tags"], json!({"site": "x"}));
+    assert_eq!(
+        twin_after.json()["properties"]["desired"]["mode"],
+        json!("eco")
+    );
+    assert_eq!(twin_after.json()["etag"], twin.json()["etag"]);
+    Ok(())
+}
