@@ -1,1 +1,7 @@
-//! placeholder
+//! Meridian's chaos and benchmark harness: drives real `meridian` processes (and the peer systems
+//! we compare against) from outside, over the same APIs users call.
+//!
+//! * `registry-bench` (`src/bin/registry_bench.rs`): registry creates/s and latency on a 3-node
+//!   loopback cluster, side by side with etcd 3.4, and leader-failover time.
+//!
+//! Nothing depends on this crate.

@@ -80,6 +80,7 @@ pub struct ServiceClient {
     credentials: ConnectionString,
     tls: Arc<rustls::ClientConfig>,
     timeout: Duration,
+    api_version: bool,
 }
 
 /// An HTTP reply.
@@ -139,6 +140,7 @@ impl ServiceClient {
             credentials,
             tls: Arc::new(tls),
             timeout: Duration::from_secs(30),
+            api_version: true,
         })
     }
 
@@ -153,6 +155,13 @@ impl ServiceClient {
     /// Sets the per-request timeout (default 30 s).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Stops adding `api-version` to request paths (for talking to non-hub HTTPS services, such as
+    /// the peers the benchmarks compare against).
+    pub fn without_api_version(mut self) -> Self {
+        self.api_version = false;
         self
     }
 
@@ -240,7 +249,7 @@ impl Connection {
         headers: &[(&str, &str)],
         authorization: Authorization,
     ) -> Result<Reply, ClientError> {
-        let uri = if path.contains("api-version=") {
+        let uri = if !self.client.api_version || path.contains("api-version=") {
             path.to_string()
         } else if path.contains('?') {
             format!("{path}&api-version=2021-04-12")
