@@ -105,6 +105,11 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
                 .put(replace_module_twin),
         )
         .route("/statistics/devices", get(registry_statistics))
+        .route("/meridian/policies", get(list_policies))
+        .route(
+            "/meridian/policies/{name}",
+            get(get_policy).put(put_policy).delete(delete_policy),
+        )
         .route("/statistics/service", get(service_statistics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -197,7 +202,7 @@ impl ApiState {
         headers: &HeaderMap,
         needed: &[Permission],
         resource: &[&str],
-    ) -> HubResult<()> {
+    ) -> HubResult<SharedAccessPolicy> {
         let auth = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
@@ -216,7 +221,7 @@ impl ApiState {
         self.hub
             .read(consistency, |s| {
                 let lookup = |name: &str| -> Option<&SharedAccessPolicy> { s.policy(name) };
-                authorize_service(auth, lookup, needed, resource, now).map(|_| ())
+                authorize_service(auth, lookup, needed, resource, now).cloned()
             })
             .await
     }
@@ -566,6 +571,114 @@ async fn service_statistics(State(s): State<ApiState>, headers: HeaderMap) -> Ap
         .read(ReadConsistency::Stale, |st| Ok(st.connected_device_count()))
         .await?;
     Ok(ok_json(json!({ "connectedDeviceCount": connected })))
+}
+
+// ---- shared access policies (Meridian's operator API; Azure manages them through ARM) ----
+
+const ALL_RIGHTS: [Permission; 4] = [
+    Permission::RegistryRead,
+    Permission::RegistryWrite,
+    Permission::ServiceConnect,
+    Permission::DeviceConnect,
+];
+
+/// Managing policies needs a token from a policy holding every permission.
+async fn authorize_owner(s: &ApiState, headers: &HeaderMap) -> HubResult<()> {
+    let policy = s
+        .authorize(headers, &[Permission::RegistryWrite], &[])
+        .await?;
+    if !ALL_RIGHTS.iter().all(|r| policy.grants(*r)) {
+        return Err(HubError::new(
+            ErrorCode::Unauthorized,
+            "managing shared access policies needs a policy with every permission",
+        ));
+    }
+    Ok(())
+}
+
+/// Body of `PUT /meridian/policies/{name}`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PolicySpec {
+    rights: Vec<Permission>,
+    #[serde(default)]
+    primary_key: String,
+    #[serde(default)]
+    secondary_key: String,
+}
+
+async fn list_policies(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    authorize_owner(&s, &headers).await?;
+    let policies = s
+        .hub
+        .read(ReadConsistency::Linearizable, |st| {
+            Ok(st
+                .settings
+                .as_ref()
+                .map(|h| h.policies.values().cloned().collect::<Vec<_>>())
+                .unwrap_or_default())
+        })
+        .await?;
+    Ok(ok_json(
+        serde_json::to_value(policies).unwrap_or(Value::Null),
+    ))
+}
+
+async fn get_policy(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    authorize_owner(&s, &headers).await?;
+    let policy = s
+        .hub
+        .read(ReadConsistency::Linearizable, |st| {
+            st.policy(&name).cloned().ok_or_else(|| {
+                HubError::new(
+                    ErrorCode::ResourceNotFound,
+                    format!("no shared access policy named {name}"),
+                )
+            })
+        })
+        .await?;
+    Ok(ok_json(serde_json::to_value(policy).unwrap_or(Value::Null)))
+}
+
+async fn put_policy(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    authorize_owner(&s, &headers).await?;
+    let spec: PolicySpec = parse_body(&body)?;
+    let command = HubCommand::PutPolicy {
+        key_name: name,
+        rights: spec.rights,
+        primary_key: spec.primary_key,
+        secondary_key: spec.secondary_key,
+        keys: GeneratedKeys::random(),
+    };
+    match s.hub.write(command).await? {
+        HubResponse::Policy(p) => Ok(ok_json(serde_json::to_value(p).unwrap_or(Value::Null))),
+        other => Err(unexpected(other)),
+    }
+}
+
+async fn delete_policy(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    authorize_owner(&s, &headers).await?;
+    match s
+        .hub
+        .write(HubCommand::DeletePolicy { key_name: name })
+        .await?
+    {
+        HubResponse::Deleted => Ok(no_content()),
+        other => Err(unexpected(other)),
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use common::start_dev;
+use meridian::client::Authorization;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -30,6 +31,19 @@ async fn kill9_restart_keeps_registry_twins_and_policies() -> Result<()> {
         )
         .await?;
     assert_eq!(twin.status, 200, "{:?}", twin.json());
+    // A custom policy: read-only registry access.
+    let custom = conn
+        .json(
+            "PUT",
+            "/meridian/policies/auditor",
+            Some(&json!({"rights": ["RegistryRead"]})),
+        )
+        .await?;
+    assert_eq!(custom.status, 200, "{:?}", custom.json());
+    let auditor_key = custom.json()["primaryKey"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     drop(conn);
 
     cluster.node(1).kill9();
@@ -41,7 +55,19 @@ async fn kill9_restart_keeps_registry_twins_and_policies() -> Result<()> {
         before.service_connection_string, after.service_connection_string,
         "policy keys changed across restart"
     );
-    assert_eq!(before.shared_access_policies, after.shared_access_policies);
+    for policy in &before.shared_access_policies {
+        assert!(
+            after.shared_access_policies.contains(policy),
+            "{} changed",
+            policy.key_name
+        );
+    }
+    assert!(
+        after
+            .shared_access_policies
+            .iter()
+            .any(|p| p.key_name == "auditor")
+    );
 
     let mut conn = client.connect().await?;
     let device = conn.json("GET", "/devices/keep-me", None).await?;
@@ -59,5 +85,50 @@ async fn kill9_restart_keeps_registry_twins_and_policies() -> Result<()> {
         json!("eco")
     );
     assert_eq!(twin_after.json()["etag"], twin.json()["etag"]);
+
+    // The custom policy survived and authenticates reads, but not writes.
+    let host = client_host(&after.service_connection_string);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let token = meridian::auth::sign(&host, &auditor_key, now + 600, Some("auditor"))?;
+    let read = conn
+        .send(
+            "GET",
+            "/devices/keep-me",
+            None,
+            &[],
+            Authorization::Header(token.clone()),
+        )
+        .await?;
+    assert_eq!(read.status, 200);
+    let write = conn
+        .send(
+            "DELETE",
+            "/devices/keep-me",
+            None,
+            &[("if-match", "*")],
+            Authorization::Header(token.clone()),
+        )
+        .await?;
+    assert_eq!(write.status, 401);
+    let manage = conn
+        .send(
+            "GET",
+            "/meridian/policies",
+            None,
+            &[],
+            Authorization::Header(token),
+        )
+        .await?;
+    assert_eq!(manage.status, 401);
     Ok(())
+}
+
+fn client_host(connection_string: &str) -> String {
+    connection_string
+        .split(';')
+        .find_map(|p| p.strip_prefix("HostName="))
+        .unwrap_or_default()
+        .to_string()
 }

@@ -60,7 +60,10 @@ impl Proc {
         Ok(p)
     }
     fn spawn(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
         let child = Command::new(&self.cmd[0])
             .args(&self.cmd[1..])
             .env("MERIDIAN_OBSERVABILITY__LOG_FILTER", "warn")
@@ -112,7 +115,13 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 type MakeRequest = fn(&str) -> (&'static str, String, Bytes);
 
 /// Runs `clients` concurrent loops for `seconds`, each on one keep-alive connection.
-async fn drive(targets: Vec<ServiceClient>, clients: usize, seconds: u64, tag: &str, make: MakeRequest) -> Result<Stats> {
+async fn drive(
+    targets: Vec<ServiceClient>,
+    clients: usize,
+    seconds: u64,
+    tag: &str,
+    make: MakeRequest,
+) -> Result<Stats> {
     let started = Instant::now();
     let stop_at = started + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
@@ -129,7 +138,10 @@ async fn drive(targets: Vec<ServiceClient>, clients: usize, seconds: u64, tag: &
                 let id = format!("{tag}-{c}-{i}");
                 let (method, path, body) = make(&id);
                 let t0 = Instant::now();
-                match conn.send(method, &path, Some(body), &[], Authorization::Policy).await {
+                match conn
+                    .send(method, &path, Some(body), &[], Authorization::Policy)
+                    .await
+                {
                     Ok(r) if r.status == 200 => latencies.push(t0.elapsed()),
                     Ok(_) => errors += 1,
                     Err(_) => {
@@ -170,7 +182,11 @@ fn device_body(id: &str) -> Value {
 }
 
 fn meridian_request(id: &str) -> (&'static str, String, Bytes) {
-    ("PUT", format!("/devices/{id}"), Bytes::from(device_body(id).to_string()))
+    (
+        "PUT",
+        format!("/devices/{id}"),
+        Bytes::from(device_body(id).to_string()),
+    )
 }
 
 /// The same document, as Meridian returns it (with generated keys), stored under `devices/<id>`.
@@ -187,15 +203,28 @@ fn etcd_request(id: &str) -> (&'static str, String, Bytes) {
         "status": "enabled", "statusReason": null, "statusUpdatedTime": "2026-11-27T12:00:00.000Z",
         "capabilities": {"iotEdge": false}, "parentScopes": []
     });
-    let body = json!({"key": b64.encode(format!("devices/{id}")), "value": b64.encode(doc.to_string())});
-    ("POST", "/v3/kv/put".to_string(), Bytes::from(body.to_string()))
+    let body =
+        json!({"key": b64.encode(format!("devices/{id}")), "value": b64.encode(doc.to_string())});
+    (
+        "POST",
+        "/v3/kv/put".to_string(),
+        Bytes::from(body.to_string()),
+    )
 }
 
-async fn wait_http_ok(client: &ServiceClient, method: &str, path: &str, body: Option<Bytes>, timeout: Duration) -> Result<()> {
+async fn wait_http_ok(
+    client: &ServiceClient,
+    method: &str,
+    path: &str,
+    body: Option<Bytes>,
+    timeout: Duration,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(mut c) = client.connect().await
-            && let Ok(r) = c.send(method, path, body.clone(), &[], Authorization::Policy).await
+            && let Ok(r) = c
+                .send(method, path, body.clone(), &[], Authorization::Policy)
+                .await
             && r.status == 200
         {
             return Ok(());
@@ -224,7 +253,13 @@ async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-async fn start_meridian(bin: &Path, dir: &Path, cert: &Path, key: &Path, ca: &Path) -> Result<MeridianCluster> {
+async fn start_meridian(
+    bin: &Path,
+    dir: &Path,
+    cert: &Path,
+    key: &Path,
+    ca: &Path,
+) -> Result<MeridianCluster> {
     let specs: Vec<(u64, u16, u16, u16)> = (1..=3)
         .map(|id| Ok((id, free_port()?, free_port()?, free_port()?)))
         .collect::<Result<_>>()?;
@@ -246,10 +281,20 @@ async fn start_meridian(bin: &Path, dir: &Path, cert: &Path, key: &Path, ca: &Pa
             ),
         )?;
         let proc = Proc::start(
-            vec![bin.display().to_string(), "node".into(), "--config".into(), config.display().to_string()],
+            vec![
+                bin.display().to_string(),
+                "node".into(),
+                "--config".into(),
+                config.display().to_string(),
+            ],
             dir.join(format!("m{id}.log")),
         )?;
-        nodes.push((*id, proc, SocketAddr::from(([127, 0, 0, 1], *https)), SocketAddr::from(([127, 0, 0, 1], *metrics))));
+        nodes.push((
+            *id,
+            proc,
+            SocketAddr::from(([127, 0, 0, 1], *https)),
+            SocketAddr::from(([127, 0, 0, 1], *metrics)),
+        ));
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     let creds_path = loop {
@@ -265,7 +310,9 @@ async fn start_meridian(bin: &Path, dir: &Path, cert: &Path, key: &Path, ca: &Pa
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let creds: Value = serde_json::from_slice(&std::fs::read(creds_path)?)?;
-    let cs = creds["service_connection_string"].as_str().unwrap_or_default();
+    let cs = creds["service_connection_string"]
+        .as_str()
+        .unwrap_or_default();
     let client = ServiceClient::new(cs, nodes[0].2, ca)?.with_timeout(Duration::from_secs(20));
     Ok(MeridianCluster { nodes, client })
 }
@@ -293,9 +340,21 @@ async fn failover_trials(cluster: &mut MeridianCluster, trials: usize) -> Result
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         let survivor = cluster.nodes[(l + 1) % 3].2;
-        let client = cluster.client.with_addr(survivor).with_timeout(Duration::from_secs(5));
+        let client = cluster
+            .client
+            .with_addr(survivor)
+            .with_timeout(Duration::from_secs(5));
         // Warm: one write through the survivor so its connection state is normal.
-        wait_http_ok(&client, "PUT", &format!("/devices/warm-{trial}"), Some(Bytes::from(device_body(&format!("warm-{trial}")).to_string())), Duration::from_secs(20)).await?;
+        wait_http_ok(
+            &client,
+            "PUT",
+            &format!("/devices/warm-{trial}"),
+            Some(Bytes::from(
+                device_body(&format!("warm-{trial}")).to_string(),
+            )),
+            Duration::from_secs(20),
+        )
+        .await?;
         let killed_at = Instant::now();
         cluster.nodes[l].1.kill9();
         let mut i = 0;
@@ -303,7 +362,15 @@ async fn failover_trials(cluster: &mut MeridianCluster, trials: usize) -> Result
             i += 1;
             let id = format!("fo-{trial}-{i}");
             if let Ok(mut c) = client.connect().await
-                && let Ok(r) = c.send("PUT", &format!("/devices/{id}"), Some(Bytes::from(device_body(&id).to_string())), &[], Authorization::Policy).await
+                && let Ok(r) = c
+                    .send(
+                        "PUT",
+                        &format!("/devices/{id}"),
+                        Some(Bytes::from(device_body(&id).to_string())),
+                        &[],
+                        Authorization::Policy,
+                    )
+                    .await
                 && r.status == 200
             {
                 break;
@@ -320,7 +387,11 @@ async fn failover_trials(cluster: &mut MeridianCluster, trials: usize) -> Result
         // Let the restarted node rejoin before the next kill, so each trial starts from 3 healthy nodes.
         let m = cluster.nodes[l].3;
         let deadline = Instant::now() + Duration::from_secs(30);
-        while metric(m, "meridian_raft_last_applied_index").await.unwrap_or(0.0) < 1.0 {
+        while metric(m, "meridian_raft_last_applied_index")
+            .await
+            .unwrap_or(0.0)
+            < 1.0
+        {
             if Instant::now() > deadline {
                 bail!("restarted node did not rejoin");
             }
@@ -331,7 +402,12 @@ async fn failover_trials(cluster: &mut MeridianCluster, trials: usize) -> Result
     Ok(times)
 }
 
-fn start_etcd(bin: &Path, dir: &Path, cert: &Path, key: &Path) -> Result<(Vec<Proc>, Vec<SocketAddr>)> {
+fn start_etcd(
+    bin: &Path,
+    dir: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<Proc>, Vec<SocketAddr>)> {
     let specs: Vec<(usize, u16, u16)> = (1..=3)
         .map(|i| Ok((i, free_port()?, free_port()?)))
         .collect::<Result<_>>()?;
@@ -382,11 +458,30 @@ async fn main() -> Result<()> {
     let ca = tls.ca_cert.clone().context("generated CA")?;
 
     println!("starting 3 meridian nodes");
-    let mut meridian = start_meridian(&args.meridian_bin, dir.path(), &tls.cert, &tls.key, &ca).await?;
-    let targets: Vec<ServiceClient> = meridian.nodes.iter().map(|n| meridian.client.with_addr(n.2)).collect();
-    wait_http_ok(&targets[0], "GET", "/statistics/devices", None, Duration::from_secs(30)).await?;
+    let mut meridian =
+        start_meridian(&args.meridian_bin, dir.path(), &tls.cert, &tls.key, &ca).await?;
+    let targets: Vec<ServiceClient> = meridian
+        .nodes
+        .iter()
+        .map(|n| meridian.client.with_addr(n.2))
+        .collect();
+    wait_http_ok(
+        &targets[0],
+        "GET",
+        "/statistics/devices",
+        None,
+        Duration::from_secs(30),
+    )
+    .await?;
     println!("meridian: {} clients for {} s", args.clients, args.seconds);
-    let m = drive(targets, args.clients, args.seconds, "bench", meridian_request).await?;
+    let m = drive(
+        targets,
+        args.clients,
+        args.seconds,
+        "bench",
+        meridian_request,
+    )
+    .await?;
     println!("{}", row("Meridian (3 nodes)", &m));
 
     let mut lines = vec![
@@ -402,12 +497,29 @@ async fn main() -> Result<()> {
             .map(|a| meridian.client.with_addr(*a).without_api_version())
             .collect();
         let probe = etcd_request("probe");
-        wait_http_ok(&etcd_clients[0], probe.0, &probe.1, Some(probe.2), Duration::from_secs(30)).await?;
+        wait_http_ok(
+            &etcd_clients[0],
+            probe.0,
+            &probe.1,
+            Some(probe.2),
+            Duration::from_secs(30),
+        )
+        .await?;
         println!("etcd: {} clients for {} s", args.clients, args.seconds);
-        let e = drive(etcd_clients, args.clients, args.seconds, "bench", etcd_request).await?;
+        let e = drive(
+            etcd_clients,
+            args.clients,
+            args.seconds,
+            "bench",
+            etcd_request,
+        )
+        .await?;
         println!("{}", row("etcd 3.4 (3 members)", &e));
         lines.push(row("etcd 3.4 (3 members)", &e));
-        lines.push(format!("\nratio Meridian/etcd creates/s: {:.2}", m.rate() / e.rate()));
+        lines.push(format!(
+            "\nratio Meridian/etcd creates/s: {:.2}",
+            m.rate() / e.rate()
+        ));
     }
     if args.failover_trials > 0 {
         println!("leader failover: {} trials", args.failover_trials);

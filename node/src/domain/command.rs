@@ -121,6 +121,24 @@ pub enum HubCommand {
         /// Proposer's clock.
         now: String,
     },
+    /// Creates or replaces a shared access policy (operator API).
+    PutPolicy {
+        /// Policy name (`skn`).
+        key_name: String,
+        /// Permissions.
+        rights: Vec<super::policy::Permission>,
+        /// Primary key; empty means use `keys.primary`.
+        primary_key: String,
+        /// Secondary key; empty means use `keys.secondary`.
+        secondary_key: String,
+        /// Keys chosen by the proposer for generation.
+        keys: GeneratedKeys,
+    },
+    /// Deletes a shared access policy.
+    DeletePolicy {
+        /// Policy name.
+        key_name: String,
+    },
     /// Merges a device's reported-properties patch.
     UpdateReported {
         /// Device id.
@@ -146,6 +164,8 @@ impl HubCommand {
             HubCommand::UpdateTwin { .. } => "update_twin",
             HubCommand::ReplaceTwin { .. } => "replace_twin",
             HubCommand::UpdateReported { .. } => "update_reported",
+            HubCommand::PutPolicy { .. } => "put_policy",
+            HubCommand::DeletePolicy { .. } => "delete_policy",
         }
     }
 }
@@ -166,6 +186,8 @@ pub enum HubResponse {
     Twin(Value),
     /// The new reported `$version`.
     ReportedVersion(u64),
+    /// A shared access policy, as stored.
+    Policy(super::policy::SharedAccessPolicy),
     /// The entity was deleted.
     Deleted,
 }

@@ -180,7 +180,8 @@ impl Authentication {
     }
 }
 
-fn validate_key(key: &str) -> HubResult<()> {
+/// Checks that a symmetric key is base64 of 16 to 64 bytes.
+pub fn validate_key(key: &str) -> HubResult<()> {
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(key)
         .map_err(|_| HubError::invalid("symmetric keys must be base64"))?;

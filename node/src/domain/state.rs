@@ -73,6 +73,24 @@ pub struct HubState {
     pub sequence: u64,
 }
 
+/// The policy every hub has and keeps, with every permission.
+pub const OWNER_POLICY: &str = "iothubowner";
+
+/// Policy names: 1 to 64 ASCII letters, digits, `-`, `.` and `_`.
+fn validate_policy_name(name: &str) -> HubResult<()> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+    {
+        return Err(HubError::invalid(format!(
+            "policy name {name:?} must be 1 to 64 ASCII letters, digits, '-', '.' or '_'"
+        )));
+    }
+    Ok(())
+}
+
 /// Base of generation ids, so they look like Azure's (a .NET tick count in 2017).
 const GENERATION_BASE: u64 = 636_510_460_778_278_549;
 
@@ -85,6 +103,15 @@ impl HubState {
     fn registry_etag(seq: u64) -> String {
         // Azure's registry ETags are base64 of a decimal counter ("MQ==" is 1).
         base64::engine::general_purpose::STANDARD.encode(seq.to_string())
+    }
+
+    fn settings_mut(&mut self) -> HubResult<&mut HubSettings> {
+        self.settings.as_mut().ok_or_else(|| {
+            HubError::new(
+                ErrorCode::ServiceUnavailable,
+                "the hub is not initialized yet",
+            )
+        })
     }
 
     fn settings(&self) -> HubResult<&HubSettings> {
@@ -161,33 +188,66 @@ impl HubState {
                 patch,
                 if_match,
                 now,
-            } => {
-                let limits = self.settings()?.twin_limits.clone();
-                let twin = self.twin_mut(&device_id, module_id.as_ref())?;
-                if !if_match.matches(&twin.etag()) {
-                    return Err(HubError::precondition_failed(&twin.etag()));
-                }
-                twin.apply_patch(&patch, &limits, &now)?;
-                Ok(HubResponse::Twin(
-                    self.render_twin(&device_id, module_id.as_ref())?,
-                ))
-            }
+            } => self.write_twin(&device_id, module_id.as_ref(), &if_match, |twin, limits| {
+                twin.apply_patch(&patch, limits, &now)
+            }),
             HubCommand::ReplaceTwin {
                 device_id,
                 module_id,
                 replacement,
                 if_match,
                 now,
+            } => self.write_twin(&device_id, module_id.as_ref(), &if_match, |twin, limits| {
+                twin.replace(&replacement, limits, &now)
+            }),
+            HubCommand::PutPolicy {
+                key_name,
+                rights,
+                primary_key,
+                secondary_key,
+                keys,
             } => {
-                let limits = self.settings()?.twin_limits.clone();
-                let twin = self.twin_mut(&device_id, module_id.as_ref())?;
-                if !if_match.matches(&twin.etag()) {
-                    return Err(HubError::precondition_failed(&twin.etag()));
+                validate_policy_name(&key_name)?;
+                if rights.is_empty() {
+                    return Err(HubError::invalid("a policy needs at least one permission"));
                 }
-                twin.replace(&replacement, &limits, &now)?;
-                Ok(HubResponse::Twin(
-                    self.render_twin(&device_id, module_id.as_ref())?,
-                ))
+                let pick = |given: String, generated: &String| {
+                    if given.is_empty() {
+                        generated.clone()
+                    } else {
+                        given
+                    }
+                };
+                let policy = SharedAccessPolicy {
+                    key_name: key_name.clone(),
+                    primary_key: pick(primary_key, &keys.primary),
+                    secondary_key: pick(secondary_key, &keys.secondary),
+                    rights,
+                };
+                for k in [&policy.primary_key, &policy.secondary_key] {
+                    super::registry::validate_key(k)?;
+                }
+                let settings = self.settings_mut()?;
+                if key_name == OWNER_POLICY && policy.rights.len() < 4 {
+                    return Err(HubError::invalid(
+                        "iothubowner must keep all four permissions",
+                    ));
+                }
+                settings.policies.insert(key_name, policy.clone());
+                Ok(HubResponse::Policy(policy))
+            }
+            HubCommand::DeletePolicy { key_name } => {
+                if key_name == OWNER_POLICY {
+                    return Err(HubError::invalid("iothubowner cannot be deleted"));
+                }
+                let settings = self.settings_mut()?;
+                settings.policies.remove(&key_name).ok_or_else(|| {
+                    HubError::new(
+                        ErrorCode::ResourceNotFound,
+                        format!("no shared access policy named {key_name}"),
+                    )
+                })?;
+                Ok(HubResponse::Deleted)
             }
             HubCommand::UpdateReported {
                 device_id,
@@ -389,6 +449,23 @@ impl HubState {
                 .module
                 .render(device_id.as_str(), module_id.as_str()),
         ))
+    }
+
+    /// Checks the twin ETag, runs a service-side twin change, and renders the result.
+    fn write_twin(
+        &mut self,
+        device_id: &DeviceId,
+        module_id: Option<&ModuleId>,
+        if_match: &IfMatch,
+        change: impl FnOnce(&mut TwinState, &TwinLimits) -> HubResult<()>,
+    ) -> HubResult<HubResponse> {
+        let limits = self.settings()?.twin_limits.clone();
+        let twin = self.twin_mut(device_id, module_id)?;
+        if !if_match.matches(&twin.etag()) {
+            return Err(HubError::precondition_failed(&twin.etag()));
+        }
+        change(twin, &limits)?;
+        Ok(HubResponse::Twin(self.render_twin(device_id, module_id)?))
     }
 
     fn twin_mut(
@@ -747,6 +824,55 @@ mod tests {
         assert_eq!(module_twin["moduleId"], json!("m1"));
         let listed = state.list_modules(&id("d1")).expect("list");
         assert_eq!(listed.as_array().map(Vec::len), Some(2));
+    }
+
+    #[test]
+    fn custom_policies() {
+        let mut state = hub();
+        let put =
+            |state: &mut HubState, name: &str, rights: Vec<super::super::policy::Permission>| {
+                state.apply(HubCommand::PutPolicy {
+                    key_name: name.into(),
+                    rights,
+                    primary_key: String::new(),
+                    secondary_key: String::new(),
+                    keys: GeneratedKeys::random(),
+                })
+            };
+        use super::super::policy::Permission::*;
+        assert!(matches!(
+            put(&mut state, "ops", vec![RegistryRead, ServiceConnect]),
+            Ok(HubResponse::Policy(_))
+        ));
+        assert!(
+            state
+                .policy("ops")
+                .is_some_and(|p| p.grants(ServiceConnect) && !p.grants(RegistryWrite))
+        );
+        assert!(put(&mut state, "bad name", vec![RegistryRead]).is_err());
+        assert!(put(&mut state, "empty", vec![]).is_err());
+        assert!(put(&mut state, "iothubowner", vec![RegistryRead]).is_err());
+        assert_eq!(
+            state.apply(HubCommand::DeletePolicy {
+                key_name: "ops".into()
+            }),
+            Ok(HubResponse::Deleted)
+        );
+        assert!(state.policy("ops").is_none());
+        assert!(
+            state
+                .apply(HubCommand::DeletePolicy {
+                    key_name: "iothubowner".into()
+                })
+                .is_err()
+        );
+        assert!(
+            state
+                .apply(HubCommand::DeletePolicy {
+                    key_name: "ops".into()
+                })
+                .is_err()
+        );
     }
 
     #[test]
