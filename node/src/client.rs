@@ -80,6 +80,7 @@ pub struct ServiceClient {
     credentials: ConnectionString,
     tls: Arc<rustls::ClientConfig>,
     timeout: Duration,
+    /// False for plain HTTPS peers: no api-version, no SAS.
     api_version: bool,
 }
 
@@ -158,9 +159,9 @@ impl ServiceClient {
         self
     }
 
-    /// Stops adding `api-version` to request paths (for talking to non-hub HTTPS services, such as
-    /// the peers the benchmarks compare against).
-    pub fn without_api_version(mut self) -> Self {
+    /// Speaks plain HTTPS: no `api-version` query and no SAS token for [`Authorization::Policy`]
+    /// (for non-hub services, such as the peers the benchmarks compare against).
+    pub fn plain_https(mut self) -> Self {
         self.api_version = false;
         self
     }
@@ -262,12 +263,13 @@ impl Connection {
             .header("host", &self.client.credentials.host_name)
             .header("accept", "application/json");
         match authorization {
-            Authorization::Policy => {
+            Authorization::Policy if self.client.api_version => {
                 builder = builder.header(
                     "authorization",
                     self.client.token(Duration::from_secs(3600)),
                 );
             }
+            Authorization::Policy => {}
             Authorization::Header(h) => builder = builder.header("authorization", h),
             Authorization::None => {}
         }

@@ -454,6 +454,7 @@ fn row(name: &str, s: &Stats) -> String {
 async fn main() -> Result<()> {
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
+    println!("work dir (logs): {}", dir.path().display());
     let tls = meridian::tls::ensure_dev_certificates(&dir.path().join("tls"))?;
     let ca = tls.ca_cert.clone().context("generated CA")?;
 
@@ -494,7 +495,7 @@ async fn main() -> Result<()> {
         let (_etcd, addrs) = start_etcd(&args.etcd_bin, dir.path(), &tls.cert, &tls.key)?;
         let etcd_clients: Vec<ServiceClient> = addrs
             .iter()
-            .map(|a| meridian.client.with_addr(*a).without_api_version())
+            .map(|a| meridian.client.with_addr(*a).plain_https())
             .collect();
         let probe = etcd_request("probe");
         wait_http_ok(
@@ -534,5 +535,9 @@ async fn main() -> Result<()> {
         ));
     }
     println!("\n{}", lines.join("\n"));
+    if std::env::var_os("MERIDIAN_BENCH_KEEP").is_some() {
+        let kept = dir.keep();
+        println!("kept {}", kept.display());
+    }
     Ok(())
 }
