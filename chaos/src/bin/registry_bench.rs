@@ -39,8 +39,15 @@ struct Args {
     no_etcd: bool,
 }
 
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// `n` distinct free loopback ports, all held at once so none is handed out twice.
+fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
 }
 
 struct Proc {
@@ -260,9 +267,10 @@ async fn start_meridian(
     key: &Path,
     ca: &Path,
 ) -> Result<MeridianCluster> {
-    let specs: Vec<(u64, u16, u16, u16)> = (1..=3)
-        .map(|id| Ok((id, free_port()?, free_port()?, free_port()?)))
-        .collect::<Result<_>>()?;
+    let p = free_ports(9)?;
+    let specs: Vec<(u64, u16, u16, u16)> = (0..3)
+        .map(|i| (i as u64 + 1, p[3 * i], p[3 * i + 1], p[3 * i + 2]))
+        .collect();
     let members: Vec<String> = specs
         .iter()
         .map(|(id, _, g, _)| format!("{{ id = {id}, grpc_addr = \"127.0.0.1:{g}\" }}"))
@@ -408,9 +416,8 @@ fn start_etcd(
     cert: &Path,
     key: &Path,
 ) -> Result<(Vec<Proc>, Vec<SocketAddr>)> {
-    let specs: Vec<(usize, u16, u16)> = (1..=3)
-        .map(|i| Ok((i, free_port()?, free_port()?)))
-        .collect::<Result<_>>()?;
+    let p = free_ports(6)?;
+    let specs: Vec<(usize, u16, u16)> = (0..3).map(|i| (i + 1, p[2 * i], p[2 * i + 1])).collect();
     let initial: Vec<String> = specs
         .iter()
         .map(|(i, _, peer)| format!("e{i}=http://127.0.0.1:{peer}"))

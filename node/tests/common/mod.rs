@@ -16,7 +16,19 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A free loopback port (bound and released; good enough on a test machine).
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(free_ports(1)?[0])
+}
+
+/// `n` distinct free loopback ports: all are held at once before any is released, so the kernel
+/// cannot hand the same port out twice.
+pub fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
 }
 
 /// One node process.
@@ -159,8 +171,14 @@ pub fn start_cluster(size: usize, env: &[(&str, &str)]) -> Result<Cluster> {
 
 /// Starts `meridian dev` in a fresh directory.
 pub fn start_dev() -> Result<Cluster> {
+    start_dev_with_env(&[])
+}
+
+/// Starts `meridian dev` with extra `MERIDIAN_*` environment overrides.
+pub fn start_dev_with_env(env: &[(&str, &str)]) -> Result<Cluster> {
     let dir = tempfile::tempdir()?;
-    let (https, grpc, metrics) = (free_port()?, free_port()?, free_port()?);
+    let ports = free_ports(3)?;
+    let (https, grpc, metrics) = (ports[0], ports[1], ports[2]);
     let data_dir = dir.path().join("data");
     let mut node = NodeProc {
         id: 1,
@@ -182,7 +200,10 @@ pub fn start_dev() -> Result<Cluster> {
         metrics: SocketAddr::from(([127, 0, 0, 1], metrics)),
         child: None,
         log: dir.path().join("dev.log"),
-        env: Vec::new(),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
     };
     node.spawn()?;
     let ca = data_dir.join("tls").join("ca.pem");
@@ -248,10 +269,17 @@ impl Cluster {
         (leaders.len() == 1).then(|| leaders[0])
     }
 
+    /// Waits until every running node serves metrics and has applied the hub's creation, and
+    /// exactly one of them leads.
     pub async fn wait_leader(&self, timeout: Duration) -> Result<u64> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(l) = self.leader().await {
+            let mut all_up = true;
+            for n in self.nodes.iter().filter(|n| n.is_running()) {
+                let applied = n.metric("meridian_raft_last_applied_index").await;
+                all_up &= applied.is_some_and(|a| a >= 2.0);
+            }
+            if all_up && let Some(l) = self.leader().await {
                 return Ok(l);
             }
             if Instant::now() > deadline {
