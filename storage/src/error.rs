@@ -12,6 +12,9 @@ pub enum Error {
     /// The database was opened without a column family this crate needs.
     #[error("missing column family {0}")]
     MissingColumnFamily(&'static str),
+    /// A thread could not start or stopped.
+    #[error("io: {0}")]
+    Io(String),
     /// A log key is not an 8-byte big-endian index.
     #[error("corrupt log key of {0} bytes")]
     CorruptLogKey(usize),

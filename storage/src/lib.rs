@@ -7,12 +7,16 @@
 //! * [`SnapshotStore`]: keeps the latest state-machine snapshot, so a restarted node restores its
 //!   state machine from the snapshot and replays only the log after it.
 //!
-//! Both live in one RocksDB instance per node ([`open`]), in separate column families. The crate
-//! knows nothing about the hub domain: values are opaque serde types.
+//! * [`TelemetryLog`]: device-to-cloud partition logs in their own RocksDB instance (own WAL), with
+//!   group commit: an append returns its offset only after the batch holding it is fsync'd.
+//!
+//! The Raft log and snapshots live in one RocksDB instance per node ([`open`]), in separate column
+//! families. The crate knows nothing about the hub domain: values are opaque serde types or bytes.
 
 mod error;
 mod raft_log;
 mod snapshot;
+mod telemetry;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -20,6 +24,7 @@ use std::sync::Arc;
 pub use error::{Error, Result};
 pub use raft_log::RocksLogStore;
 pub use snapshot::{SnapshotStore, StoredSnapshot};
+pub use telemetry::{StoredRecord, TelemetryLog};
 
 /// Column family of Raft log entries, keyed by big-endian log index.
 const CF_RAFT_LOG: &str = "raft_log";
