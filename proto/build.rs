@@ -1,7 +1,11 @@
 //! Compiles `proto/*.proto` with protox (pure Rust), so no `protoc` binary is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/raft.proto", "proto/hub.proto"];
+    let files = [
+        "proto/raft.proto",
+        "proto/hub.proto",
+        "proto/telemetry.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -16,7 +16,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get, post};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tracing::Instrument;
@@ -42,6 +42,8 @@ const MAX_LIST: usize = 1000;
 pub struct ApiState {
     /// The hub.
     pub hub: Hub,
+    /// The device endpoint (direct methods, MQTT over WebSockets).
+    pub mqtt: std::sync::Arc<crate::mqtt::MqttContext>,
 }
 
 /// An error answered in Azure's format.
@@ -104,6 +106,33 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
                 .patch(patch_module_twin)
                 .put(replace_module_twin),
         )
+        .route("/twins/{id}/methods", post(invoke_device_method))
+        .route(
+            "/twins/{id}/modules/{mid}/methods",
+            post(invoke_module_method),
+        )
+        .route("/devices/{id}/messages/devicebound", post(send_c2d))
+        .route("/devices/{id}/messages/deviceBound", post(send_c2d))
+        .route("/devices/{id}/commands", delete(purge_c2d))
+        .route("/messages/serviceBound/feedback", get(receive_feedback))
+        .route("/messages/servicebound/feedback", get(receive_feedback))
+        .route(
+            "/messages/serviceBound/feedback/{lock}",
+            delete(complete_feedback),
+        )
+        .route(
+            "/messages/servicebound/feedback/{lock}",
+            delete(complete_feedback),
+        )
+        .route(
+            "/messages/serviceBound/feedback/{lock}/abandon",
+            post(abandon_feedback),
+        )
+        .route(
+            "/messages/servicebound/feedback/{lock}/abandon",
+            post(abandon_feedback),
+        )
+        .route("/$iothub/websocket", get(mqtt_websocket))
         .route("/statistics/devices", get(registry_statistics))
         .route("/meridian/policies", get(list_policies))
         .route(
@@ -679,6 +708,343 @@ async fn delete_policy(
         HubResponse::Deleted => Ok(no_content()),
         other => Err(unexpected(other)),
     }
+}
+
+// ---- direct methods ----
+
+/// Body of `POST /twins/{id}/methods`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MethodRequest {
+    method_name: String,
+    #[serde(default)]
+    payload: Value,
+    response_timeout_in_seconds: Option<u64>,
+    connect_timeout_in_seconds: Option<u64>,
+}
+
+async fn invoke_method(
+    s: &ApiState,
+    headers: &HeaderMap,
+    id: String,
+    mid: Option<String>,
+    body: &Bytes,
+) -> ApiResult {
+    let mut resource = vec!["devices", id.as_str()];
+    if let Some(m) = &mid {
+        resource.extend(["modules", m.as_str()]);
+    }
+    s.authorize(headers, &[Permission::ServiceConnect], &resource)
+        .await?;
+    let device_id = DeviceId::new(id)?;
+    let module_id = mid.map(ModuleId::new).transpose()?;
+    let request: MethodRequest = parse_body(body)?;
+    if request.method_name.is_empty() || request.method_name.len() > 128 {
+        return Err(HubError::invalid("methodName must be 1 to 128 characters").into());
+    }
+    let response_timeout = request.response_timeout_in_seconds.unwrap_or(30);
+    if !(5..=300).contains(&response_timeout) {
+        return Err(HubError::invalid("responseTimeoutInSeconds must be 5 to 300").into());
+    }
+    let connect_timeout = request.connect_timeout_in_seconds.unwrap_or(0);
+    if connect_timeout > 300 {
+        return Err(HubError::invalid("connectTimeoutInSeconds must be 0 to 300").into());
+    }
+    // The device must exist (404 DeviceNotFound) before we wait for it to be online.
+    let (d, m) = (device_id.clone(), module_id.clone());
+    s.hub
+        .read(ReadConsistency::Linearizable, move |st| match &m {
+            None => st.get_device(&d).map(|_| ()),
+            Some(m) => st.get_module(&d, m).map(|_| ()),
+        })
+        .await?;
+    let client_id = match &module_id {
+        Some(m) => format!("{device_id}/{m}"),
+        None => device_id.to_string(),
+    };
+    let reply = s
+        .mqtt
+        .invoke_method(
+            &client_id,
+            &request.method_name,
+            &request.payload,
+            std::time::Duration::from_secs(response_timeout),
+            std::time::Duration::from_secs(connect_timeout),
+        )
+        .await?;
+    Ok(ok_json(
+        json!({"status": reply.status, "payload": reply.payload}),
+    ))
+}
+
+async fn invoke_device_method(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    invoke_method(&s, &headers, id, None, &body).await
+}
+
+async fn invoke_module_method(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path((id, mid)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    invoke_method(&s, &headers, id, Some(mid), &body).await
+}
+
+// ---- cloud-to-device ----
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn random_id() -> String {
+    let bytes: [u8; 16] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `POST /devices/{id}/messages/devicebound`: Meridian's REST C2D send (the official service
+/// SDKs use AMQP). Body = payload; `iothub-messageid`, `iothub-correlationid`, `iothub-userid`,
+/// `iothub-ack`, `iothub-expiry` (ISO-8601, absolute), `content-type`, `content-encoding` and
+/// `iothub-app-<name>` headers = properties. Answers 204.
+async fn send_c2d(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    use crate::domain::c2d::{AckMode, C2dMessage, DEFAULT_TTL_MS, MAX_C2D_BYTES, MAX_TTL_MS};
+    s.authorize(&headers, &[Permission::ServiceConnect], &["devices", &id])
+        .await?;
+    let device_id = DeviceId::new(id)?;
+    if body.len() > MAX_C2D_BYTES {
+        return Err(HubError::new(
+            ErrorCode::MessageTooLarge,
+            format!(
+                "C2D body is {} bytes; the limit is {MAX_C2D_BYTES}",
+                body.len()
+            ),
+        )
+        .into());
+    }
+    let now = unix_ms();
+    let expiry_ms = match header(&headers, "iothub-expiry") {
+        Some(t) => chrono::DateTime::parse_from_rfc3339(t)
+            .map_err(|_| HubError::invalid("iothub-expiry must be an ISO-8601 time"))?
+            .timestamp_millis()
+            .max(0) as u64,
+        None => now + DEFAULT_TTL_MS,
+    };
+    if expiry_ms <= now || expiry_ms > now + MAX_TTL_MS {
+        return Err(
+            HubError::invalid("the message must expire in the future and within 2 days").into(),
+        );
+    }
+    let ack = match header(&headers, "iothub-ack") {
+        Some(a) => AckMode::parse(a).ok_or_else(|| {
+            HubError::invalid("iothub-ack must be none, positive, negative or full")
+        })?,
+        None => AckMode::None,
+    };
+    let properties = headers
+        .iter()
+        .filter_map(|(k, v)| {
+            let name = k.as_str().strip_prefix("iothub-app-")?;
+            Some((name.to_string(), v.to_str().ok()?.to_string()))
+        })
+        .collect();
+    let message = C2dMessage {
+        message_id: header(&headers, "iothub-messageid").map_or_else(random_id, str::to_string),
+        lock_token: String::new(),
+        correlation_id: header(&headers, "iothub-correlationid").map(str::to_string),
+        user_id: header(&headers, "iothub-userid").map(str::to_string),
+        content_type: header(&headers, "content-type").map(str::to_string),
+        content_encoding: header(&headers, "content-encoding").map(str::to_string),
+        ack,
+        properties,
+        body: body.to_vec(),
+        enqueued_ms: now,
+        expiry_ms,
+        delivery_count: 0,
+    };
+    match s
+        .hub
+        .write(HubCommand::SendC2d { device_id, message })
+        .await?
+    {
+        HubResponse::C2dEnqueued { .. } => Ok(no_content()),
+        other => Err(unexpected(other)),
+    }
+}
+
+async fn purge_c2d(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    s.authorize(&headers, &[Permission::ServiceConnect], &["devices", &id])
+        .await?;
+    let device_id = DeviceId::new(id.clone())?;
+    match s
+        .hub
+        .write(HubCommand::PurgeC2d {
+            device_id,
+            now: iso_now(),
+        })
+        .await?
+    {
+        HubResponse::Purged { count } => Ok(ok_json(json!({
+            "totalMessagesPurged": count, "deviceId": id, "moduleId": null
+        }))),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// How long received feedback stays locked before it returns to the queue.
+const FEEDBACK_LOCK_MS: u64 = 60_000;
+
+async fn receive_feedback(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    s.authorize(
+        &headers,
+        &[Permission::ServiceConnect],
+        &["messages", "servicebound", "feedback"],
+    )
+    .await?;
+    match s
+        .hub
+        .write(HubCommand::LockFeedback {
+            lock_token: random_id(),
+            now_ms: unix_ms(),
+            lock_ms: FEEDBACK_LOCK_MS,
+        })
+        .await?
+    {
+        HubResponse::Feedback { records, .. } if records.is_empty() => Ok(no_content()),
+        HubResponse::Feedback {
+            lock_token,
+            records,
+        } => {
+            let mut response = ok_json(serde_json::to_value(records).unwrap_or(Value::Null));
+            if let Ok(v) = HeaderValue::from_str(&format!("\"{lock_token}\"")) {
+                response.headers_mut().insert(header::ETAG, v);
+            }
+            Ok(response)
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+async fn complete_feedback(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(lock): Path<String>,
+) -> ApiResult {
+    s.authorize(
+        &headers,
+        &[Permission::ServiceConnect],
+        &["messages", "servicebound", "feedback"],
+    )
+    .await?;
+    s.hub
+        .write(HubCommand::CompleteFeedback {
+            lock_token: lock.trim_matches('"').to_string(),
+        })
+        .await?;
+    Ok(no_content())
+}
+
+async fn abandon_feedback(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(lock): Path<String>,
+) -> ApiResult {
+    s.authorize(
+        &headers,
+        &[Permission::ServiceConnect],
+        &["messages", "servicebound", "feedback"],
+    )
+    .await?;
+    s.hub
+        .write(HubCommand::AbandonFeedback {
+            lock_token: lock.trim_matches('"').to_string(),
+        })
+        .await?;
+    Ok(no_content())
+}
+
+// ---- MQTT over WebSockets ----
+
+/// `GET /$iothub/websocket`: MQTT over WebSockets (subprotocol `mqtt`, binary frames). The MQTT
+/// CONNECT authenticates the device exactly as on the TLS listener.
+async fn mqtt_websocket(
+    State(s): State<ApiState>,
+    ws: axum::extract::ws::WebSocketUpgrade,
+) -> Response {
+    ws.protocols(["mqtt"])
+        .on_upgrade(move |socket| bridge_websocket(s.mqtt.clone(), socket))
+}
+
+async fn bridge_websocket(
+    ctx: std::sync::Arc<crate::mqtt::MqttContext>,
+    socket: axum::extract::ws::WebSocket,
+) {
+    use axum::extract::ws::Message;
+    use futures::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let (mut from_mqtt, mut to_mqtt) = tokio::io::split(ours);
+    let (mut ws_tx, mut ws_rx) = socket.split();
+    let session = tokio::spawn(crate::mqtt::connection::serve(
+        ctx,
+        theirs,
+        "websocket".into(),
+        None,
+    ));
+    let inbound = async move {
+        while let Some(Ok(message)) = ws_rx.next().await {
+            let bytes = match message {
+                Message::Binary(bytes) => bytes,
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            if to_mqtt.write_all(&bytes).await.is_err() {
+                break;
+            }
+        }
+        let _ = to_mqtt.shutdown().await;
+    };
+    let outbound = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match from_mqtt.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if ws_tx
+                        .send(Message::Binary(Bytes::copy_from_slice(&buf[..n])))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = ws_tx.close().await;
+    };
+    tokio::join!(inbound, outbound);
+    let _ = session.await;
 }
 
 #[cfg(test)]

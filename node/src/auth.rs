@@ -322,3 +322,133 @@ mod tests {
         assert_eq!(t.resource, "127.0.0.1/devices/probe1");
     }
 }
+
+/// A device's credential at connect time.
+#[derive(Debug, Clone, Copy)]
+pub enum DeviceCredential<'a> {
+    /// The MQTT password: a SAS token.
+    Sas(&'a str),
+    /// The DER of the TLS client certificate (no password).
+    ClientCertificate(&'a [u8]),
+}
+
+/// A successfully authenticated device connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceAuth {
+    /// The identity's generation id (stamped on telemetry).
+    pub generation_id: String,
+    /// `sasToken` or `x509Certificate`.
+    pub auth_type: &'static str,
+    /// When the credential stops being valid (Unix seconds); the connection is closed then.
+    pub expires_at: Option<u64>,
+}
+
+/// Hex SHA-1 and SHA-256 thumbprints of a DER certificate, upper-case.
+pub fn thumbprints(der: &[u8]) -> (String, String) {
+    use sha1::Digest as _;
+    let s1 = hex::encode_upper(sha1::Sha1::digest(der));
+    let s256 = hex::encode_upper(sha2::Sha256::digest(der));
+    (s1, s256)
+}
+
+/// Authenticates a device or module connection against the registry: the identity must exist and
+/// be enabled, and the credential must be a valid, unexpired SAS token scoped to it (signed with
+/// its own key, or with a hub policy granting DeviceConnect) or a client certificate whose
+/// thumbprint is registered for it.
+pub fn authenticate_device(
+    state: &crate::domain::HubState,
+    device_id: &str,
+    module_id: Option<&str>,
+    credential: DeviceCredential<'_>,
+    now: u64,
+) -> HubResult<DeviceAuth> {
+    use crate::domain::registry::{AuthenticationType, DeviceStatus};
+    use crate::domain::{DeviceId, ModuleId};
+    let id = DeviceId::new(device_id)?;
+    let entry = state
+        .devices
+        .get(&id)
+        .ok_or_else(|| HubError::device_not_found(device_id))?;
+    if entry.device.status == DeviceStatus::Disabled {
+        return Err(unauthorized(format!("device {device_id} is disabled")));
+    }
+    let identity = match module_id {
+        None => &entry.device.identity,
+        Some(m) => {
+            let mid = ModuleId::new(m)?;
+            &entry
+                .modules
+                .get(&mid)
+                .ok_or_else(|| HubError::module_not_found(device_id, m))?
+                .module
+                .identity
+        }
+    };
+    let mut resource = vec!["devices", device_id];
+    if let Some(m) = module_id {
+        resource.extend(["modules", m]);
+    }
+    match credential {
+        DeviceCredential::Sas(text) => {
+            let token = SasToken::parse(text)?;
+            token.check_expiry(now)?;
+            if !token.covers(&resource) {
+                return Err(unauthorized("the token's scope does not cover this device"));
+            }
+            let signed = match &token.key_name {
+                Some(name) => {
+                    let policy = state
+                        .policy(name)
+                        .ok_or_else(|| unauthorized(format!("unknown policy {name}")))?;
+                    if !policy.grants(Permission::DeviceConnect) {
+                        return Err(unauthorized(format!("policy {name} lacks DeviceConnect")));
+                    }
+                    token.signed_by(&policy.primary_key) || token.signed_by(&policy.secondary_key)
+                }
+                None => {
+                    let keys = &identity.authentication.symmetric_key;
+                    identity.authentication.kind == AuthenticationType::Sas
+                        && [&keys.primary_key, &keys.secondary_key]
+                            .into_iter()
+                            .flatten()
+                            .any(|k| token.signed_by(k))
+                }
+            };
+            if !signed {
+                return Err(unauthorized("the SharedAccessSignature does not match"));
+            }
+            Ok(DeviceAuth {
+                generation_id: identity.generation_id.clone(),
+                auth_type: "sasToken",
+                expires_at: Some(token.expiry),
+            })
+        }
+        DeviceCredential::ClientCertificate(der) => {
+            let auth = &identity.authentication;
+            if auth.kind != AuthenticationType::SelfSigned {
+                return Err(unauthorized(
+                    "this identity does not authenticate with an X.509 thumbprint",
+                ));
+            }
+            let (s1, s256) = thumbprints(der);
+            let registered = [
+                &auth.x509_thumbprint.primary_thumbprint,
+                &auth.x509_thumbprint.secondary_thumbprint,
+            ];
+            let ok = registered
+                .into_iter()
+                .flatten()
+                .any(|t| t.eq_ignore_ascii_case(&s1) || t.eq_ignore_ascii_case(&s256));
+            if !ok {
+                return Err(unauthorized(
+                    "the client certificate's thumbprint is not registered",
+                ));
+            }
+            Ok(DeviceAuth {
+                generation_id: identity.generation_id.clone(),
+                auth_type: "x509Certificate",
+                expires_at: None,
+            })
+        }
+    }
+}

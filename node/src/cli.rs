@@ -41,6 +41,9 @@ pub struct DevArgs {
     /// HTTPS service API port (Azure uses 443).
     #[arg(long, default_value_t = 8443)]
     pub https_port: u16,
+    /// MQTT/TLS device port (the Azure device SDKs dial 8883).
+    #[arg(long, default_value_t = 8883)]
+    pub mqtt_port: u16,
     /// Node-to-node gRPC port (loopback only in dev).
     #[arg(long, default_value_t = 7101)]
     pub grpc_port: u16,
@@ -73,6 +76,7 @@ impl DevArgs {
         config.node.data_dir = self.data_dir.clone();
         config.api.https_listen = SocketAddr::from((Ipv4Addr::LOCALHOST, self.https_port));
         config.cluster.grpc_listen = SocketAddr::from((Ipv4Addr::LOCALHOST, self.grpc_port));
+        config.mqtt.tls_listen = SocketAddr::from((Ipv4Addr::LOCALHOST, self.mqtt_port));
         config.cluster.members.clear();
         config.observability.metrics_listen = (self.metrics_port != 0)
             .then(|| SocketAddr::from((Ipv4Addr::LOCALHOST, self.metrics_port)));
@@ -141,6 +145,10 @@ pub async fn run_dev(config: Config) -> anyhow::Result<()> {
         println!("  CA certificate (trust it in clients): {}", ca.display());
     }
     println!("  HTTPS service API: https://{}", node.https_addr);
+    println!(
+        "  MQTT device endpoint: mqtts://{} (and wss://{}/$iothub/websocket)",
+        node.mqtt_addr, node.https_addr
+    );
     println!("  credentials written to {}", path.display());
     node.join().await;
     Ok(())

@@ -43,6 +43,8 @@ pub struct Config {
     pub tls: TlsSection,
     /// Hub-wide settings applied when the hub is created.
     pub hub: HubSection,
+    /// The MQTT device endpoint.
+    pub mqtt: crate::mqtt::MqttSection,
     /// Logs, traces and metrics.
     pub observability: ObservabilitySection,
 }
@@ -283,6 +285,11 @@ impl Config {
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return Err(ConfigError::Invalid(
                 "tls.cert and tls.key must be given together".into(),
+            ));
+        }
+        if self.mqtt.partitions == 0 || self.mqtt.partitions > 1024 {
+            return Err(ConfigError::Invalid(
+                "mqtt.partitions must be 1 to 1024".into(),
             ));
         }
         if self.hub.max_modules_per_device == 0 || self.hub.max_devices == 0 {

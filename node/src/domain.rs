@@ -3,12 +3,15 @@
 //! time, generated keys) is chosen by the node that proposes a command and travels inside it, so
 //! every replica computes the same state and the same response.
 
+pub mod c2d;
 pub mod command;
 pub mod error;
+pub mod events;
 pub mod ids;
 pub mod policy;
 pub mod registry;
 pub mod state;
+pub mod telemetry;
 pub mod twin;
 
 pub use command::{HubCommand, HubResponse, IfMatch};

@@ -35,6 +35,7 @@ pub struct Hub {
 
 struct Inner {
     raft: HubRaft,
+    events: tokio::sync::broadcast::Sender<crate::domain::events::HubEvent>,
     state: SharedState,
     request_timeout: Duration,
     forward_clients: Mutex<HashMap<String, HubForwardClient<Channel>>>,
@@ -56,15 +57,28 @@ fn safe_to_retry(status: &tonic::Status) -> bool {
 
 impl Hub {
     /// Wraps a started Raft node and its state machine's shared state.
-    pub fn new(raft: HubRaft, state: SharedState, request_timeout: Duration) -> Self {
+    pub fn new(
+        raft: HubRaft,
+        state: SharedState,
+        events: tokio::sync::broadcast::Sender<crate::domain::events::HubEvent>,
+        request_timeout: Duration,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 raft,
+                events,
                 state,
                 request_timeout,
                 forward_clients: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// Events of commands applied on this node from now on.
+    pub fn subscribe_events(
+        &self,
+    ) -> tokio::sync::broadcast::Receiver<crate::domain::events::HubEvent> {
+        self.inner.events.subscribe()
     }
 
     /// The Raft handle (for admin and metrics).

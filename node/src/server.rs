@@ -20,14 +20,17 @@ use crate::domain::policy::SharedAccessPolicy;
 use crate::domain::registry::random_key;
 use crate::domain::state::HubSettings;
 use crate::hub::{Hub, ReadConsistency};
+use crate::mqtt::{MqttContext, Sessions};
 use crate::observability::metrics;
 use crate::raft::network::GrpcNetworkFactory;
 use crate::raft::service::{HubForwardImpl, RaftServiceImpl};
 use crate::raft::state_machine::HubStateMachine;
 use crate::raft::{HubRaft, TypeConfig};
+use crate::telemetry_api::TelemetryReadImpl;
 use crate::tls::{self, TlsFiles};
 use meridian_proto::hub::hub_forward_server::HubForwardServer;
 use meridian_proto::raft::raft_service_server::RaftServiceServer;
+use meridian_proto::telemetry::telemetry_read_server::TelemetryReadServer;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +70,8 @@ pub struct Node {
     pub https_addr: SocketAddr,
     /// Bound address of the node-to-node gRPC server.
     pub grpc_addr: SocketAddr,
+    /// Bound address of the MQTT/TLS device endpoint.
+    pub mqtt_addr: SocketAddr,
     /// Bound address of the metrics endpoint, if enabled.
     pub metrics_addr: Option<SocketAddr>,
     /// TLS files the public listeners use.
@@ -156,6 +161,8 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
     let state_machine =
         HubStateMachine::open(snapshots).map_err(|e| StartError::Raft(e.to_string()))?;
     let state = state_machine.shared_state();
+    let events = state_machine.events();
+    let telemetry = meridian_storage::TelemetryLog::open(&data_dir.join("telemetry"))?;
 
     // ---- tls ----
     let tls_files = match (&config.tls.cert, &config.tls.key) {
@@ -181,8 +188,16 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
     let hub = Hub::new(
         raft.clone(),
         state,
+        events,
         Duration::from_millis(config.cluster.request_timeout_ms),
     );
+    let mqtt = Arc::new(MqttContext {
+        hub: hub.clone(),
+        telemetry: telemetry.clone(),
+        sessions: Sessions::default(),
+        partitions: config.mqtt.partitions,
+        max_packet_bytes: config.mqtt.max_packet_bytes,
+    });
     let mut tasks: Vec<(&'static str, JoinHandle<()>)> = Vec::new();
 
     // ---- node-to-node grpc ----
@@ -192,6 +207,8 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
     let grpc_addr = grpc_listener.local_addr().map_err(io("grpc local addr"))?;
     {
         let raft = raft.clone();
+        let telemetry_for_grpc = telemetry.clone();
+        let partitions = config.mqtt.partitions;
         let mut shutdown = shutdown.clone();
         tasks.push((
             "grpc",
@@ -201,6 +218,10 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
                 let result = tonic::transport::Server::builder()
                     .add_service(RaftServiceServer::new(RaftServiceImpl::new(raft.clone())))
                     .add_service(HubForwardServer::new(HubForwardImpl::new(raft)))
+                    .add_service(TelemetryReadServer::new(TelemetryReadImpl::new(
+                        telemetry_for_grpc,
+                        partitions,
+                    )))
                     .serve_with_incoming_shutdown(incoming, async move {
                         let _ = shutdown.wait_for(|s| *s).await;
                     })
@@ -299,6 +320,69 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
         ));
     }
 
+    // ---- mqtt device endpoint ----
+    let mqtt_listener = TcpListener::bind(config.mqtt.tls_listen)
+        .await
+        .map_err(io(format!("bind mqtt {}", config.mqtt.tls_listen)))?;
+    let mqtt_addr = mqtt_listener.local_addr().map_err(io("mqtt local addr"))?;
+    let mqtt_tls = tls::mqtt_server_config(&tls_files)?;
+    {
+        tasks.push((
+            "mqtt",
+            tokio::spawn(crate::mqtt::serve_tls(
+                mqtt.clone(),
+                mqtt_listener,
+                mqtt_tls,
+                shutdown.clone(),
+            )),
+        ));
+        tasks.push((
+            "mqtt-events",
+            tokio::spawn(crate::mqtt::pump_events(
+                mqtt.clone(),
+                hub.subscribe_events(),
+                shutdown.clone(),
+            )),
+        ));
+    }
+    tracing::info!(%mqtt_addr, "mqtt device endpoint listening (tls)");
+
+    // ---- c2d expiry: the leader drops expired messages and records their feedback ----
+    {
+        let hub = hub.clone();
+        let mut shutdown = shutdown.clone();
+        tasks.push((
+            "c2d-expiry",
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                        _ = shutdown.wait_for(|s| *s) => return,
+                    }
+                    if hub.raft().metrics().borrow().current_leader != Some(node_id) {
+                        continue;
+                    }
+                    let now_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
+                    let any_expired = hub
+                        .read(ReadConsistency::Stale, |s| {
+                            Ok(s.devices
+                                .values()
+                                .any(|e| e.c2d.messages.iter().any(|m| m.expiry_ms <= now_ms)))
+                        })
+                        .await
+                        .unwrap_or(false);
+                    if any_expired {
+                        let now =
+                            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                        if let Err(e) = hub.write(HubCommand::ExpireC2d { now_ms, now }).await {
+                            tracing::warn!(error = %e, "c2d expiry");
+                        }
+                    }
+                }
+            }),
+        ));
+    }
+
     // ---- https service api ----
     let https_listener = TcpListener::bind(config.api.https_listen)
         .await
@@ -306,7 +390,13 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
     let https_addr = https_listener
         .local_addr()
         .map_err(io("https local addr"))?;
-    let router = api::router(ApiState { hub: hub.clone() }, config.api.max_body_bytes);
+    let router = api::router(
+        ApiState {
+            hub: hub.clone(),
+            mqtt: mqtt.clone(),
+        },
+        config.api.max_body_bytes,
+    );
     {
         let shutdown = shutdown.clone();
         tasks.push((
@@ -356,6 +446,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
         hub,
         https_addr,
         grpc_addr,
+        mqtt_addr,
         metrics_addr,
         tls: tls_files,
         host_name: config
@@ -377,7 +468,7 @@ pub struct Credentials {
     pub ca_cert: Option<PathBuf>,
     /// HTTPS service API port.
     pub https_port: u16,
-    /// MQTT/TLS device port; null until the device endpoint exists.
+    /// MQTT/TLS device port.
     pub mqtt_port: Option<u16>,
     /// Every shared access policy with its keys (as Azure's portal lists them).
     #[serde(default)]
@@ -409,7 +500,7 @@ impl Node {
                 .as_ref()
                 .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())),
             https_port: self.https_addr.port(),
-            mqtt_port: None,
+            mqtt_port: Some(self.mqtt_addr.port()),
             shared_access_policies: policies,
         })
     }

@@ -25,8 +25,12 @@ pub enum ErrorCode {
     IotHubQuotaExceeded,
     /// Too many modules on one device.
     ModuleQuotaExceeded,
+    /// The device's C2D queue is full.
+    DeviceMaximumQueueDepthExceeded,
     /// The device does not exist.
     DeviceNotFound,
+    /// The device has no live connection (direct methods).
+    DeviceNotOnline,
     /// The module does not exist.
     ModuleNotFound,
     /// No route matches the path and method.
@@ -39,6 +43,8 @@ pub enum ErrorCode {
     ModuleAlreadyExistsOnDevice,
     /// `If-Match` did not match the current ETag.
     PreconditionFailed,
+    /// A C2D lock token or feedback lock is unknown or expired.
+    DeviceMessageLockLost,
     /// The request body is larger than the endpoint accepts.
     MessageTooLarge,
     /// The cluster cannot serve the request now (no leader, no quorum); retryable.
@@ -67,7 +73,10 @@ impl ErrorCode {
             ErrorCode::Unauthorized => 401_003,
             ErrorCode::IotHubQuotaExceeded => 403_002,
             ErrorCode::ModuleQuotaExceeded => 403_009,
+            ErrorCode::DeviceMaximumQueueDepthExceeded => 403_004,
             ErrorCode::DeviceNotFound => 404_001,
+            ErrorCode::DeviceNotOnline => 404_103,
+            ErrorCode::DeviceMessageLockLost => 412_002,
             ErrorCode::ModuleNotFound => 404_010,
             ErrorCode::ResourceNotFound => 404_000,
             ErrorCode::MethodNotAllowed => 405_000,
@@ -92,7 +101,10 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "Unauthorized",
             ErrorCode::IotHubQuotaExceeded => "IotHubQuotaExceeded",
             ErrorCode::ModuleQuotaExceeded => "ModuleQuotaExceeded",
+            ErrorCode::DeviceMaximumQueueDepthExceeded => "DeviceMaximumQueueDepthExceeded",
             ErrorCode::DeviceNotFound => "DeviceNotFound",
+            ErrorCode::DeviceNotOnline => "DeviceNotOnline",
+            ErrorCode::DeviceMessageLockLost => "DeviceMessageLockLost",
             ErrorCode::ModuleNotFound => "ModuleNotFound",
             ErrorCode::ResourceNotFound => "ResourceNotFound",
             ErrorCode::MethodNotAllowed => "MethodNotAllowed",
@@ -116,17 +128,20 @@ impl ErrorCode {
             | ErrorCode::TwinInvalid => Code::InvalidArgument,
             ErrorCode::IotHubUnauthorizedAccess => Code::Unauthenticated,
             ErrorCode::Unauthorized => Code::PermissionDenied,
-            ErrorCode::IotHubQuotaExceeded | ErrorCode::ModuleQuotaExceeded => {
-                Code::ResourceExhausted
-            }
-            ErrorCode::DeviceNotFound | ErrorCode::ModuleNotFound | ErrorCode::ResourceNotFound => {
-                Code::NotFound
-            }
+            ErrorCode::IotHubQuotaExceeded
+            | ErrorCode::ModuleQuotaExceeded
+            | ErrorCode::DeviceMaximumQueueDepthExceeded => Code::ResourceExhausted,
+            ErrorCode::DeviceNotFound
+            | ErrorCode::ModuleNotFound
+            | ErrorCode::ResourceNotFound
+            | ErrorCode::DeviceNotOnline => Code::NotFound,
             ErrorCode::MethodNotAllowed => Code::Unimplemented,
             ErrorCode::DeviceAlreadyExists | ErrorCode::ModuleAlreadyExistsOnDevice => {
                 Code::AlreadyExists
             }
-            ErrorCode::PreconditionFailed => Code::FailedPrecondition,
+            ErrorCode::PreconditionFailed | ErrorCode::DeviceMessageLockLost => {
+                Code::FailedPrecondition
+            }
             ErrorCode::MessageTooLarge => Code::OutOfRange,
             ErrorCode::ServerError => Code::Internal,
             ErrorCode::ServiceUnavailable => Code::Unavailable,
@@ -175,7 +190,10 @@ pub enum MqttBehaviour {
 mod tests {
     use super::*;
 
-    const ALL: [ErrorCode; 19] = [
+    const ALL: [ErrorCode; 22] = [
+        ErrorCode::DeviceMaximumQueueDepthExceeded,
+        ErrorCode::DeviceNotOnline,
+        ErrorCode::DeviceMessageLockLost,
         ErrorCode::ArgumentInvalid,
         ErrorCode::IotHubFormatError,
         ErrorCode::TwinSizeExceeded,

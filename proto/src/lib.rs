@@ -2,6 +2,7 @@
 //!
 //! * [`raft`]: the node-to-node Raft transport (tonic/prost), generated from `proto/raft.proto`.
 //! * [`hub`]: forwarding of writes and read-index requests to the Raft leader (`proto/hub.proto`).
+//! * [`telemetry`]: reading a node's telemetry partitions (`proto/telemetry.proto`).
 //! * [`error`]: the one error-code table that maps every hub error to Azure IoT Hub's HTTP status
 //!   and numeric error code, to a gRPC code and to MQTT behaviour.
 //!
@@ -19,6 +20,12 @@ pub mod raft {
 pub mod hub {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("meridian.hub.v1");
+}
+
+/// Reading telemetry partitions.
+pub mod telemetry {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("meridian.telemetry.v1");
 }
 
 pub use error::ErrorCode;

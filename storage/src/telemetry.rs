@@ -116,11 +116,11 @@ impl TelemetryLog {
             .and_then(|t| t.clone())
             .ok_or_else(|| Error::Io("telemetry writer stopped".into()))?;
         tx.send(Append {
-                partition,
-                data,
-                reply,
-            })
-            .map_err(|_| Error::Io("telemetry writer stopped".into()))?;
+            partition,
+            data,
+            reply,
+        })
+        .map_err(|_| Error::Io("telemetry writer stopped".into()))?;
         rx.await
             .map_err(|_| Error::Io("telemetry writer stopped".into()))?
             .map_err(Error::Io)
@@ -132,8 +132,7 @@ impl TelemetryLog {
         let cf = crate::cf(db, CF_TELEMETRY)?;
         let start = key(partition, from_offset);
         let mut out = Vec::new();
-        for item in db.iterator_cf(cf, IteratorMode::From(&start, Direction::Forward))
-        {
+        for item in db.iterator_cf(cf, IteratorMode::From(&start, Direction::Forward)) {
             let (k, v) = item?;
             let Some((p, offset)) = split_key(&k) else {
                 return Err(Error::CorruptLogKey(k.len()));
@@ -159,11 +158,18 @@ impl TelemetryLog {
 fn last_offset(db: &DB, partition: u32) -> Result<Option<u64>> {
     let cf = crate::cf(db, CF_TELEMETRY)?;
     let upper = key(partition, u64::MAX);
-    for item in db.iterator_cf(cf, IteratorMode::From(&upper, Direction::Reverse)) {
-        let (k, _) = item?;
-        return Ok(split_key(&k).filter(|(p, _)| *p == partition).map(|(_, o)| o));
+    match db
+        .iterator_cf(cf, IteratorMode::From(&upper, Direction::Reverse))
+        .next()
+    {
+        Some(item) => {
+            let (k, _) = item?;
+            Ok(split_key(&k)
+                .filter(|(p, _)| *p == partition)
+                .map(|(_, o)| o))
+        }
+        None => Ok(None),
     }
-    Ok(None)
 }
 
 fn writer(db: Arc<DB>, rx: std_mpsc::Receiver<Append>) {

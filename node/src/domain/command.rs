@@ -139,6 +139,87 @@ pub enum HubCommand {
         /// Policy name.
         key_name: String,
     },
+    /// Records a device or module connecting or disconnecting.
+    SetConnectionState {
+        /// Device id.
+        device_id: DeviceId,
+        /// Module id for a module connection.
+        module_id: Option<ModuleId>,
+        /// True on connect.
+        connected: bool,
+        /// Proposer's clock, ISO-8601.
+        now: String,
+    },
+    /// Replaces a persistent MQTT session's subscriptions (clean_session = 0).
+    SetSession {
+        /// MQTT client id (`deviceId` or `deviceId/moduleId`).
+        client_id: String,
+        /// Topic filters with their granted QoS.
+        subscriptions: Vec<(String, u8)>,
+    },
+    /// Forgets a session (clean_session = 1).
+    ClearSession {
+        /// MQTT client id.
+        client_id: String,
+    },
+    /// Enqueues a cloud-to-device message.
+    SendC2d {
+        /// Target device.
+        device_id: DeviceId,
+        /// The message (lock token and delivery count are assigned by the state machine).
+        message: super::c2d::C2dMessage,
+    },
+    /// Counts a delivery attempt; dead-letters the message past the maximum delivery count.
+    C2dDelivered {
+        /// Device id.
+        device_id: DeviceId,
+        /// Lock token.
+        lock_token: String,
+        /// Proposer's clock, ISO-8601.
+        now: String,
+    },
+    /// Completes a delivered message (MQTT PUBACK).
+    CompleteC2d {
+        /// Device id.
+        device_id: DeviceId,
+        /// Lock token.
+        lock_token: String,
+        /// Proposer's clock, ISO-8601.
+        now: String,
+    },
+    /// Drops every expired message of every queue.
+    ExpireC2d {
+        /// Proposer's clock, Unix ms.
+        now_ms: u64,
+        /// The same instant, ISO-8601.
+        now: String,
+    },
+    /// Empties a device's queue (`DELETE /devices/{id}/commands`).
+    PurgeC2d {
+        /// Device id.
+        device_id: DeviceId,
+        /// Proposer's clock, ISO-8601.
+        now: String,
+    },
+    /// Locks the pending feedback records for a receiver.
+    LockFeedback {
+        /// Lock token chosen by the proposer.
+        lock_token: String,
+        /// Proposer's clock, Unix ms.
+        now_ms: u64,
+        /// Lock duration.
+        lock_ms: u64,
+    },
+    /// Completes (deletes) locked feedback.
+    CompleteFeedback {
+        /// Lock token.
+        lock_token: String,
+    },
+    /// Returns locked feedback to the queue.
+    AbandonFeedback {
+        /// Lock token.
+        lock_token: String,
+    },
     /// Merges a device's reported-properties patch.
     UpdateReported {
         /// Device id.
@@ -165,6 +246,17 @@ impl HubCommand {
             HubCommand::ReplaceTwin { .. } => "replace_twin",
             HubCommand::UpdateReported { .. } => "update_reported",
             HubCommand::PutPolicy { .. } => "put_policy",
+            HubCommand::SetConnectionState { .. } => "set_connection_state",
+            HubCommand::SetSession { .. } => "set_session",
+            HubCommand::ClearSession { .. } => "clear_session",
+            HubCommand::SendC2d { .. } => "send_c2d",
+            HubCommand::C2dDelivered { .. } => "c2d_delivered",
+            HubCommand::CompleteC2d { .. } => "complete_c2d",
+            HubCommand::ExpireC2d { .. } => "expire_c2d",
+            HubCommand::PurgeC2d { .. } => "purge_c2d",
+            HubCommand::LockFeedback { .. } => "lock_feedback",
+            HubCommand::CompleteFeedback { .. } => "complete_feedback",
+            HubCommand::AbandonFeedback { .. } => "abandon_feedback",
             HubCommand::DeletePolicy { .. } => "delete_policy",
         }
     }
@@ -190,6 +282,30 @@ pub enum HubResponse {
     Policy(super::policy::SharedAccessPolicy),
     /// The entity was deleted.
     Deleted,
+    /// The command was applied; nothing to return.
+    Applied,
+    /// Whether a session existed before (`SetSession`) — MQTT's session-present flag.
+    Session {
+        /// A session with this client id existed.
+        existed: bool,
+    },
+    /// A C2D message was enqueued under this lock token.
+    C2dEnqueued {
+        /// Lock token.
+        lock_token: String,
+    },
+    /// Messages removed from a queue.
+    Purged {
+        /// How many.
+        count: usize,
+    },
+    /// Locked feedback records.
+    Feedback {
+        /// Lock token to complete or abandon them with.
+        lock_token: String,
+        /// The records (empty when none are pending).
+        records: Vec<super::c2d::FeedbackRecord>,
+    },
 }
 
 #[cfg(test)]

@@ -1,18 +1,21 @@
 //! The replicated hub state and the one function that changes it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::c2d::{
+    C2dQueue, FeedbackRecord, FeedbackStatus, MAX_DELIVERY_COUNT, MAX_QUEUE_DEPTH, feedback_for,
+};
 use super::command::{HubCommand, HubResponse, IfMatch};
 use super::error::{HubError, HubResult};
 use super::ids::{DeviceId, ModuleId};
 use super::policy::SharedAccessPolicy;
 use super::registry::{
-    Authentication, Device, DeviceSpec, DeviceStatus, GeneratedKeys, IdentityRecord,
-    MAX_STATUS_REASON, Module, ModuleSpec,
+    Authentication, ConnectionState, Device, DeviceSpec, DeviceStatus, GeneratedKeys,
+    IdentityRecord, MAX_STATUS_REASON, Module, ModuleSpec,
 };
 use super::twin::{TwinLimits, TwinState};
 use meridian_proto::ErrorCode;
@@ -39,6 +42,9 @@ pub struct DeviceEntry {
     pub twin: TwinState,
     /// Modules by id.
     pub modules: BTreeMap<ModuleId, ModuleEntry>,
+    /// Cloud-to-device queue.
+    #[serde(default)]
+    pub c2d: C2dQueue,
 }
 
 /// A module with its twin.
@@ -69,8 +75,18 @@ pub struct HubState {
     pub settings: Option<HubSettings>,
     /// Devices by id.
     pub devices: BTreeMap<DeviceId, DeviceEntry>,
-    /// Source of registry ETags and generation ids; increases on every registry write.
+    /// Source of registry ETags, generation ids and C2D lock tokens; increases on every write
+    /// that needs a new one.
     pub sequence: u64,
+    /// Persistent MQTT sessions: subscriptions by client id.
+    #[serde(default)]
+    pub sessions: BTreeMap<String, Vec<(String, u8)>>,
+    /// Feedback records waiting for the service.
+    #[serde(default)]
+    pub feedback: VecDeque<FeedbackRecord>,
+    /// Feedback handed to a receiver, by lock token: (lock expiry in Unix ms, records).
+    #[serde(default)]
+    pub feedback_locks: BTreeMap<String, (u64, Vec<FeedbackRecord>)>,
 }
 
 /// The policy every hub has and keeps, with every permission.
@@ -249,6 +265,236 @@ impl HubState {
                 })?;
                 Ok(HubResponse::Deleted)
             }
+            HubCommand::SetConnectionState {
+                device_id,
+                module_id,
+                connected,
+                now,
+            } => {
+                let entry = self
+                    .devices
+                    .get_mut(&device_id)
+                    .ok_or_else(|| HubError::device_not_found(device_id.as_str()))?;
+                let identity = match &module_id {
+                    None => &mut entry.device.identity,
+                    Some(m) => {
+                        &mut entry
+                            .modules
+                            .get_mut(m)
+                            .ok_or_else(|| {
+                                HubError::module_not_found(device_id.as_str(), m.as_str())
+                            })?
+                            .module
+                            .identity
+                    }
+                };
+                let state = if connected {
+                    ConnectionState::Connected
+                } else {
+                    ConnectionState::Disconnected
+                };
+                if identity.connection_state != state {
+                    identity.connection_state = state;
+                    identity.connection_state_updated_time = now.clone();
+                }
+                identity.last_activity_time = now;
+                Ok(HubResponse::Applied)
+            }
+            HubCommand::SetSession {
+                client_id,
+                subscriptions,
+            } => {
+                let existed = self.sessions.insert(client_id, subscriptions).is_some();
+                Ok(HubResponse::Session { existed })
+            }
+            HubCommand::ClearSession { client_id } => {
+                let existed = self.sessions.remove(&client_id).is_some();
+                Ok(HubResponse::Session { existed })
+            }
+            HubCommand::SendC2d {
+                device_id,
+                mut message,
+            } => {
+                let depth = self
+                    .devices
+                    .get(&device_id)
+                    .ok_or_else(|| HubError::device_not_found(device_id.as_str()))?
+                    .c2d
+                    .messages
+                    .len();
+                if depth >= MAX_QUEUE_DEPTH {
+                    return Err(HubError::new(
+                        ErrorCode::DeviceMaximumQueueDepthExceeded,
+                        format!(
+                            "device {device_id} already has {MAX_QUEUE_DEPTH} messages waiting"
+                        ),
+                    ));
+                }
+                let lock_token = self.next_sequence().to_string();
+                message.lock_token = lock_token.clone();
+                message.delivery_count = 0;
+                let entry = self
+                    .devices
+                    .get_mut(&device_id)
+                    .ok_or_else(|| HubError::device_not_found(device_id.as_str()))?;
+                entry.c2d.messages.push_back(message);
+                entry.device.identity.cloud_to_device_message_count =
+                    entry.c2d.messages.len() as u64;
+                Ok(HubResponse::C2dEnqueued { lock_token })
+            }
+            HubCommand::C2dDelivered {
+                device_id,
+                lock_token,
+                now,
+            } => {
+                let entry = self
+                    .devices
+                    .get_mut(&device_id)
+                    .ok_or_else(|| HubError::device_not_found(device_id.as_str()))?;
+                let Some(message) = entry
+                    .c2d
+                    .messages
+                    .iter_mut()
+                    .find(|m| m.lock_token == lock_token)
+                else {
+                    return Ok(HubResponse::Applied);
+                };
+                message.delivery_count += 1;
+                if message.delivery_count > MAX_DELIVERY_COUNT {
+                    let generation = entry.device.identity.generation_id.clone();
+                    if let Some(dead) = entry.c2d.take(&lock_token) {
+                        entry.device.identity.cloud_to_device_message_count =
+                            entry.c2d.messages.len() as u64;
+                        self.feedback.extend(feedback_for(
+                            &dead,
+                            FeedbackStatus::DeliveryCountExceeded,
+                            device_id.as_str(),
+                            &generation,
+                            &now,
+                        ));
+                    }
+                }
+                Ok(HubResponse::Applied)
+            }
+            HubCommand::CompleteC2d {
+                device_id,
+                lock_token,
+                now,
+            } => {
+                let entry = self
+                    .devices
+                    .get_mut(&device_id)
+                    .ok_or_else(|| HubError::device_not_found(device_id.as_str()))?;
+                let generation = entry.device.identity.generation_id.clone();
+                let done = entry.c2d.take(&lock_token).ok_or_else(|| {
+                    HubError::new(
+                        ErrorCode::DeviceMessageLockLost,
+                        format!("no message with lock token {lock_token} for device {device_id}"),
+                    )
+                })?;
+                entry.device.identity.cloud_to_device_message_count =
+                    entry.c2d.messages.len() as u64;
+                entry.device.identity.last_activity_time = now.clone();
+                self.feedback.extend(feedback_for(
+                    &done,
+                    FeedbackStatus::Success,
+                    device_id.as_str(),
+                    &generation,
+                    &now,
+                ));
+                Ok(HubResponse::Applied)
+            }
+            HubCommand::ExpireC2d { now_ms, now } => {
+                let mut count = 0;
+                for (id, entry) in self.devices.iter_mut() {
+                    let expired = entry.c2d.take_expired(now_ms);
+                    count += expired.len();
+                    entry.device.identity.cloud_to_device_message_count =
+                        entry.c2d.messages.len() as u64;
+                    let generation = &entry.device.identity.generation_id;
+                    for m in &expired {
+                        self.feedback.extend(feedback_for(
+                            m,
+                            FeedbackStatus::Expired,
+                            id.as_str(),
+                            generation,
+                            &now,
+                        ));
+                    }
+                }
+                Ok(HubResponse::Purged { count })
+            }
+            HubCommand::PurgeC2d { device_id, now } => {
+                let entry = self
+                    .devices
+                    .get_mut(&device_id)
+                    .ok_or_else(|| HubError::device_not_found(device_id.as_str()))?;
+                let generation = entry.device.identity.generation_id.clone();
+                let purged: Vec<_> = entry.c2d.messages.drain(..).collect();
+                entry.device.identity.cloud_to_device_message_count = 0;
+                for m in &purged {
+                    self.feedback.extend(feedback_for(
+                        m,
+                        FeedbackStatus::Purged,
+                        device_id.as_str(),
+                        &generation,
+                        &now,
+                    ));
+                }
+                Ok(HubResponse::Purged {
+                    count: purged.len(),
+                })
+            }
+            HubCommand::LockFeedback {
+                lock_token,
+                now_ms,
+                lock_ms,
+            } => {
+                // Locks that ran out return their records to the front of the queue first.
+                let expired: Vec<String> = self
+                    .feedback_locks
+                    .iter()
+                    .filter(|(_, (until, _))| *until <= now_ms)
+                    .map(|(t, _)| t.clone())
+                    .collect();
+                for t in expired {
+                    if let Some((_, records)) = self.feedback_locks.remove(&t) {
+                        for r in records.into_iter().rev() {
+                            self.feedback.push_front(r);
+                        }
+                    }
+                }
+                let records: Vec<FeedbackRecord> = self.feedback.drain(..).collect();
+                if !records.is_empty() {
+                    self.feedback_locks
+                        .insert(lock_token.clone(), (now_ms + lock_ms, records.clone()));
+                }
+                Ok(HubResponse::Feedback {
+                    lock_token,
+                    records,
+                })
+            }
+            HubCommand::CompleteFeedback { lock_token } => {
+                self.feedback_locks.remove(&lock_token).ok_or_else(|| {
+                    HubError::new(
+                        ErrorCode::DeviceMessageLockLost,
+                        format!("no feedback locked with {lock_token}"),
+                    )
+                })?;
+                Ok(HubResponse::Deleted)
+            }
+            HubCommand::AbandonFeedback { lock_token } => {
+                let (_, records) = self.feedback_locks.remove(&lock_token).ok_or_else(|| {
+                    HubError::new(
+                        ErrorCode::DeviceMessageLockLost,
+                        format!("no feedback locked with {lock_token}"),
+                    )
+                })?;
+                for r in records.into_iter().rev() {
+                    self.feedback.push_front(r);
+                }
+                Ok(HubResponse::Applied)
+            }
             HubCommand::UpdateReported {
                 device_id,
                 module_id,
@@ -357,6 +603,7 @@ impl HubState {
                         device,
                         twin: TwinState::default(),
                         modules: BTreeMap::new(),
+                        c2d: C2dQueue::default(),
                     })
             }
         };

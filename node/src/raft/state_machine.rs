@@ -19,6 +19,7 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 
 use super::{ApplyResult, NodeId, TypeConfig};
+use crate::domain::events::{HubEvent, events_after};
 use crate::domain::{HubResponse, HubState};
 use meridian_storage::{SnapshotStore, StoredSnapshot};
 
@@ -36,6 +37,7 @@ struct SnapshotBody {
 /// openraft state machine for the hub.
 pub struct HubStateMachine {
     state: SharedState,
+    events: tokio::sync::broadcast::Sender<HubEvent>,
     last_applied: Option<LogId<NodeId>>,
     last_membership: Membership,
     snapshots: SnapshotStore<TypeConfig>,
@@ -65,8 +67,10 @@ fn poisoned() -> StorageError<NodeId> {
 impl HubStateMachine {
     /// Opens the state machine, restoring it from the latest snapshot if there is one.
     pub fn open(snapshots: SnapshotStore<TypeConfig>) -> Result<Self, StorageError<NodeId>> {
+        let (events, _) = tokio::sync::broadcast::channel(4096);
         let mut sm = Self {
             state: Arc::new(RwLock::new(HubState::default())),
+            events,
             last_applied: None,
             last_membership: Membership::default(),
             snapshots,
@@ -80,6 +84,12 @@ impl HubStateMachine {
             sm.restore(&stored.meta, &stored.data)?;
         }
         Ok(sm)
+    }
+
+    /// Events derived from applied commands (desired patches, C2D arrivals, identity changes).
+    /// Receivers that lag lose events; they must re-read the state they care about.
+    pub fn events(&self) -> tokio::sync::broadcast::Sender<HubEvent> {
+        self.events.clone()
     }
 
     /// The shared state that readers use.
@@ -154,7 +164,17 @@ impl RaftStateMachine<TypeConfig> for HubStateMachine {
             self.last_applied = Some(entry.log_id);
             match entry.payload {
                 EntryPayload::Blank => out.push(Ok(HubResponse::Deleted)),
-                EntryPayload::Normal(command) => out.push(state.apply(command)),
+                EntryPayload::Normal(command) => {
+                    let watched = command.clone();
+                    let result = state.apply(command);
+                    if let Ok(response) = &result {
+                        for event in events_after(&state, &watched, response) {
+                            // No receiver is fine (no front-end running, e.g. in storage tests).
+                            let _ = self.events.send(event);
+                        }
+                    }
+                    out.push(result);
+                }
                 EntryPayload::Membership(m) => {
                     self.last_membership = StoredMembership::new(Some(entry.log_id), m);
                     out.push(Ok(HubResponse::Deleted));

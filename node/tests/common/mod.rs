@@ -39,6 +39,7 @@ pub struct NodeProc {
     pub https: SocketAddr,
     pub grpc: SocketAddr,
     pub metrics: SocketAddr,
+    pub mqtt: SocketAddr,
     child: Option<Child>,
     log: PathBuf,
     args: Vec<String>,
@@ -124,20 +125,29 @@ pub fn start_cluster(size: usize, env: &[(&str, &str)]) -> Result<Cluster> {
     let dir = tempfile::tempdir()?;
     let tls = meridian::tls::ensure_dev_certificates(&dir.path().join("tls"))?;
     let ca = tls.ca_cert.clone().context("generated CA")?;
-    let mut specs = Vec::new();
-    for i in 0..size {
-        specs.push((i as u64 + 1, free_port()?, free_port()?, free_port()?));
-    }
+    // All ports are reserved at once, so no two can collide.
+    let ports = free_ports(4 * size)?;
+    let specs: Vec<(u64, u16, u16, u16, u16)> = (0..size)
+        .map(|i| {
+            (
+                i as u64 + 1,
+                ports[4 * i],
+                ports[4 * i + 1],
+                ports[4 * i + 2],
+                ports[4 * i + 3],
+            )
+        })
+        .collect();
     let members: Vec<String> = specs
         .iter()
-        .map(|(id, _, grpc, _)| format!("{{ id = {id}, grpc_addr = \"127.0.0.1:{grpc}\" }}"))
+        .map(|(id, _, grpc, _, _)| format!("{{ id = {id}, grpc_addr = \"127.0.0.1:{grpc}\" }}"))
         .collect();
     let mut nodes = Vec::new();
-    for (id, https, grpc, metrics) in specs {
+    for (id, https, grpc, metrics, mqtt) in specs {
         let data_dir = dir.path().join(format!("node{id}"));
         let config_path = dir.path().join(format!("node{id}.toml"));
         let toml = format!(
-            "[node]\nid = {id}\ndata_dir = \"{data}\"\n\n[cluster]\ngrpc_listen = \"127.0.0.1:{grpc}\"\nmembers = [{members}]\n\n[api]\nhttps_listen = \"127.0.0.1:{https}\"\n\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n\n[observability]\nmetrics_listen = \"127.0.0.1:{metrics}\"\n",
+            "[node]\nid = {id}\ndata_dir = \"{data}\"\n\n[cluster]\ngrpc_listen = \"127.0.0.1:{grpc}\"\nmembers = [{members}]\n\n[api]\nhttps_listen = \"127.0.0.1:{https}\"\n\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n\n[observability]\nmetrics_listen = \"127.0.0.1:{metrics}\"\n\n[mqtt]\ntls_listen = \"127.0.0.1:{mqtt}\"\n",
             data = data_dir.display(),
             members = members.join(", "),
             cert = tls.cert.display(),
@@ -156,6 +166,7 @@ pub fn start_cluster(size: usize, env: &[(&str, &str)]) -> Result<Cluster> {
             https: SocketAddr::from(([127, 0, 0, 1], https)),
             grpc: SocketAddr::from(([127, 0, 0, 1], grpc)),
             metrics: SocketAddr::from(([127, 0, 0, 1], metrics)),
+            mqtt: SocketAddr::from(([127, 0, 0, 1], mqtt)),
             child: None,
             log: dir.path().join(format!("node{id}.log")),
             env: env
@@ -177,8 +188,8 @@ pub fn start_dev() -> Result<Cluster> {
 /// Starts `meridian dev` with extra `MERIDIAN_*` environment overrides.
 pub fn start_dev_with_env(env: &[(&str, &str)]) -> Result<Cluster> {
     let dir = tempfile::tempdir()?;
-    let ports = free_ports(3)?;
-    let (https, grpc, metrics) = (ports[0], ports[1], ports[2]);
+    let ports = free_ports(4)?;
+    let (https, grpc, metrics, mqtt) = (ports[0], ports[1], ports[2], ports[3]);
     let data_dir = dir.path().join("data");
     let mut node = NodeProc {
         id: 1,
@@ -192,12 +203,15 @@ pub fn start_dev_with_env(env: &[(&str, &str)]) -> Result<Cluster> {
             grpc.to_string(),
             "--metrics-port".into(),
             metrics.to_string(),
+            "--mqtt-port".into(),
+            mqtt.to_string(),
         ],
         data_dir: data_dir.clone(),
         config_path: PathBuf::new(),
         https: SocketAddr::from(([127, 0, 0, 1], https)),
         grpc: SocketAddr::from(([127, 0, 0, 1], grpc)),
         metrics: SocketAddr::from(([127, 0, 0, 1], metrics)),
+        mqtt: SocketAddr::from(([127, 0, 0, 1], mqtt)),
         child: None,
         log: dir.path().join("dev.log"),
         env: env

@@ -1,0 +1,265 @@
+//! Device-to-cloud messages: the MQTT property bag, system properties, partitioning and the stored
+//! record format.
+
+use std::collections::BTreeMap;
+
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+use serde::{Deserialize, Serialize};
+
+use super::error::{HubError, HubResult};
+
+/// Largest telemetry message body (Azure: 256 KB).
+pub const MAX_TELEMETRY_BYTES: usize = 256 * 1024;
+
+/// Characters left unescaped in property bags we send (RFC 3986 unreserved).
+const BAG_ESCAPE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Maps the MQTT short names of system properties to their names in the stored message.
+const SYSTEM_PROPERTIES: [(&str, &str); 8] = [
+    ("$.mid", "message-id"),
+    ("$.cid", "correlation-id"),
+    ("$.uid", "user-id"),
+    ("$.ct", "content-type"),
+    ("$.ce", "content-encoding"),
+    ("$.exp", "absolute-expiry-time"),
+    ("$.on", "iothub-outputname"),
+    ("$.ifid", "iothub-interface-id"),
+];
+
+/// Parses a property bag (`k=v&k2=v2`, percent-encoded; a bare key has an empty value).
+pub fn parse_property_bag(bag: &str) -> HubResult<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for pair in bag.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let decode = |s: &str| {
+            percent_decode_str(s)
+                .decode_utf8()
+                .map(|c| c.into_owned())
+                .map_err(|_| HubError::invalid("property bag is not valid UTF-8 after decoding"))
+        };
+        out.push((decode(k)?, decode(v)?));
+    }
+    Ok(out)
+}
+
+/// Encodes properties as a bag: every key and value percent-encoded, so `/`, `&`, `=` and `%`
+/// never appear raw (the SDKs split topics on `/` before decoding).
+pub fn encode_property_bag<'a>(props: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    props
+        .into_iter()
+        .map(|(k, v)| {
+            format!(
+                "{}={}",
+                utf8_percent_encode(k, BAG_ESCAPE),
+                utf8_percent_encode(v, BAG_ESCAPE)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// A device-to-cloud message as stored in a partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TelemetryMessage {
+    /// System properties (`message-id`, `content-type`, `iothub-connection-device-id`, ...).
+    pub system_properties: BTreeMap<String, String>,
+    /// Application properties set by the device.
+    pub application_properties: BTreeMap<String, String>,
+    /// The body, as sent.
+    #[serde(skip)]
+    pub body: Vec<u8>,
+}
+
+/// Who sent a message: stamped by the hub from the authenticated connection, never from the
+/// device's own properties (anti-spoofing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sender {
+    /// Device id.
+    pub device_id: String,
+    /// Module id, for module connections.
+    pub module_id: Option<String>,
+    /// The identity's generation id.
+    pub generation_id: String,
+    /// `sasToken` or `x509Certificate` (Azure's `iothub-connection-auth-method` type).
+    pub auth_type: &'static str,
+}
+
+impl TelemetryMessage {
+    /// Builds a message from a topic's property bag and body, stamping the hub's properties.
+    pub fn from_device(
+        bag: &str,
+        body: Vec<u8>,
+        sender: &Sender,
+        enqueued_time: &str,
+        retain: bool,
+    ) -> HubResult<Self> {
+        if body.len() > MAX_TELEMETRY_BYTES {
+            return Err(HubError::new(
+                meridian_proto::ErrorCode::MessageTooLarge,
+                format!(
+                    "telemetry body is {} bytes; the limit is {MAX_TELEMETRY_BYTES}",
+                    body.len()
+                ),
+            ));
+        }
+        let mut system = BTreeMap::new();
+        let mut application = BTreeMap::new();
+        for (k, v) in parse_property_bag(bag)? {
+            match SYSTEM_PROPERTIES.iter().find(|(short, _)| *short == k) {
+                Some((_, long)) => {
+                    system.insert((*long).to_string(), v);
+                }
+                // Any other `$`-prefixed key is a system property we do not let devices set.
+                None if k.starts_with('$') => {}
+                None => {
+                    application.insert(k, v);
+                }
+            }
+        }
+        if retain {
+            // MQTT retain has no meaning for a hub; Azure keeps it as an application property.
+            application.insert("x-opt-retain".into(), "1".into());
+        }
+        system.insert(
+            "iothub-connection-device-id".into(),
+            sender.device_id.clone(),
+        );
+        if let Some(m) = &sender.module_id {
+            system.insert("iothub-connection-module-id".into(), m.clone());
+        }
+        system.insert(
+            "iothub-connection-auth-generation-id".into(),
+            sender.generation_id.clone(),
+        );
+        let scope = if sender.module_id.is_some() {
+            "module"
+        } else {
+            "device"
+        };
+        system.insert(
+            "iothub-connection-auth-method".into(),
+            format!(
+                "{{\"scope\":\"{scope}\",\"type\":\"{}\",\"issuer\":\"iothub\"}}",
+                sender.auth_type
+            ),
+        );
+        system.insert("iothub-enqueuedtime".into(), enqueued_time.to_string());
+        system.insert("iothub-message-source".into(), "Telemetry".into());
+        Ok(Self {
+            system_properties: system,
+            application_properties: application,
+            body,
+        })
+    }
+
+    /// Stored form: 4-byte big-endian header length, JSON header, body.
+    pub fn encode(&self) -> Vec<u8> {
+        let header = serde_json::to_vec(self).unwrap_or_default();
+        let mut out = Vec::with_capacity(4 + header.len() + self.body.len());
+        out.extend_from_slice(&(header.len() as u32).to_be_bytes());
+        out.extend_from_slice(&header);
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    /// Reads the stored form back.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let len = u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+        let header = bytes.get(4..4 + len)?;
+        let mut message: TelemetryMessage = serde_json::from_slice(header).ok()?;
+        message.body = bytes.get(4 + len..)?.to_vec();
+        Some(message)
+    }
+}
+
+/// The partition of a device: a stable hash (FNV-1a, 64 bit) of the device id modulo the count,
+/// so a device's messages stay in one partition, in order.
+pub fn partition_for(device_id: &str, partitions: u32) -> u32 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in device_id.as_bytes() {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (hash % u64::from(partitions.max(1))) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sender() -> Sender {
+        Sender {
+            device_id: "dev1".into(),
+            module_id: None,
+            generation_id: "636510460778278550".into(),
+            auth_type: "sasToken",
+        }
+    }
+
+    #[test]
+    fn python_sdk_property_bag() {
+        let bag = "%24.mid=e2e-x-0&%24.cid=corr-x&%24.ct=application%2Fjson&%24.ce=utf-8&e2e=x&needs%20encoding=a%2Fb%26c%3Dd%20%C3%BC&seq=0";
+        let m = TelemetryMessage::from_device(bag, b"{}".to_vec(), &sender(), "t", false)
+            .expect("valid");
+        assert_eq!(m.system_properties["message-id"], "e2e-x-0");
+        assert_eq!(m.system_properties["content-type"], "application/json");
+        assert_eq!(m.system_properties["content-encoding"], "utf-8");
+        assert_eq!(m.application_properties["needs encoding"], "a/b&c=d ü");
+        assert_eq!(m.application_properties["seq"], "0");
+        assert_eq!(m.system_properties["iothub-connection-device-id"], "dev1");
+    }
+
+    #[test]
+    fn devices_cannot_spoof_hub_properties() {
+        let bag = "%24.iothub-connection-device-id=other&iothub-connection-device-id=other";
+        let m =
+            TelemetryMessage::from_device(bag, Vec::new(), &sender(), "t", true).expect("valid");
+        assert_eq!(m.system_properties["iothub-connection-device-id"], "dev1");
+        // an application property of that name stays an application property
+        assert_eq!(
+            m.application_properties["iothub-connection-device-id"],
+            "other"
+        );
+        assert_eq!(m.application_properties["x-opt-retain"], "1");
+    }
+
+    #[test]
+    fn oversize_is_rejected_and_encoding_round_trips() {
+        let big = vec![0u8; MAX_TELEMETRY_BYTES + 1];
+        assert!(TelemetryMessage::from_device("", big, &sender(), "t", false).is_err());
+        let m = TelemetryMessage::from_device("a=1", vec![1, 2, 3], &sender(), "t", false)
+            .expect("valid");
+        assert_eq!(TelemetryMessage::decode(&m.encode()), Some(m));
+        assert_eq!(TelemetryMessage::decode(&[0, 0]), None);
+    }
+
+    #[test]
+    fn bags_round_trip_with_everything_escaped() {
+        let bag = encode_property_bag([("$.mid", "m/1"), ("k&=", "v %/")]);
+        assert!(!bag[..].contains('/'));
+        let parsed = parse_property_bag(&bag).expect("valid");
+        assert_eq!(
+            parsed,
+            vec![
+                ("$.mid".into(), "m/1".into()),
+                ("k&=".into(), "v %/".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn partitions_are_stable_and_in_range() {
+        assert_eq!(partition_for("dev1", 4), partition_for("dev1", 4));
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..100 {
+            let p = partition_for(&format!("d{i}"), 4);
+            assert!(p < 4);
+            seen.insert(p);
+        }
+        assert_eq!(seen.len(), 4);
+    }
+}

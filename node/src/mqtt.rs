@@ -1,0 +1,222 @@
+//! The device endpoint: MQTT 3.1.1 over TLS (and over WebSockets on the HTTPS port), built on the
+//! rumqtt project's codec (docs/adr/001). Protocol handling lives in [`connection`]; this module
+//! holds the listener, the shared context and the bridge from state-machine events to live
+//! connections.
+
+pub mod connection;
+pub mod session;
+pub mod topics;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, oneshot, watch};
+use tokio_rustls::TlsAcceptor;
+
+use crate::domain::events::HubEvent;
+use crate::domain::{HubError, HubResult};
+use crate::hub::Hub;
+use meridian_proto::ErrorCode;
+use meridian_storage::TelemetryLog;
+pub use session::{MethodReply, Outbound, Sessions};
+
+/// `[mqtt]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttSection {
+    /// MQTT over TLS (default `127.0.0.1:8883`, the port the Azure SDKs dial).
+    pub tls_listen: SocketAddr,
+    /// Telemetry partitions per hub (default 4; fixed once the hub has data).
+    pub partitions: u32,
+    /// Largest MQTT packet accepted, in bytes (default 512 KiB; telemetry bodies stop at 256 KB).
+    pub max_packet_bytes: usize,
+}
+
+impl Default for MqttSection {
+    fn default() -> Self {
+        Self {
+            tls_listen: SocketAddr::from(([127, 0, 0, 1], 8883)),
+            partitions: 4,
+            max_packet_bytes: 512 * 1024,
+        }
+    }
+}
+
+/// What every connection shares.
+pub struct MqttContext {
+    /// The hub.
+    pub hub: Hub,
+    /// Telemetry partitions.
+    pub telemetry: TelemetryLog,
+    /// Live connections on this node.
+    pub sessions: Sessions,
+    /// Partition count.
+    pub partitions: u32,
+    /// Largest packet.
+    pub max_packet_bytes: usize,
+}
+
+/// Longest direct-method payload (Azure: 128 KB).
+pub const MAX_METHOD_PAYLOAD: usize = 128 * 1024;
+
+impl MqttContext {
+    /// Invokes a direct method on a device or module connected to this node.
+    ///
+    /// Waits up to `connect_timeout` for the device to connect, then up to `response_timeout` for
+    /// its answer: 404 DeviceNotOnline when it is not connected (or not subscribed to methods),
+    /// 504 GatewayTimeout when it does not answer in time.
+    pub async fn invoke_method(
+        &self,
+        client_id: &str,
+        name: &str,
+        payload: &Value,
+        response_timeout: Duration,
+        connect_timeout: Duration,
+    ) -> HubResult<MethodReply> {
+        let body = serde_json::to_vec(payload).unwrap_or_default();
+        if body.len() > MAX_METHOD_PAYLOAD {
+            return Err(HubError::new(
+                ErrorCode::MessageTooLarge,
+                format!(
+                    "method payload is {} bytes; the limit is {MAX_METHOD_PAYLOAD}",
+                    body.len()
+                ),
+            ));
+        }
+        let deadline = tokio::time::Instant::now() + connect_timeout;
+        while !self.sessions.is_connected(client_id) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(HubError::new(
+                    ErrorCode::DeviceNotOnline,
+                    format!("{client_id} is not connected"),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (reply, rx) = oneshot::channel();
+        let sent = self.sessions.send(
+            client_id,
+            Outbound::Method {
+                name: name.to_string(),
+                payload: Bytes::from(body),
+                reply,
+            },
+        );
+        if !sent {
+            return Err(HubError::new(
+                ErrorCode::DeviceNotOnline,
+                format!("{client_id} is not connected"),
+            ));
+        }
+        match tokio::time::timeout(response_timeout, rx).await {
+            Ok(Ok(Ok(reply))) => Ok(reply),
+            Ok(Ok(Err(why))) => Err(HubError::new(ErrorCode::DeviceNotOnline, why)),
+            Ok(Err(_)) => Err(HubError::new(
+                ErrorCode::DeviceNotOnline,
+                "the device disconnected",
+            )),
+            Err(_) => Err(HubError::new(
+                ErrorCode::GatewayTimeout,
+                format!("{client_id} did not answer {name} within {response_timeout:?}"),
+            )),
+        }
+    }
+}
+
+/// Forwards state-machine events to the connections on this node that they concern.
+pub async fn pump_events(
+    ctx: Arc<MqttContext>,
+    mut events: broadcast::Receiver<HubEvent>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let event = tokio::select! {
+            e = events.recv() => e,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        match event {
+            Ok(HubEvent::DesiredPropertiesChanged {
+                device_id,
+                module_id,
+                patch,
+            }) => {
+                let client_id = match &module_id {
+                    Some(m) => format!("{device_id}/{m}"),
+                    None => device_id.to_string(),
+                };
+                let version = patch.get("$version").and_then(Value::as_u64).unwrap_or(0);
+                ctx.sessions.send(
+                    &client_id,
+                    Outbound::DesiredPatch {
+                        version,
+                        payload: Bytes::from(patch.to_string()),
+                    },
+                );
+            }
+            Ok(HubEvent::C2dEnqueued { device_id }) => {
+                ctx.sessions
+                    .send(device_id.as_str(), Outbound::C2dAvailable);
+            }
+            Ok(HubEvent::IdentityChanged { device_id }) => {
+                for client in ctx.sessions.clients_of(device_id.as_str()) {
+                    ctx.sessions.send(&client, Outbound::Recheck);
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                // Missed events: every connection re-checks its identity and its C2D queue.
+                tracing::warn!(missed = n, "event pump lagged");
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Accepts MQTT/TLS connections until shutdown; each connection runs in its own task, TLS
+/// handshake included, so a slow client never holds up the others.
+pub async fn serve_tls(
+    ctx: Arc<MqttContext>,
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "mqtt accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let stream =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "mqtt tls handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            let client_cert = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.as_ref().to_vec());
+            connection::serve(ctx, stream, peer.to_string(), client_cert).await;
+        });
+    }
+}

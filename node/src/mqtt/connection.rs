@@ -1,0 +1,811 @@
+//! One device connection: CONNECT and authentication, then the packet loop that routes telemetry
+//! into the partition log (PUBACK only after fsync), serves twin requests, relays direct methods,
+//! delivers C2D messages and enforces the hub's rules (own topics only, no QoS 2, keep-alive,
+//! token expiry, one connection per device).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::v4::{
+    ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,
+};
+use rumqttc::mqttbytes::{Error as CodecError, QoS};
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::oneshot;
+use tokio::time::{Instant, sleep_until};
+
+use super::MqttContext;
+use super::session::{MethodReply, Outbound};
+use super::topics::{self, ClientIdentity, DeviceRequest};
+use crate::auth::{DeviceAuth, DeviceCredential, authenticate_device};
+use crate::domain::telemetry::{Sender, TelemetryMessage, encode_property_bag, partition_for};
+use crate::domain::{DeviceId, HubCommand, HubError, HubResponse, ModuleId};
+use crate::hub::ReadConsistency;
+use meridian_proto::error::MqttBehaviour;
+
+/// How long a client has to send CONNECT after the transport is up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// C2D messages in flight (delivered, not yet acknowledged) per connection.
+const MAX_C2D_INFLIGHT: usize = 10;
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn iso_now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Close {
+    /// The client sent DISCONNECT.
+    Graceful,
+    /// Transport closed, keep-alive missed, or a protocol error: the will message is published.
+    Ungraceful,
+    /// The hub closed it (rule broken, token expired, taken over, identity disabled).
+    ByHub,
+}
+
+struct Conn<S> {
+    ctx: Arc<MqttContext>,
+    identity: ClientIdentity,
+    device_id: DeviceId,
+    module_id: Option<ModuleId>,
+    client_id: String,
+    auth: DeviceAuth,
+    clean_session: bool,
+    subscriptions: Vec<(String, u8)>,
+    writer: WriteHalf<S>,
+    next_pkid: u16,
+    c2d_inflight: HashMap<u16, String>,
+    pending_methods: HashMap<String, oneshot::Sender<Result<MethodReply, &'static str>>>,
+    next_rid: u64,
+}
+
+async fn read_packet<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Option<Packet>, CodecError> {
+    loop {
+        match Packet::read(buf, max) {
+            Ok(p) => return Ok(Some(p)),
+            Err(CodecError::InsufficientBytes(_)) => {}
+            Err(e) => return Err(e),
+        }
+        match reader.read_buf(buf).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+async fn write_packet<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    packet: Packet,
+) -> std::io::Result<()> {
+    let mut out = BytesMut::new();
+    packet
+        .write(&mut out, usize::MAX)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    writer.write_all(&out).await?;
+    writer.flush().await
+}
+
+fn connack_code(error: &HubError) -> ConnectReturnCode {
+    match error.code.mqtt_behaviour() {
+        MqttBehaviour::ConnAckServerUnavailable => ConnectReturnCode::ServiceUnavailable,
+        _ => ConnectReturnCode::NotAuthorized,
+    }
+}
+
+/// Serves one MQTT connection until it ends.
+pub async fn serve<S>(ctx: Arc<MqttContext>, stream: S, peer: String, client_cert: Option<Vec<u8>>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let connect = match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        read_packet(&mut reader, &mut buf, ctx.max_packet_bytes),
+    )
+    .await
+    {
+        Ok(Ok(Some(Packet::Connect(c)))) => c,
+        other => {
+            tracing::debug!(%peer, ?other, "no CONNECT; closing");
+            return;
+        }
+    };
+    let refuse = |code: ConnectReturnCode| Packet::ConnAck(ConnAck::new(code, false));
+    let parsed = ClientIdentity::parse(&connect.client_id).and_then(|i| {
+        let device_id = DeviceId::new(i.device_id.clone()).ok()?;
+        let module_id = match &i.module_id {
+            Some(m) => Some(ModuleId::new(m.clone()).ok()?),
+            None => None,
+        };
+        Some((i, device_id, module_id))
+    });
+    let Some((identity, device_id, module_id)) = parsed else {
+        let _ = write_packet(&mut writer, refuse(ConnectReturnCode::BadClientId)).await;
+        return;
+    };
+    let client_id = identity.client_id();
+    let (username, password) = connect
+        .login
+        .as_ref()
+        .map(|l| (l.username.as_str(), l.password.as_str()))
+        .unwrap_or(("", ""));
+    // Username: `{host}/{clientId}/?api-version=...`; the client id in it must be this one.
+    let username_ok = username.is_empty()
+        || username
+            .split_once('/')
+            .is_some_and(|(_, rest)| rest.starts_with(&format!("{client_id}/")));
+    let credential = if !password.is_empty() {
+        Some(DeviceCredential::Sas(password))
+    } else {
+        client_cert
+            .as_deref()
+            .map(DeviceCredential::ClientCertificate)
+    };
+    let auth = match credential {
+        Some(credential) if username_ok => {
+            let (d, m) = (identity.device_id.clone(), identity.module_id.clone());
+            ctx.hub
+                .read(ReadConsistency::Linearizable, |state| {
+                    authenticate_device(state, &d, m.as_deref(), credential, unix_now())
+                })
+                .await
+        }
+        _ => Err(HubError::new(
+            meridian_proto::ErrorCode::IotHubUnauthorizedAccess,
+            "no usable credentials",
+        )),
+    };
+    let auth = match auth {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::info!(%peer, client_id, error = %e, "connect refused");
+            let _ = write_packet(&mut writer, refuse(connack_code(&e))).await;
+            return;
+        }
+    };
+
+    let mut registration = ctx.sessions.register(&client_id);
+    let session = if connect.clean_session {
+        ctx.hub
+            .write(HubCommand::ClearSession {
+                client_id: client_id.clone(),
+            })
+            .await
+            .map(|_| (false, Vec::new()))
+    } else {
+        let cid = client_id.clone();
+        match ctx
+            .hub
+            .read(ReadConsistency::Linearizable, move |s| {
+                Ok(s.sessions.get(&cid).cloned())
+            })
+            .await
+        {
+            Ok(Some(subs)) => Ok((true, subs)),
+            Ok(None) => ctx
+                .hub
+                .write(HubCommand::SetSession {
+                    client_id: client_id.clone(),
+                    subscriptions: Vec::new(),
+                })
+                .await
+                .map(|_| (false, Vec::new())),
+            Err(e) => Err(e),
+        }
+    };
+    let connected = match session {
+        Ok(s) => ctx
+            .hub
+            .write(HubCommand::SetConnectionState {
+                device_id: device_id.clone(),
+                module_id: module_id.clone(),
+                connected: true,
+                now: iso_now(),
+            })
+            .await
+            .map(|_| s),
+        Err(e) => Err(e),
+    };
+    let (session_present, subscriptions) = match connected {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(%peer, client_id, error = %e, "session setup failed");
+            let _ = write_packet(&mut writer, refuse(ConnectReturnCode::ServiceUnavailable)).await;
+            ctx.sessions.unregister(&client_id, registration.id);
+            return;
+        }
+    };
+    if write_packet(
+        &mut writer,
+        Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, session_present)),
+    )
+    .await
+    .is_err()
+    {
+        ctx.sessions.unregister(&client_id, registration.id);
+        return;
+    }
+    tracing::info!(%peer, client_id, session_present, auth = auth.auth_type, "device connected");
+
+    let keep_alive = Duration::from_millis(u64::from(connect.keep_alive) * 1500);
+    let expires_at = auth.expires_at;
+    let mut conn = Conn {
+        ctx: ctx.clone(),
+        identity,
+        device_id,
+        module_id,
+        client_id: client_id.clone(),
+        auth,
+        clean_session: connect.clean_session,
+        subscriptions,
+        writer,
+        next_pkid: 0,
+        c2d_inflight: HashMap::new(),
+        pending_methods: HashMap::new(),
+        next_rid: 0,
+    };
+    let close = conn
+        .run(
+            &mut reader,
+            &mut buf,
+            &mut registration.rx,
+            keep_alive,
+            expires_at,
+            session_present,
+        )
+        .await;
+    conn.finish(close, connect.last_will, registration.id).await;
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
+    async fn run(
+        &mut self,
+        reader: &mut ReadHalf<S>,
+        buf: &mut BytesMut,
+        rx: &mut tokio::sync::mpsc::Receiver<Outbound>,
+        keep_alive: Duration,
+        expires_at: Option<u64>,
+        session_present: bool,
+    ) -> Close {
+        let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+        let expiry = match expires_at {
+            Some(at) => Instant::now() + Duration::from_secs(at.saturating_sub(unix_now())),
+            None => far,
+        };
+        let mut idle_deadline = if keep_alive.is_zero() {
+            far
+        } else {
+            Instant::now() + keep_alive
+        };
+        if session_present {
+            // A resumed session may have C2D messages waiting.
+            if let Err(close) = self.deliver_c2d().await {
+                return close;
+            }
+        }
+        loop {
+            // Drain every complete packet already buffered before waiting for more bytes.
+            loop {
+                match Packet::read(buf, self.ctx.max_packet_bytes) {
+                    Ok(packet) => {
+                        idle_deadline = if keep_alive.is_zero() {
+                            far
+                        } else {
+                            Instant::now() + keep_alive
+                        };
+                        if let Err(close) = self.handle(packet).await {
+                            return close;
+                        }
+                    }
+                    Err(CodecError::InsufficientBytes(_)) => break,
+                    Err(e) => {
+                        tracing::info!(client_id = self.client_id, error = %e, "malformed packet; closing");
+                        return Close::Ungraceful;
+                    }
+                }
+            }
+            tokio::select! {
+                read = reader.read_buf(buf) => match read {
+                    Ok(0) | Err(_) => return Close::Ungraceful,
+                    Ok(_) => {}
+                },
+                work = rx.recv() => match work {
+                    Some(work) => {
+                        if let Err(close) = self.outbound(work).await {
+                            return close;
+                        }
+                    }
+                    None => return Close::ByHub,
+                },
+                _ = sleep_until(idle_deadline) => {
+                    tracing::info!(client_id = self.client_id, "keep-alive expired; closing");
+                    return Close::Ungraceful;
+                }
+                _ = sleep_until(expiry) => {
+                    tracing::info!(client_id = self.client_id, "SAS token expired; closing");
+                    return Close::ByHub;
+                }
+            }
+        }
+    }
+
+    async fn send(&mut self, packet: Packet) -> Result<(), Close> {
+        write_packet(&mut self.writer, packet)
+            .await
+            .map_err(|_| Close::Ungraceful)
+    }
+
+    fn granted_qos(&self, topic: &str) -> Option<QoS> {
+        self.subscriptions
+            .iter()
+            .filter(|(f, _)| topics::matches(f, topic))
+            .map(|(_, q)| *q)
+            .max()
+            .map(|q| {
+                if q == 0 {
+                    QoS::AtMostOnce
+                } else {
+                    QoS::AtLeastOnce
+                }
+            })
+    }
+
+    fn alloc_pkid(&mut self) -> u16 {
+        loop {
+            self.next_pkid = self.next_pkid.wrapping_add(1);
+            if self.next_pkid != 0 && !self.c2d_inflight.contains_key(&self.next_pkid) {
+                return self.next_pkid;
+            }
+        }
+    }
+
+    /// Publishes to the device if it subscribed to a matching filter; returns the packet id used
+    /// (QoS 1) or `None`.
+    async fn publish(&mut self, topic: String, payload: Bytes) -> Result<Option<u16>, Close> {
+        let Some(qos) = self.granted_qos(&topic) else {
+            return Ok(None);
+        };
+        let mut publish = Publish::new(topic, qos, payload.to_vec());
+        let pkid = (qos == QoS::AtLeastOnce).then(|| self.alloc_pkid());
+        publish.pkid = pkid.unwrap_or(0);
+        self.send(Packet::Publish(publish)).await?;
+        Ok(pkid)
+    }
+
+    async fn handle(&mut self, packet: Packet) -> Result<(), Close> {
+        match packet {
+            Packet::Publish(p) => self.on_publish(p).await,
+            Packet::Subscribe(s) => {
+                let mut codes = Vec::new();
+                for filter in &s.filters {
+                    if !topics::subscription_allowed(&self.identity, &filter.path) {
+                        tracing::info!(
+                            client_id = self.client_id,
+                            filter = filter.path,
+                            "subscription outside own topics; closing"
+                        );
+                        return Err(Close::ByHub);
+                    }
+                    // QoS 2 is granted as 1: the hub never delivers exactly-once.
+                    let qos: u8 = if filter.qos == QoS::AtMostOnce { 0 } else { 1 };
+                    self.subscriptions.retain(|(f, _)| f != &filter.path);
+                    self.subscriptions.push((filter.path.clone(), qos));
+                    codes.push(SubscribeReasonCode::Success(if qos == 0 {
+                        QoS::AtMostOnce
+                    } else {
+                        QoS::AtLeastOnce
+                    }));
+                }
+                self.persist_session().await?;
+                self.send(Packet::SubAck(SubAck::new(s.pkid, codes)))
+                    .await?;
+                self.deliver_c2d().await
+            }
+            Packet::Unsubscribe(u) => {
+                self.subscriptions.retain(|(f, _)| !u.topics.contains(f));
+                self.persist_session().await?;
+                self.send(Packet::UnsubAck(UnsubAck::new(u.pkid))).await
+            }
+            Packet::PubAck(ack) => {
+                if let Some(lock_token) = self.c2d_inflight.remove(&ack.pkid) {
+                    self.complete_c2d(lock_token).await;
+                    return self.deliver_c2d().await;
+                }
+                Ok(())
+            }
+            Packet::PingReq => self.send(Packet::PingResp).await,
+            Packet::Disconnect => Err(Close::Graceful),
+            other => {
+                tracing::info!(client_id = self.client_id, packet = ?other, "unexpected packet; closing");
+                Err(Close::ByHub)
+            }
+        }
+    }
+
+    async fn persist_session(&mut self) -> Result<(), Close> {
+        if self.clean_session {
+            return Ok(());
+        }
+        self.ctx
+            .hub
+            .write(HubCommand::SetSession {
+                client_id: self.client_id.clone(),
+                subscriptions: self.subscriptions.clone(),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                tracing::warn!(client_id = self.client_id, error = %e, "persisting session failed");
+                Close::ByHub
+            })
+    }
+
+    fn device_id(&self) -> DeviceId {
+        self.device_id.clone()
+    }
+
+    fn module_id(&self) -> Option<ModuleId> {
+        self.module_id.clone()
+    }
+
+    async fn on_publish(&mut self, p: Publish) -> Result<(), Close> {
+        if p.qos == QoS::ExactlyOnce {
+            tracing::info!(client_id = self.client_id, "QoS 2 publish; closing");
+            return Err(Close::ByHub);
+        }
+        let Some(request) = topics::classify_publish(&self.identity, &p.topic) else {
+            tracing::info!(
+                client_id = self.client_id,
+                topic = p.topic,
+                "publish outside own topics; closing"
+            );
+            return Err(Close::ByHub);
+        };
+        let ack = (p.qos == QoS::AtLeastOnce).then(|| PubAck::new(p.pkid));
+        match request {
+            DeviceRequest::Telemetry { bag } => {
+                self.store_telemetry(&bag, p.payload.to_vec(), p.retain)
+                    .await?;
+                // Acknowledge only now: the message is fsync'd in its partition.
+                if let Some(a) = ack {
+                    self.send(Packet::PubAck(a)).await?;
+                }
+                Ok(())
+            }
+            DeviceRequest::TwinGet { rid } => {
+                if let Some(a) = ack {
+                    self.send(Packet::PubAck(a)).await?;
+                }
+                let (device_id, module_id) = (self.device_id(), self.module_id());
+                let twin = self
+                    .ctx
+                    .hub
+                    .read(ReadConsistency::Linearizable, |s| {
+                        let entry = s
+                            .devices
+                            .get(&device_id)
+                            .ok_or_else(|| HubError::device_not_found(device_id.as_str()))?;
+                        let twin = match &module_id {
+                            None => &entry.twin,
+                            Some(m) => {
+                                &entry
+                                    .modules
+                                    .get(m)
+                                    .ok_or_else(|| {
+                                        HubError::module_not_found(device_id.as_str(), m.as_str())
+                                    })?
+                                    .twin
+                            }
+                        };
+                        Ok(twin.render_for_device())
+                    })
+                    .await;
+                let (status, body) = match twin {
+                    Ok(doc) => (200, doc.to_string()),
+                    Err(e) => (e.code.http_status(), error_body(&e)),
+                };
+                self.publish(topics::twin_response(status, &rid, None), Bytes::from(body))
+                    .await
+                    .map(|_| ())
+            }
+            DeviceRequest::TwinPatchReported { rid } => {
+                if let Some(a) = ack {
+                    self.send(Packet::PubAck(a)).await?;
+                }
+                let result = match serde_json::from_slice::<Value>(&p.payload) {
+                    Ok(Value::Object(patch)) => {
+                        self.ctx
+                            .hub
+                            .write(HubCommand::UpdateReported {
+                                device_id: self.device_id(),
+                                module_id: self.module_id(),
+                                patch,
+                                now: iso_now(),
+                            })
+                            .await
+                    }
+                    _ => Err(HubError::new(
+                        meridian_proto::ErrorCode::IotHubFormatError,
+                        "a reported-properties patch must be a JSON object",
+                    )),
+                };
+                let (topic, body) = match result {
+                    Ok(HubResponse::ReportedVersion(v)) => {
+                        (topics::twin_response(204, &rid, Some(v)), String::new())
+                    }
+                    Ok(_) => (topics::twin_response(204, &rid, None), String::new()),
+                    Err(e) => (
+                        topics::twin_response(e.code.http_status(), &rid, None),
+                        error_body(&e),
+                    ),
+                };
+                self.publish(topic, Bytes::from(body)).await.map(|_| ())
+            }
+            DeviceRequest::MethodResponse { status, rid } => {
+                if let Some(a) = ack {
+                    self.send(Packet::PubAck(a)).await?;
+                }
+                if let Some(reply) = self.pending_methods.remove(&rid) {
+                    let payload = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                    let _ = reply.send(Ok(MethodReply { status, payload }));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn store_telemetry(
+        &mut self,
+        bag: &str,
+        body: Vec<u8>,
+        retain: bool,
+    ) -> Result<(), Close> {
+        let sender = Sender {
+            device_id: self.identity.device_id.clone(),
+            module_id: self.identity.module_id.clone(),
+            generation_id: self.auth.generation_id.clone(),
+            auth_type: self.auth.auth_type,
+        };
+        let message = TelemetryMessage::from_device(bag, body, &sender, &iso_now(), retain)
+            .map_err(|e| {
+                tracing::info!(client_id = self.client_id, error = %e, "telemetry refused; closing");
+                Close::ByHub
+            })?;
+        let partition = partition_for(&self.identity.device_id, self.ctx.partitions);
+        self.ctx
+            .telemetry
+            .append(partition, message.encode())
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                tracing::error!(client_id = self.client_id, error = %e, "telemetry append failed; closing without ack");
+                Close::ByHub
+            })
+    }
+
+    async fn outbound(&mut self, work: Outbound) -> Result<(), Close> {
+        match work {
+            Outbound::DesiredPatch { version, payload } => self
+                .publish(topics::desired_patch(version), payload)
+                .await
+                .map(|_| ()),
+            Outbound::Method {
+                name,
+                payload,
+                reply,
+            } => {
+                self.next_rid += 1;
+                let rid = format!("{:x}", self.next_rid);
+                let topic = topics::method_request(&name, &rid);
+                if self.granted_qos(&topic).is_none() {
+                    let _ = reply.send(Err("the device is not subscribed to direct methods"));
+                    return Ok(());
+                }
+                self.pending_methods.insert(rid, reply);
+                self.publish(topic, payload).await.map(|_| ())
+            }
+            Outbound::C2dAvailable => self.deliver_c2d().await,
+            Outbound::Recheck => {
+                let (d, m) = (self.device_id(), self.module_id());
+                let still_valid = self
+                    .ctx
+                    .hub
+                    .read(ReadConsistency::Stale, |s| {
+                        use crate::domain::registry::DeviceStatus;
+                        Ok(s.devices.get(&d).is_some_and(|e| {
+                            e.device.status == DeviceStatus::Enabled
+                                && m.as_ref().is_none_or(|m| e.modules.contains_key(m))
+                        }))
+                    })
+                    .await
+                    .unwrap_or(false);
+                if still_valid {
+                    Ok(())
+                } else {
+                    tracing::info!(
+                        client_id = self.client_id,
+                        "identity disabled or deleted; closing"
+                    );
+                    Err(Close::ByHub)
+                }
+            }
+            Outbound::TakenOver => {
+                tracing::info!(
+                    client_id = self.client_id,
+                    "a new connection took over this device"
+                );
+                Err(Close::ByHub)
+            }
+        }
+    }
+
+    /// Sends waiting C2D messages (devices only), up to the in-flight limit.
+    async fn deliver_c2d(&mut self) -> Result<(), Close> {
+        if self.identity.module_id.is_some() {
+            return Ok(());
+        }
+        let topic_probe = topics::c2d(&self.identity.device_id, "");
+        if self.granted_qos(&topic_probe).is_none() {
+            return Ok(());
+        }
+        let device_id = self.device_id();
+        let inflight: Vec<String> = self.c2d_inflight.values().cloned().collect();
+        let room = MAX_C2D_INFLIGHT.saturating_sub(inflight.len());
+        if room == 0 {
+            return Ok(());
+        }
+        let now_ms = unix_now() * 1000;
+        let waiting = self
+            .ctx
+            .hub
+            .read(ReadConsistency::Stale, |s| {
+                Ok(s.devices
+                    .get(&device_id)
+                    .map(|e| {
+                        e.c2d
+                            .messages
+                            .iter()
+                            .filter(|m| m.expiry_ms > now_ms && !inflight.contains(&m.lock_token))
+                            .take(room)
+                            .cloned()
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default())
+            })
+            .await
+            .unwrap_or_default();
+        for message in waiting {
+            if let Err(e) = self
+                .ctx
+                .hub
+                .write(HubCommand::C2dDelivered {
+                    device_id: device_id.clone(),
+                    lock_token: message.lock_token.clone(),
+                    now: iso_now(),
+                })
+                .await
+            {
+                tracing::warn!(client_id = self.client_id, error = %e, "counting c2d delivery failed");
+                return Ok(());
+            }
+            let to = format!("/devices/{}/messages/deviceBound", self.identity.device_id);
+            let mut props: Vec<(&str, &str)> = vec![("$.mid", &message.message_id), ("$.to", &to)];
+            if let Some(c) = &message.correlation_id {
+                props.push(("$.cid", c));
+            }
+            if let Some(u) = &message.user_id {
+                props.push(("$.uid", u));
+            }
+            if let Some(ct) = &message.content_type {
+                props.push(("$.ct", ct));
+            }
+            if let Some(ce) = &message.content_encoding {
+                props.push(("$.ce", ce));
+            }
+            let ack = serde_json::to_value(message.ack)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            if ack != "none" {
+                props.push(("iothub-ack", &ack));
+            }
+            for (k, v) in &message.properties {
+                props.push((k, v));
+            }
+            let topic = topics::c2d(&self.identity.device_id, &encode_property_bag(props));
+            match self
+                .publish(topic, Bytes::from(message.body.clone()))
+                .await?
+            {
+                Some(pkid) => {
+                    self.c2d_inflight.insert(pkid, message.lock_token.clone());
+                }
+                // QoS 0 subscription: there will be no PUBACK, so delivery completes the message.
+                None => self.complete_c2d(message.lock_token.clone()).await,
+            }
+        }
+        Ok(())
+    }
+
+    async fn complete_c2d(&mut self, lock_token: String) {
+        if let Err(e) = self
+            .ctx
+            .hub
+            .write(HubCommand::CompleteC2d {
+                device_id: self.device_id(),
+                lock_token,
+                now: iso_now(),
+            })
+            .await
+        {
+            tracing::debug!(client_id = self.client_id, error = %e, "completing c2d message");
+        }
+    }
+
+    async fn finish(
+        mut self,
+        close: Close,
+        will: Option<rumqttc::mqttbytes::v4::LastWill>,
+        registration: u64,
+    ) {
+        tracing::info!(client_id = self.client_id, ?close, "device disconnected");
+        for (_, reply) in self.pending_methods.drain() {
+            let _ = reply.send(Err("the device disconnected"));
+        }
+        let _ = self.writer.shutdown().await;
+        // A will message is published only when the connection ended without DISCONNECT.
+        if close == Close::Ungraceful
+            && let Some(will) = will
+            && let Some(DeviceRequest::Telemetry { bag }) =
+                topics::classify_publish(&self.identity, &will.topic)
+        {
+            let _ = self
+                .store_telemetry(&bag, will.message.to_vec(), will.retain)
+                .await;
+        }
+        let still_current = self.ctx.sessions.unregister(&self.client_id, registration);
+        if !still_current {
+            // A newer connection owns the device now; its state must not be overwritten.
+            return;
+        }
+        if self.clean_session {
+            let _ = self
+                .ctx
+                .hub
+                .write(HubCommand::ClearSession {
+                    client_id: self.client_id.clone(),
+                })
+                .await;
+        }
+        let _ = self
+            .ctx
+            .hub
+            .write(HubCommand::SetConnectionState {
+                device_id: self.device_id(),
+                module_id: self.module_id(),
+                connected: false,
+                now: iso_now(),
+            })
+            .await;
+    }
+}
+
+/// The body of a failed `$iothub` request: Azure's shape, which the Node SDK recognises by
+/// `errorCode`.
+fn error_body(e: &HubError) -> String {
+    json!({"errorCode": e.code.azure_code(), "message": e.message}).to_string()
+}
