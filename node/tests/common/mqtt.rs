@@ -1,0 +1,158 @@
+//! A bare MQTT 3.1.1 client over TLS for tests that need exact control of every packet (rules of
+//! the road, crash tests), built on the same codec as the server.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Login, Packet, Publish};
+use rumqttc::mqttbytes::{Error as CodecError, QoS};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+/// One device connection.
+pub struct RawMqtt {
+    reader: ReadHalf<TlsStream<TcpStream>>,
+    writer: WriteHalf<TlsStream<TcpStream>>,
+    buf: BytesMut,
+}
+
+/// A device SAS token for `host/devices/{device}` signed with the device key.
+pub fn device_token(host: &str, device: &str, key: &str, ttl_secs: i64) -> Result<String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
+    Ok(meridian::auth::sign(
+        &format!("{host}/devices/{device}"),
+        key,
+        (now + ttl_secs).max(0) as u64,
+        None,
+    )?)
+}
+
+fn tls_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>> {
+    let pem = std::fs::read(ca)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
+}
+
+impl RawMqtt {
+    /// Opens TLS and sends CONNECT; returns the client and the CONNACK code and session flag.
+    pub async fn connect(
+        addr: std::net::SocketAddr,
+        ca: &Path,
+        client_id: &str,
+        password: &str,
+        clean_session: bool,
+        keep_alive: u16,
+    ) -> Result<(Self, ConnectReturnCode, bool)> {
+        let tcp = TcpStream::connect(addr).await?;
+        let tls = TlsConnector::from(tls_config(ca)?)
+            .connect(ServerName::try_from("localhost")?, tcp)
+            .await?;
+        let (reader, writer) = tokio::io::split(tls);
+        let mut client = Self {
+            reader,
+            writer,
+            buf: BytesMut::new(),
+        };
+        let mut connect = Connect::new(client_id);
+        connect.clean_session = clean_session;
+        connect.keep_alive = keep_alive;
+        connect.login = Some(Login::new(
+            format!("localhost/{client_id}/?api-version=2021-04-12"),
+            password,
+        ));
+        client.send(Packet::Connect(connect)).await?;
+        match client.recv(Duration::from_secs(10)).await? {
+            Some(Packet::ConnAck(ack)) => Ok((client, ack.code, ack.session_present)),
+            other => anyhow::bail!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    /// Writes one packet.
+    pub async fn send(&mut self, packet: Packet) -> Result<()> {
+        let mut out = BytesMut::new();
+        packet
+            .write(&mut out, usize::MAX)
+            .map_err(|e| anyhow::anyhow!("encode: {e}"))?;
+        self.writer.write_all(&out).await?;
+        Ok(())
+    }
+
+    /// Writes raw bytes (for malformed input).
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<()> {
+        self.writer.write_all(bytes).await?;
+        Ok(())
+    }
+
+    /// The next packet, `None` when the server closed the connection, error on timeout.
+    pub async fn recv(&mut self, timeout: Duration) -> Result<Option<Packet>> {
+        tokio::time::timeout(timeout, async {
+            loop {
+                match Packet::read(&mut self.buf, 1 << 20) {
+                    Ok(p) => return Ok(Some(p)),
+                    Err(CodecError::InsufficientBytes(_)) => {}
+                    Err(e) => anyhow::bail!("decode: {e}"),
+                }
+                match self.reader.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return Ok(None),
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .context("timed out waiting for a packet")?
+    }
+
+    /// Whether the server closes the connection within `timeout` (packets before that are
+    /// skipped).
+    pub async fn closed_within(&mut self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.recv(left).await {
+                Ok(None) => return true,
+                Ok(Some(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Publishes QoS 1 and waits for the PUBACK of `pkid`; `Ok(false)` when the connection closed
+    /// first.
+    pub async fn publish_acked(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        pkid: u16,
+        timeout: Duration,
+    ) -> Result<bool> {
+        let mut publish = Publish::new(topic, QoS::AtLeastOnce, payload.to_vec());
+        publish.pkid = pkid;
+        if self.send(Packet::Publish(publish)).await.is_err() {
+            return Ok(false);
+        }
+        loop {
+            match self.recv(timeout).await? {
+                Some(Packet::PubAck(ack)) if ack.pkid == pkid => return Ok(true),
+                Some(_) => continue,
+                None => return Ok(false),
+            }
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! The device endpoint's rules of the road (Azure's behaviour), each checked with a bare MQTT
+//! client: credentials, topic scope, QoS 2, oversize messages, malformed packets, keep-alive,
+//! token expiry, one connection per device, persistent sessions, connection state, C2D depth.
+
+mod common;
+
+use std::time::Duration;
+
+use anyhow::Result;
+use bytes::Bytes;
+use common::mqtt::{RawMqtt, device_token};
+use common::start_dev;
+use meridian::client::{Authorization, Connection};
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, Publish, Subscribe, SubscribeReasonCode};
+use serde_json::json;
+
+async fn create(conn: &mut Connection, id: &str, status: &str) -> Result<String> {
+    let r = conn
+        .json(
+            "PUT",
+            &format!("/devices/{id}"),
+            Some(&json!({"deviceId": id, "status": status})),
+        )
+        .await?;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    Ok(r.json()["authentication"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_endpoint_enforces_azure_rules() -> Result<()> {
+    let mut cluster = start_dev()?;
+    let client = cluster.client(1).await?;
+    let mut svc = client.connect().await?;
+    let (mqtt, ca) = (cluster.node(1).mqtt, cluster.ca.clone());
+    let host = "localhost";
+    let k1 = create(&mut svc, "d1", "enabled").await?;
+    let k10 = create(&mut svc, "d10", "enabled").await?;
+    let koff = create(&mut svc, "off", "disabled").await?;
+    let t1 = device_token(host, "d1", &k1, 600)?;
+
+    // --- credentials ---
+    let refused = |code: ConnectReturnCode| code == ConnectReturnCode::NotAuthorized;
+    let (_, code, _) = RawMqtt::connect(mqtt, &ca, "d10", &t1, false, 60).await?;
+    assert!(refused(code), "d1's token must not open d10: {code:?}");
+    let wrong = device_token(host, "d1", &k10, 600)?;
+    let (_, code, _) = RawMqtt::connect(mqtt, &ca, "d1", &wrong, false, 60).await?;
+    assert!(refused(code), "wrong key: {code:?}");
+    let expired = device_token(host, "d1", &k1, -5)?;
+    let (_, code, _) = RawMqtt::connect(mqtt, &ca, "d1", &expired, false, 60).await?;
+    assert!(refused(code), "expired: {code:?}");
+    let (_, code, _) = RawMqtt::connect(mqtt, &ca, "ghost", &t1, false, 60).await?;
+    assert!(refused(code), "unknown device: {code:?}");
+    let toff = device_token(host, "off", &koff, 600)?;
+    let (_, code, _) = RawMqtt::connect(mqtt, &ca, "off", &toff, false, 60).await?;
+    assert!(refused(code), "disabled device: {code:?}");
+    let (_, code, _) = RawMqtt::connect(mqtt, &ca, "bad id", &t1, false, 60).await?;
+    assert_eq!(code, ConnectReturnCode::BadClientId);
+
+    // --- a good connection, state and persistent session ---
+    let (mut d1, code, present) = RawMqtt::connect(mqtt, &ca, "d1", &t1, false, 60).await?;
+    assert_eq!((code, present), (ConnectReturnCode::Success, false));
+    let state = svc.json("GET", "/devices/d1", None).await?.json();
+    assert_eq!(state["connectionState"], json!("Connected"));
+    // QoS 2 subscription is granted QoS 1
+    d1.send(Packet::Subscribe(Subscribe::new(
+        "devices/d1/messages/devicebound/#",
+        QoS::ExactlyOnce,
+    )))
+    .await?;
+    match d1.recv(Duration::from_secs(10)).await? {
+        Some(Packet::SubAck(ack)) => {
+            assert_eq!(
+                ack.return_codes,
+                vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+            )
+        }
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    assert!(
+        d1.publish_acked(
+            "devices/d1/messages/events/a=1",
+            b"hi",
+            1,
+            Duration::from_secs(10)
+        )
+        .await?
+    );
+    d1.send(Packet::Disconnect).await?;
+    let (mut d1, code, present) = RawMqtt::connect(mqtt, &ca, "d1", &t1, false, 60).await?;
+    assert_eq!(
+        (code, present),
+        (ConnectReturnCode::Success, true),
+        "session must persist"
+    );
+
+    // --- one connection per device: a second CONNECT closes the first ---
+    let (mut d1b, code, _) = RawMqtt::connect(mqtt, &ca, "d1", &t1, false, 60).await?;
+    assert_eq!(code, ConnectReturnCode::Success);
+    assert!(
+        d1.closed_within(Duration::from_secs(5)).await,
+        "old connection must close"
+    );
+
+    // --- topics outside the identity close the connection ---
+    let mut p = Publish::new(
+        "devices/d10/messages/events/",
+        QoS::AtLeastOnce,
+        b"spoof".to_vec(),
+    );
+    p.pkid = 2;
+    d1b.send(Packet::Publish(p)).await?;
+    assert!(
+        d1b.closed_within(Duration::from_secs(5)).await,
+        "spoofed publish"
+    );
+    let (mut d1, _, _) = RawMqtt::connect(mqtt, &ca, "d1", &t1, false, 60).await?;
+    d1.send(Packet::Subscribe(Subscribe::new(
+        "devices/d10/messages/devicebound/#",
+        QoS::AtLeastOnce,
+    )))
+    .await?;
+    assert!(
+        d1.closed_within(Duration::from_secs(5)).await,
+        "foreign subscription"
+    );
+
+    // --- QoS 2 publish closes the connection ---
+    let (mut d1, _, _) = RawMqtt::connect(mqtt, &ca, "d1", &t1, false, 60).await?;
+    let mut p = Publish::new(
+        "devices/d1/messages/events/",
+        QoS::ExactlyOnce,
+        b"q2".to_vec(),
+    );
+    p.pkid = 3;
+    d1.send(Packet::Publish(p)).await?;
+    assert!(d1.closed_within(Duration::from_secs(5)).await, "QoS 2");
+
+    // --- oversize telemetry is refused without PUBACK ---
+    let (mut d1, _, _) = RawMqtt::connect(mqtt, &ca, "d1", &t1, false, 60).await?;
+    let big = vec![b'x'; 300 * 1024];
+    assert!(
+        !d1.publish_acked(
+            "devices/d1/messages/events/",
+            &big,
+            4,
+            Duration::from_secs(10)
+        )
+        .await?
+    );
+
+    // --- malformed packets close the connection; the node keeps serving ---
+    let (mut d1, _, _) = RawMqtt::connect(mqtt, &ca, "d1", &t1, false, 60).await?;
+    d1.send_raw(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x7f]).await?;
+    assert!(
+        d1.closed_within(Duration::from_secs(5)).await,
+        "malformed remaining length"
+    );
+
+    // --- keep-alive: silence beyond 1.5 x keep-alive closes the connection ---
+    let (mut d1, _, _) = RawMqtt::connect(mqtt, &ca, "d1", &t1, false, 1).await?;
+    assert!(d1.closed_within(Duration::from_secs(5)).await, "keep-alive");
+
+    // --- the connection closes when its token expires ---
+    let short = device_token(host, "d1", &k1, 2)?;
+    let (mut d1, code, _) = RawMqtt::connect(mqtt, &ca, "d1", &short, false, 60).await?;
+    assert_eq!(code, ConnectReturnCode::Success);
+    assert!(
+        d1.closed_within(Duration::from_secs(8)).await,
+        "token expiry"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let state = svc.json("GET", "/devices/d1", None).await?.json();
+    assert_eq!(state["connectionState"], json!("Disconnected"));
+
+    // --- disabling a connected device drops it ---
+    let (mut d10, code, _) = RawMqtt::connect(
+        mqtt,
+        &ca,
+        "d10",
+        &device_token(host, "d10", &k10, 600)?,
+        true,
+        60,
+    )
+    .await?;
+    assert_eq!(code, ConnectReturnCode::Success);
+    let r = svc
+        .send(
+            "PUT",
+            "/devices/d10",
+            Some(Bytes::from(
+                json!({"deviceId": "d10", "status": "disabled"}).to_string(),
+            )),
+            &[("if-match", "*")],
+            Authorization::Policy,
+        )
+        .await?;
+    assert_eq!(r.status, 200);
+    assert!(
+        d10.closed_within(Duration::from_secs(5)).await,
+        "disabled device"
+    );
+
+    // --- C2D queue depth: the 51st message is refused ---
+    for i in 0..50 {
+        let r = svc
+            .send(
+                "POST",
+                "/devices/d10/messages/devicebound",
+                Some(Bytes::from(format!("m{i}"))),
+                &[],
+                Authorization::Policy,
+            )
+            .await?;
+        assert_eq!(r.status, 204, "message {i}");
+    }
+    let r = svc
+        .send(
+            "POST",
+            "/devices/d10/messages/devicebound",
+            Some(Bytes::from("m50")),
+            &[],
+            Authorization::Policy,
+        )
+        .await?;
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        r.headers.get("iothub-errorcode").map(String::as_str),
+        Some("DeviceMaximumQueueDepthExceeded")
+    );
+    let purged = svc.json("DELETE", "/devices/d10/commands", None).await?;
+    assert_eq!(purged.json()["totalMessagesPurged"], json!(50));
+
+    // --- direct method to an offline device: 404; the node is still healthy ---
+    let r = svc
+        .json(
+            "POST",
+            "/twins/d1/methods",
+            Some(&json!({"methodName": "x", "payload": {}})),
+        )
+        .await?;
+    assert_eq!(r.status, 404);
+    let (_, code, _) = RawMqtt::connect(mqtt, &ca, "d1", &t1, false, 60).await?;
+    assert_eq!(code, ConnectReturnCode::Success);
+    Ok(())
+}
