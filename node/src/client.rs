@@ -1,6 +1,10 @@
-//! A minimal client for the service REST API: SAS signing with a hub policy, HTTPS with a given CA,
-//! keep-alive HTTP/1.1 connections. Used by the integration tests, the chaos harness and the
-//! benchmark driver so they all speak to a node exactly as the SDKs do.
+//! Minimal clients for Meridian's APIs, used by the integration tests, the chaos harness and the
+//! benchmark drivers so they all speak to a node exactly as the SDKs do:
+//! * [`ServiceClient`]: the service REST API (SAS signing with a hub policy, HTTPS with a given CA,
+//!   keep-alive HTTP/1.1 connections);
+//! * [`device::RawMqtt`]: a device over MQTT/TLS with packet-level control.
+
+pub mod device;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use bytes::Bytes;
-use common::mqtt::{RawMqtt, device_token};
 use common::start_dev;
+use meridian::client::device::{RawMqtt, device_token};
 use meridian::client::{Authorization, Connection};
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, Publish, Subscribe, SubscribeReasonCode};

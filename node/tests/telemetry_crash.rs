@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use common::mqtt::{RawMqtt, device_token};
 use common::start_dev;
+use meridian::client::device::{RawMqtt, device_token};
 use meridian_proto::telemetry::telemetry_read_client::TelemetryReadClient;
 use meridian_proto::telemetry::{PartitionInfoRequest, ReadPartitionRequest};
 use rumqttc::mqttbytes::v4::ConnectReturnCode;

@@ -9,8 +9,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub mod mqtt;
-
 use anyhow::{Context, Result, bail};
 use meridian::client::ServiceClient;
 use meridian::server::Credentials;

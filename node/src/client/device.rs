@@ -1,17 +1,18 @@
-//! A bare MQTT 3.1.1 client over TLS for tests that need exact control of every packet (rules of
-//! the road, crash tests), built on the same codec as the server.
+//! A bare MQTT 3.1.1 device client over TLS with exact control of every packet, built on the same
+//! codec as the server: used by the rules-of-the-road and crash tests and by the telemetry
+//! benchmark, where the official SDKs cannot give per-message PUBACK timing.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use super::ClientError;
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Login, Packet, Publish};
 use rumqttc::mqttbytes::{Error as CodecError, QoS};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
@@ -22,29 +23,42 @@ pub struct RawMqtt {
     buf: BytesMut,
 }
 
-/// A device SAS token for `host/devices/{device}` signed with the device key.
+type Result<T> = std::result::Result<T, ClientError>;
+
+fn transport(e: impl std::fmt::Display) -> ClientError {
+    ClientError::Transport(e.to_string())
+}
+
+/// A device SAS token for `host/devices/{device}` signed with the device key, valid for
+/// `ttl_secs` (negative for an already expired token).
 pub fn device_token(host: &str, device: &str, key: &str, ttl_secs: i64) -> Result<String> {
     let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(transport)?
         .as_secs() as i64;
-    Ok(meridian::auth::sign(
+    crate::auth::sign(
         &format!("{host}/devices/{device}"),
         key,
         (now + ttl_secs).max(0) as u64,
         None,
-    )?)
+    )
+    .map_err(|e| ClientError::ConnectionString(e.message))
 }
 
-fn tls_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>> {
-    let pem = std::fs::read(ca)?;
+/// A TLS client configuration trusting the CA in `ca` (PEM).
+pub fn tls_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>> {
+    let pem = std::fs::read(ca).map_err(|e| ClientError::Ca(e.to_string()))?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        roots.add(cert?)?;
+        roots
+            .add(cert.map_err(|e| ClientError::Ca(e.to_string()))?)
+            .map_err(|e| ClientError::Ca(e.to_string()))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(Arc::new(
         rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
+            .with_safe_default_protocol_versions()
+            .map_err(transport)?
             .with_root_certificates(roots)
             .with_no_client_auth(),
     ))
@@ -60,10 +74,46 @@ impl RawMqtt {
         clean_session: bool,
         keep_alive: u16,
     ) -> Result<(Self, ConnectReturnCode, bool)> {
-        let tcp = TcpStream::connect(addr).await?;
-        let tls = TlsConnector::from(tls_config(ca)?)
-            .connect(ServerName::try_from("localhost")?, tcp)
-            .await?;
+        let tls = tls_config(ca)?;
+        Self::connect_with(
+            addr,
+            None,
+            tls,
+            client_id,
+            password,
+            clean_session,
+            keep_alive,
+        )
+        .await
+    }
+
+    /// Like [`RawMqtt::connect`] with a shared TLS configuration and an optional local address
+    /// (several loopback source addresses get past the ephemeral-port limit in large tests).
+    pub async fn connect_with(
+        addr: std::net::SocketAddr,
+        local: Option<std::net::IpAddr>,
+        tls: Arc<rustls::ClientConfig>,
+        client_id: &str,
+        password: &str,
+        clean_session: bool,
+        keep_alive: u16,
+    ) -> Result<(Self, ConnectReturnCode, bool)> {
+        let tcp = match local {
+            Some(ip) => {
+                let socket = TcpSocket::new_v4().map_err(transport)?;
+                socket
+                    .bind(std::net::SocketAddr::new(ip, 0))
+                    .map_err(transport)?;
+                socket.connect(addr).await.map_err(transport)?
+            }
+            None => TcpStream::connect(addr).await.map_err(transport)?,
+        };
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from("localhost").map_err(transport)?;
+        let tls = TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .map_err(transport)?;
         let (reader, writer) = tokio::io::split(tls);
         let mut client = Self {
             reader,
@@ -73,30 +123,32 @@ impl RawMqtt {
         let mut connect = Connect::new(client_id);
         connect.clean_session = clean_session;
         connect.keep_alive = keep_alive;
-        connect.login = Some(Login::new(
-            format!("localhost/{client_id}/?api-version=2021-04-12"),
-            password,
-        ));
+        if !password.is_empty() {
+            connect.login = Some(Login::new(
+                format!("localhost/{client_id}/?api-version=2021-04-12"),
+                password,
+            ));
+        }
         client.send(Packet::Connect(connect)).await?;
         match client.recv(Duration::from_secs(10)).await? {
             Some(Packet::ConnAck(ack)) => Ok((client, ack.code, ack.session_present)),
-            other => anyhow::bail!("expected CONNACK, got {other:?}"),
+            other => Err(ClientError::Transport(format!(
+                "expected CONNACK, got {other:?}"
+            ))),
         }
     }
 
     /// Writes one packet.
     pub async fn send(&mut self, packet: Packet) -> Result<()> {
         let mut out = BytesMut::new();
-        packet
-            .write(&mut out, usize::MAX)
-            .map_err(|e| anyhow::anyhow!("encode: {e}"))?;
-        self.writer.write_all(&out).await?;
+        packet.write(&mut out, usize::MAX).map_err(transport)?;
+        self.writer.write_all(&out).await.map_err(transport)?;
         Ok(())
     }
 
     /// Writes raw bytes (for malformed input).
     pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<()> {
-        self.writer.write_all(bytes).await?;
+        self.writer.write_all(bytes).await.map_err(transport)?;
         Ok(())
     }
 
@@ -107,7 +159,7 @@ impl RawMqtt {
                 match Packet::read(&mut self.buf, 1 << 20) {
                     Ok(p) => return Ok(Some(p)),
                     Err(CodecError::InsufficientBytes(_)) => {}
-                    Err(e) => anyhow::bail!("decode: {e}"),
+                    Err(e) => return Err(transport(format!("decode: {e}"))),
                 }
                 match self.reader.read_buf(&mut self.buf).await {
                     Ok(0) | Err(_) => return Ok(None),
@@ -116,7 +168,7 @@ impl RawMqtt {
             }
         })
         .await
-        .context("timed out waiting for a packet")?
+        .map_err(|_| ClientError::Timeout(timeout))?
     }
 
     /// Whether the server closes the connection within `timeout` (packets before that are
