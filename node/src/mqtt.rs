@@ -61,10 +61,61 @@ pub struct MqttContext {
     pub max_packet_bytes: usize,
 }
 
+/// The partition that records device connect/disconnect events (outside the telemetry range), for
+/// routing to consume later (Azure's DeviceConnected/DeviceDisconnected). Its offsets are the
+/// events' increasing sequence numbers.
+pub const CONNECTION_EVENTS_PARTITION: u32 = u32::MAX;
+
 /// Longest direct-method payload (Azure: 128 KB).
 pub const MAX_METHOD_PAYLOAD: usize = 128 * 1024;
 
 impl MqttContext {
+    /// Appends a connection-state event (fsync'd) to [`CONNECTION_EVENTS_PARTITION`].
+    pub async fn record_connection_event(
+        &self,
+        device_id: &str,
+        module_id: Option<&str>,
+        connected: bool,
+        now: &str,
+    ) {
+        let op = if connected {
+            "deviceConnected"
+        } else {
+            "deviceDisconnected"
+        };
+        let mut system = std::collections::BTreeMap::new();
+        system.insert(
+            "iothub-message-source".to_string(),
+            "deviceConnectionStateEvents".to_string(),
+        );
+        system.insert(
+            "iothub-connection-device-id".to_string(),
+            device_id.to_string(),
+        );
+        if let Some(m) = module_id {
+            system.insert("iothub-connection-module-id".to_string(), m.to_string());
+        }
+        system.insert("iothub-enqueuedtime".to_string(), now.to_string());
+        system.insert("content-type".to_string(), "application/json".to_string());
+        let mut application = std::collections::BTreeMap::new();
+        application.insert("opType".to_string(), op.to_string());
+        let body = serde_json::json!({
+            "deviceId": device_id, "moduleId": module_id, "opType": op, "operationTimestamp": now
+        });
+        let message = crate::domain::telemetry::TelemetryMessage {
+            system_properties: system,
+            application_properties: application,
+            body: body.to_string().into_bytes(),
+        };
+        if let Err(e) = self
+            .telemetry
+            .append(CONNECTION_EVENTS_PARTITION, message.encode())
+            .await
+        {
+            tracing::warn!(device_id, error = %e, "recording connection event failed");
+        }
+    }
+
     /// Invokes a direct method on a device or module connected to this node.
     ///
     /// Waits up to `connect_timeout` for the device to connect, then up to `response_timeout` for

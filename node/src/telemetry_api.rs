@@ -36,7 +36,9 @@ impl TelemetryRead for TelemetryReadImpl {
         request: Request<ReadPartitionRequest>,
     ) -> Result<Response<Self::ReadPartitionStream>, Status> {
         let req = request.into_inner();
-        if req.partition >= self.partitions {
+        if req.partition >= self.partitions
+            && req.partition != crate::mqtt::CONNECTION_EVENTS_PARTITION
+        {
             return Err(Status::invalid_argument(format!(
                 "partition {} does not exist (0..{})",
                 req.partition, self.partitions

@@ -11,6 +11,8 @@ use bytes::Bytes;
 use common::start_dev;
 use meridian::client::device::{RawMqtt, device_token};
 use meridian::client::{Authorization, Connection};
+use meridian_proto::telemetry::ReadPartitionRequest;
+use meridian_proto::telemetry::telemetry_read_client::TelemetryReadClient;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, Publish, Subscribe, SubscribeReasonCode};
 use serde_json::json;
@@ -243,7 +245,64 @@ async fn device_endpoint_enforces_azure_rules() -> Result<()> {
         )
         .await?;
     assert_eq!(r.status, 404);
-    let (_, code, _) = RawMqtt::connect(mqtt, &ca, "d1", &t1, false, 60).await?;
+    let (mut d1, code, _) = RawMqtt::connect(mqtt, &ca, "d1", &t1, false, 60).await?;
     assert_eq!(code, ConnectReturnCode::Success);
+
+    // --- a subscribed device that never answers: 504 after responseTimeoutInSeconds ---
+    d1.send(Packet::Subscribe(Subscribe::new(
+        "$iothub/methods/POST/#",
+        QoS::AtLeastOnce,
+    )))
+    .await?;
+    assert!(matches!(
+        d1.recv(Duration::from_secs(10)).await?,
+        Some(Packet::SubAck(_))
+    ));
+    let started = std::time::Instant::now();
+    let r = svc
+        .json(
+            "POST",
+            "/twins/d1/methods",
+            Some(
+                &json!({"methodName": "slow", "payload": {"a": 1}, "responseTimeoutInSeconds": 5}),
+            ),
+        )
+        .await?;
+    assert_eq!(r.status, 504, "{:?}", r.json());
+    assert!(started.elapsed() >= Duration::from_secs(5));
+    match d1.recv(Duration::from_secs(1)).await? {
+        Some(Packet::Publish(p)) => {
+            assert!(p.topic.starts_with("$iothub/methods/POST/slow/?$rid="))
+        }
+        other => panic!("expected the method request, got {other:?}"),
+    }
+    d1.send(Packet::Disconnect).await?;
+
+    // --- connect and disconnect events are recorded for routing ---
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let grpc = cluster.node(1).grpc;
+    let mut reader = TelemetryReadClient::connect(format!("http://{grpc}")).await?;
+    let mut stream = reader
+        .read_partition(ReadPartitionRequest {
+            partition: u32::MAX,
+            from_offset: 0,
+            max_records: 10_000,
+        })
+        .await?
+        .into_inner();
+    let mut ops = Vec::new();
+    while let Some(record) = stream.message().await? {
+        if record
+            .system_properties
+            .get("iothub-connection-device-id")
+            .map(String::as_str)
+            == Some("d1")
+        {
+            ops.push(record.application_properties["opType"].clone());
+        }
+    }
+    assert!(ops.len() >= 4, "{ops:?}");
+    assert_eq!(ops.first().map(String::as_str), Some("deviceConnected"));
+    assert_eq!(ops.last().map(String::as_str), Some("deviceDisconnected"));
     Ok(())
 }

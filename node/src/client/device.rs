@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::ClientError;
 use bytes::BytesMut;
+pub use rumqttc::mqttbytes::v4::ConnectReturnCode as ConnAckCode;
 use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Login, Packet, Publish};
 use rumqttc::mqttbytes::{Error as CodecError, QoS};
 use rustls::pki_types::ServerName;

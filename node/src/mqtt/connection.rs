@@ -240,6 +240,13 @@ where
         return;
     }
     tracing::info!(%peer, client_id, session_present, auth = auth.auth_type, "device connected");
+    ctx.record_connection_event(
+        &identity.device_id,
+        identity.module_id.as_deref(),
+        true,
+        &iso_now(),
+    )
+    .await;
 
     let keep_alive = Duration::from_millis(u64::from(connect.keep_alive) * 1500);
     let expires_at = auth.expires_at;
@@ -791,6 +798,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 })
                 .await;
         }
+        let now = iso_now();
         let _ = self
             .ctx
             .hub
@@ -798,8 +806,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 device_id: self.device_id(),
                 module_id: self.module_id(),
                 connected: false,
-                now: iso_now(),
+                now: now.clone(),
             })
+            .await;
+        self.ctx
+            .record_connection_event(
+                &self.identity.device_id,
+                self.identity.module_id.as_deref(),
+                false,
+                &now,
+            )
             .await;
     }
 }

@@ -1,0 +1,406 @@
+//! Telemetry benchmark: acknowledged QoS 1 messages/s and PUBACK latency over TLS from many
+//! connected devices on one node, side by side with Mosquitto 2.0 (persistence on) driven by the
+//! same client; CONNECT rate; memory per idle connected TLS device.
+//!
+//! `cargo run --release -p meridian-chaos --bin telemetry-bench -- --help`
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use meridian::client::ServiceClient;
+use meridian::client::device::{
+    ConnAckCode as ConnectReturnCode, RawMqtt, device_token, tls_config,
+};
+use serde_json::{Value, json};
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// The meridian binary.
+    #[arg(long, default_value = "target/release/meridian")]
+    meridian_bin: PathBuf,
+    /// The mosquitto binary (Debian package mosquitto).
+    #[arg(long, default_value = "/usr/sbin/mosquitto")]
+    mosquitto_bin: PathBuf,
+    /// Connected devices publishing (one QoS 1 message in flight each).
+    #[arg(long, default_value_t = 1000)]
+    devices: usize,
+    /// Seconds of load per system.
+    #[arg(long, default_value_t = 15)]
+    seconds: u64,
+    /// Telemetry payload bytes.
+    #[arg(long, default_value_t = 256)]
+    payload: usize,
+    /// Skip Mosquitto.
+    #[arg(long)]
+    no_mosquitto: bool,
+    /// Instead of the load test: connect this many idle devices to Meridian and report the
+    /// server's memory per connection (comma-separated list, e.g. 10000,100000).
+    #[arg(long, value_delimiter = ',')]
+    idle: Vec<usize>,
+}
+
+fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+struct Target {
+    addr: SocketAddr,
+    /// (client id, password) per device.
+    devices: Vec<(String, String)>,
+}
+
+async fn start_meridian(args: &Args, dir: &Path, devices: usize) -> Result<(Proc, Target)> {
+    let p = free_ports(4)?;
+    let data = dir.join("meridian");
+    let child = Command::new(&args.meridian_bin)
+        .args(["dev", "--data-dir"])
+        .arg(&data)
+        .args([
+            "--https-port",
+            &p[0].to_string(),
+            "--grpc-port",
+            &p[1].to_string(),
+        ])
+        .args([
+            "--metrics-port",
+            &p[2].to_string(),
+            "--mqtt-port",
+            &p[3].to_string(),
+        ])
+        .env("MERIDIAN_OBSERVABILITY__LOG_FILTER", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("meridian.log"))?)
+        .spawn()
+        .context("spawn meridian")?;
+    let proc = Proc(child);
+    let creds_path = data.join("dev-credentials.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !creds_path.exists() {
+        if Instant::now() > deadline {
+            bail!("meridian did not start; see {}", dir.display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let creds: Value = serde_json::from_slice(&std::fs::read(&creds_path)?)?;
+    let ca = data.join("tls/ca.pem");
+    let service = ServiceClient::new(
+        creds["service_connection_string"]
+            .as_str()
+            .unwrap_or_default(),
+        SocketAddr::from(([127, 0, 0, 1], p[0])),
+        &ca,
+    )?;
+    // Create the devices over a few keep-alive connections.
+    let mut tasks = Vec::new();
+    let per = devices.div_ceil(8);
+    for w in 0..8 {
+        let service = service.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = service.connect().await?;
+            let mut out = Vec::new();
+            for i in (w * per)..((w + 1) * per).min(devices) {
+                let id = format!("bench-{i}");
+                let r = conn
+                    .json(
+                        "PUT",
+                        &format!("/devices/{id}"),
+                        Some(&json!({"deviceId": id})),
+                    )
+                    .await?;
+                if r.status != 200 {
+                    bail!("create {id}: {}", r.status);
+                }
+                let key = r.json()["authentication"]["symmetricKey"]["primaryKey"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                out.push((id.clone(), device_token("localhost", &id, &key, 24 * 3600)?));
+            }
+            Ok(out)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    Ok((
+        proc,
+        Target {
+            addr: SocketAddr::from(([127, 0, 0, 1], p[3])),
+            devices: all,
+        },
+    ))
+}
+
+async fn start_mosquitto(
+    args: &Args,
+    dir: &Path,
+    devices: usize,
+    cert: &Path,
+    key: &Path,
+) -> Result<(Proc, Target)> {
+    let port = free_ports(1)?[0];
+    let persistence = dir.join("mosquitto-data");
+    std::fs::create_dir_all(&persistence)?;
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\ncertfile {}\nkeyfile {}\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_connections -1\nlog_dest none\n",
+            cert.display(),
+            key.display(),
+            persistence.display()
+        ),
+    )?;
+    let child = Command::new(&args.mosquitto_bin)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("mosquitto.log"))?)
+        .spawn()
+        .context("spawn mosquitto")?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok((
+        Proc(child),
+        Target {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            devices: (0..devices)
+                .map(|i| (format!("bench-{i}"), String::new()))
+                .collect(),
+        },
+    ))
+}
+
+/// Loopback source addresses, so many connections fit in the ephemeral port range.
+fn source(i: usize) -> Option<IpAddr> {
+    Some(IpAddr::V4(Ipv4Addr::new(127, 0, 1, (1 + i / 20_000) as u8)))
+}
+
+struct Load {
+    connect_rate: f64,
+    acked: usize,
+    elapsed: Duration,
+    p50: Duration,
+    p99: Duration,
+    failed_devices: usize,
+}
+
+async fn run_load(target: &Target, ca: &Path, seconds: u64, payload: usize) -> Result<Load> {
+    let tls = tls_config(ca)?;
+    // Connect everyone first (bounded concurrency), measuring the CONNECT + auth rate.
+    let started = Instant::now();
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut connecting = Vec::new();
+    for (i, (id, password)) in target.devices.iter().cloned().enumerate() {
+        let (tls, semaphore, addr) = (tls.clone(), semaphore.clone(), target.addr);
+        connecting.push(tokio::spawn(async move {
+            let _permit = semaphore.acquire_owned().await?;
+            let (client, code, _) =
+                RawMqtt::connect_with(addr, source(i), tls, &id, &password, true, 600).await?;
+            if code != ConnectReturnCode::Success {
+                bail!("{id}: {code:?}");
+            }
+            Ok::<_, anyhow::Error>((id, client))
+        }));
+    }
+    let mut clients = Vec::new();
+    for c in connecting {
+        clients.push(c.await??);
+    }
+    let connect_rate = clients.len() as f64 / started.elapsed().as_secs_f64();
+
+    let body = vec![b'x'; payload];
+    let load_start = Instant::now();
+    let stop = load_start + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for (id, mut client) in clients {
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut seq: u64 = 0;
+            let topic = format!("devices/{id}/messages/events/");
+            while Instant::now() < stop {
+                seq += 1;
+                let t0 = Instant::now();
+                match client
+                    .publish_acked(
+                        &topic,
+                        &body,
+                        (seq % 60_000) as u16 + 1,
+                        Duration::from_secs(30),
+                    )
+                    .await
+                {
+                    Ok(true) => latencies.push(t0.elapsed()),
+                    _ => return (latencies, true),
+                }
+            }
+            (latencies, false)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut failed = 0;
+    for t in tasks {
+        let (l, f) = t.await?;
+        all.extend(l);
+        failed += usize::from(f);
+    }
+    let elapsed = load_start.elapsed();
+    all.sort_unstable();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or_default()
+    };
+    Ok(Load {
+        connect_rate,
+        acked: all.len(),
+        elapsed,
+        p50: pct(0.5),
+        p99: pct(0.99),
+        failed_devices: failed,
+    })
+}
+
+fn row(name: &str, l: &Load) -> String {
+    format!(
+        "| {name} | {:.0} | {:.2} | {:.2} | {} | {:.0} | {} |",
+        l.acked as f64 / l.elapsed.as_secs_f64(),
+        l.p50.as_secs_f64() * 1e3,
+        l.p99.as_secs_f64() * 1e3,
+        l.acked,
+        l.connect_rate,
+        l.failed_devices
+    )
+}
+
+async fn idle_memory(args: &Args, dir: &Path, count: usize) -> Result<String> {
+    let (proc, target) = start_meridian(args, dir, count).await?;
+    let ca = dir.join("meridian/tls/ca.pem");
+    let tls = tls_config(&ca)?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = rss_kib(proc.0.id()).context("rss")?;
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(256));
+    let mut tasks = Vec::new();
+    for (i, (id, password)) in target.devices.iter().cloned().enumerate() {
+        let (tls, semaphore, addr) = (tls.clone(), semaphore.clone(), target.addr);
+        tasks.push(tokio::spawn(async move {
+            let _permit = semaphore.acquire_owned().await?;
+            let (client, code, _) =
+                RawMqtt::connect_with(addr, source(i), tls, &id, &password, true, 1000).await?;
+            if code != ConnectReturnCode::Success {
+                bail!("{id}: {code:?}");
+            }
+            Ok::<_, anyhow::Error>(client)
+        }));
+    }
+    let started = Instant::now();
+    let mut held = Vec::new();
+    for t in tasks {
+        held.push(t.await??);
+    }
+    let connect_secs = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = rss_kib(proc.0.id()).context("rss")?;
+    drop(held);
+    Ok(format!(
+        "| {count} | {:.1} | {:.1} | {:.0} |",
+        before as f64 / 1024.0,
+        after as f64 / 1024.0,
+        (after.saturating_sub(before)) as f64 * 1024.0 / count as f64 / 1024.0
+    ) + &format!(" (connected in {connect_secs:.1} s)"))
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let dir = tempfile::tempdir()?;
+    println!("work dir: {}", dir.path().display());
+    if !args.idle.is_empty() {
+        let mut lines = vec![
+            "| idle devices | server RSS before (MiB) | after (MiB) | KiB per device |".to_string(),
+            "|---|---|---|---|".to_string(),
+        ];
+        for (n, count) in args.idle.iter().enumerate() {
+            let sub = dir.path().join(format!("idle{n}"));
+            std::fs::create_dir_all(&sub)?;
+            let line = idle_memory(&args, &sub, *count).await?;
+            println!("{line}");
+            lines.push(line);
+        }
+        println!("\n{}", lines.join("\n"));
+        return Ok(());
+    }
+    let mut lines = vec![
+        format!(
+            "| broker ({} devices, {} B payload, QoS 1, TLS) | acked msg/s | p50 ms | p99 ms | acked | CONNECTs/s | failed devices |",
+            args.devices, args.payload
+        ),
+        "|---|---|---|---|---|---|---|".to_string(),
+    ];
+    let meridian_row;
+    let meridian_rate;
+    {
+        let (_proc, target) = start_meridian(&args, dir.path(), args.devices).await?;
+        let ca = dir.path().join("meridian/tls/ca.pem");
+        println!("meridian: {} devices for {} s", args.devices, args.seconds);
+        let l = run_load(&target, &ca, args.seconds, args.payload).await?;
+        meridian_rate = l.acked as f64 / l.elapsed.as_secs_f64();
+        meridian_row = row("Meridian (fsync before PUBACK)", &l);
+        println!("{meridian_row}");
+    }
+    lines.push(meridian_row);
+    if !args.no_mosquitto {
+        let tls = dir.path().join("meridian/tls");
+        let (_proc, target) = start_mosquitto(
+            &args,
+            dir.path(),
+            args.devices,
+            &tls.join("server.pem"),
+            &tls.join("server.key"),
+        )
+        .await?;
+        println!("mosquitto: {} devices for {} s", args.devices, args.seconds);
+        let l = run_load(&target, &tls.join("ca.pem"), args.seconds, args.payload).await?;
+        let r = row("Mosquitto 2.0 (persistence on)", &l);
+        println!("{r}");
+        lines.push(r);
+        lines.push(format!(
+            "\nratio Meridian/Mosquitto acked msg/s: {:.2}",
+            meridian_rate / (l.acked as f64 / l.elapsed.as_secs_f64())
+        ));
+    }
+    println!("\n{}", lines.join("\n"));
+    Ok(())
+}
