@@ -85,10 +85,12 @@ impl TelemetryLog {
         let mut opts = rocksdb::Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        let cfs = [rocksdb::ColumnFamilyDescriptor::new(
-            CF_TELEMETRY,
-            rocksdb::Options::default(),
-        )];
+        // Telemetry bodies are mostly small and often already compact; compressing memtable flushes
+        // costs CPU on the ingest path for little gain. A larger write buffer means fewer flushes.
+        let mut cf_opts = rocksdb::Options::default();
+        cf_opts.set_compression_type(rocksdb::DBCompressionType::None);
+        cf_opts.set_write_buffer_size(64 * 1024 * 1024);
+        let cfs = [rocksdb::ColumnFamilyDescriptor::new(CF_TELEMETRY, cf_opts)];
         let db = Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?);
         let (tx, rx) = std_mpsc::channel::<Append>();
         let writer_db = db.clone();

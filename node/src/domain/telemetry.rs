@@ -88,6 +88,21 @@ pub struct Sender {
     pub auth_type: &'static str,
 }
 
+impl Sender {
+    /// Azure's `iothub-connection-auth-method` value for this sender.
+    pub fn auth_method(&self) -> String {
+        let scope = if self.module_id.is_some() {
+            "module"
+        } else {
+            "device"
+        };
+        format!(
+            "{{\"scope\":\"{scope}\",\"type\":\"{}\",\"issuer\":\"iothub\"}}",
+            self.auth_type
+        )
+    }
+}
+
 impl TelemetryMessage {
     /// Builds a message from a topic's property bag and body, stamping the hub's properties.
     pub fn from_device(
@@ -135,17 +150,9 @@ impl TelemetryMessage {
             "iothub-connection-auth-generation-id".into(),
             sender.generation_id.clone(),
         );
-        let scope = if sender.module_id.is_some() {
-            "module"
-        } else {
-            "device"
-        };
         system.insert(
             "iothub-connection-auth-method".into(),
-            format!(
-                "{{\"scope\":\"{scope}\",\"type\":\"{}\",\"issuer\":\"iothub\"}}",
-                sender.auth_type
-            ),
+            sender.auth_method(),
         );
         system.insert("iothub-enqueuedtime".into(), enqueued_time.to_string());
         system.insert("iothub-message-source".into(), "Telemetry".into());
