@@ -134,6 +134,13 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         )
         .route("/$iothub/websocket", get(mqtt_websocket))
         .route("/statistics/devices", get(registry_statistics))
+        .route("/meridian/certificates", get(list_certificates))
+        .route(
+            "/meridian/certificates/{name}",
+            get(get_certificate)
+                .put(put_certificate)
+                .delete(delete_certificate),
+        )
         .route("/meridian/policies", get(list_policies))
         .route(
             "/meridian/policies/{name}",
@@ -705,6 +712,88 @@ async fn delete_policy(
         .write(HubCommand::DeletePolicy { key_name: name })
         .await?
     {
+        HubResponse::Deleted => Ok(no_content()),
+        other => Err(unexpected(other)),
+    }
+}
+
+// ---- CA certificates (operator API; Azure registers them through ARM) ----
+
+/// Body of `PUT /meridian/certificates/{name}`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CertificateSpec {
+    certificate: String,
+    #[serde(default)]
+    is_verified: bool,
+}
+
+async fn list_certificates(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    authorize_owner(&s, &headers).await?;
+    let certs = s
+        .hub
+        .read(ReadConsistency::Linearizable, |st| {
+            Ok(st.certificates.values().cloned().collect::<Vec<_>>())
+        })
+        .await?;
+    Ok(ok_json(serde_json::to_value(certs).unwrap_or(Value::Null)))
+}
+
+async fn get_certificate(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    authorize_owner(&s, &headers).await?;
+    let cert = s
+        .hub
+        .read(ReadConsistency::Linearizable, |st| {
+            st.certificates.get(&name).cloned().ok_or_else(|| {
+                HubError::new(
+                    ErrorCode::ResourceNotFound,
+                    format!("no certificate named {name}"),
+                )
+            })
+        })
+        .await?;
+    Ok(ok_json(serde_json::to_value(cert).unwrap_or(Value::Null)))
+}
+
+async fn put_certificate(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    authorize_owner(&s, &headers).await?;
+    let spec: CertificateSpec = parse_body(&body)?;
+    let der = crate::auth::pem_certificate(&spec.certificate)?;
+    let trust = rustls::pki_types::CertificateDer::from(der.as_slice());
+    webpki::anchor_from_trusted_cert(&trust)
+        .map_err(|e| HubError::invalid(format!("not a usable CA certificate: {e}")))?;
+    let certificate = crate::domain::state::CaCertificate {
+        name,
+        certificate: spec.certificate,
+        thumbprint: crate::auth::thumbprints(&der).1,
+        is_verified: spec.is_verified,
+    };
+    match s
+        .hub
+        .write(HubCommand::PutCertificate { certificate })
+        .await?
+    {
+        HubResponse::Certificate(c) => Ok(ok_json(serde_json::to_value(c).unwrap_or(Value::Null))),
+        other => Err(unexpected(other)),
+    }
+}
+
+async fn delete_certificate(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    authorize_owner(&s, &headers).await?;
+    match s.hub.write(HubCommand::DeleteCertificate { name }).await? {
         HubResponse::Deleted => Ok(no_content()),
         other => Err(unexpected(other)),
     }

@@ -328,8 +328,8 @@ mod tests {
 pub enum DeviceCredential<'a> {
     /// The MQTT password: a SAS token.
     Sas(&'a str),
-    /// The DER of the TLS client certificate (no password).
-    ClientCertificate(&'a [u8]),
+    /// The TLS client certificate chain, leaf first, DER (no password).
+    ClientCertificate(&'a [Vec<u8>]),
 }
 
 /// A successfully authenticated device connection.
@@ -423,11 +423,23 @@ pub fn authenticate_device(
                 expires_at: Some(token.expiry),
             })
         }
-        DeviceCredential::ClientCertificate(der) => {
+        DeviceCredential::ClientCertificate(chain) => {
             let auth = &identity.authentication;
+            let Some(der) = chain.first() else {
+                return Err(unauthorized("no client certificate"));
+            };
+            if auth.kind == AuthenticationType::CertificateAuthority {
+                let expected_cn = module_id.unwrap_or(device_id);
+                verify_ca_chain(state, chain, expected_cn, now)?;
+                return Ok(DeviceAuth {
+                    generation_id: identity.generation_id.clone(),
+                    auth_type: "x509Certificate",
+                    expires_at: None,
+                });
+            }
             if auth.kind != AuthenticationType::SelfSigned {
                 return Err(unauthorized(
-                    "this identity does not authenticate with an X.509 thumbprint",
+                    "this identity does not authenticate with an X.509 certificate",
                 ));
             }
             let (s1, s256) = thumbprints(der);
@@ -451,4 +463,79 @@ pub fn authenticate_device(
             })
         }
     }
+}
+
+/// Reads the single certificate of a PEM text as DER.
+pub fn pem_certificate(pem: &str) -> HubResult<Vec<u8>> {
+    let mut certs = rustls_pemfile::certs(&mut pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| HubError::invalid(format!("certificate PEM: {e}")))?;
+    if certs.len() != 1 {
+        return Err(HubError::invalid(
+            "the PEM must hold exactly one certificate",
+        ));
+    }
+    if pem.contains("PRIVATE KEY") {
+        return Err(HubError::invalid("the PEM must not contain a private key"));
+    }
+    Ok(certs.remove(0).as_ref().to_vec())
+}
+
+/// Verifies a client chain against the hub's verified CA certificates (client-auth usage, validity
+/// at `now`) and that the leaf's subject CN is the device (or module) id, as Azure requires.
+fn verify_ca_chain(
+    state: &crate::domain::HubState,
+    chain: &[Vec<u8>],
+    expected_cn: &str,
+    now: u64,
+) -> HubResult<()> {
+    use rustls::pki_types::{CertificateDer, UnixTime};
+    let anchor_ders: Vec<Vec<u8>> = state
+        .certificates
+        .values()
+        .filter(|c| c.is_verified)
+        .filter_map(|c| pem_certificate(&c.certificate).ok())
+        .collect();
+    let anchor_certs: Vec<CertificateDer<'_>> = anchor_ders
+        .iter()
+        .map(|d| CertificateDer::from(d.as_slice()))
+        .collect();
+    let anchors: Vec<_> = anchor_certs
+        .iter()
+        .filter_map(|c| webpki::anchor_from_trusted_cert(c).ok())
+        .collect();
+    if anchors.is_empty() {
+        return Err(unauthorized("no verified CA certificate is registered"));
+    }
+    let leaf = CertificateDer::from(chain[0].as_slice());
+    let intermediates: Vec<CertificateDer<'_>> = chain[1..]
+        .iter()
+        .map(|d| CertificateDer::from(d.as_slice()))
+        .collect();
+    let end_entity = webpki::EndEntityCert::try_from(&leaf)
+        .map_err(|e| unauthorized(format!("client certificate: {e}")))?;
+    end_entity
+        .verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            &intermediates,
+            UnixTime::since_unix_epoch(std::time::Duration::from_secs(now)),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| unauthorized(format!("client certificate chain: {e}")))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(&chain[0])
+        .map_err(|e| unauthorized(format!("client certificate: {e}")))?;
+    let cn = parsed
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|a| a.as_str().ok());
+    if cn != Some(expected_cn) {
+        return Err(unauthorized(format!(
+            "the client certificate's subject CN {cn:?} is not {expected_cn}"
+        )));
+    }
+    Ok(())
 }

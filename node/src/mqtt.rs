@@ -261,13 +261,18 @@ pub async fn serve_tls(
                     }
                     Err(_) => return,
                 };
-            let client_cert = stream
+            let client_chain = stream
                 .get_ref()
                 .1
                 .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| c.as_ref().to_vec());
-            connection::serve(ctx, stream, peer.to_string(), client_cert).await;
+                .map(|chain| {
+                    chain
+                        .iter()
+                        .map(|c| c.as_ref().to_vec())
+                        .collect::<Vec<_>>()
+                })
+                .filter(|chain| !chain.is_empty());
+            connection::serve(ctx, stream, peer.to_string(), client_chain).await;
         });
     }
 }

@@ -46,8 +46,32 @@ pub fn device_token(host: &str, device: &str, key: &str, ttl_secs: i64) -> Resul
     .map_err(|e| ClientError::ConnectionString(e.message))
 }
 
-/// A TLS client configuration trusting the CA in `ca` (PEM).
-pub fn tls_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>> {
+/// A TLS client configuration trusting `ca` that presents a client certificate chain (PEM) with its
+/// key (PEM), for X.509 devices.
+pub fn tls_config_with_certificate(
+    ca: &Path,
+    chain_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<rustls::ClientConfig>> {
+    let roots = root_store(ca)?;
+    let chain = rustls_pemfile::certs(&mut chain_pem.as_bytes())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| ClientError::Ca(e.to_string()))?;
+    let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
+        .map_err(|e| ClientError::Ca(e.to_string()))?
+        .ok_or_else(|| ClientError::Ca("no private key".into()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(transport)?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(transport)?,
+    ))
+}
+
+fn root_store(ca: &Path) -> Result<rustls::RootCertStore> {
     let pem = std::fs::read(ca).map_err(|e| ClientError::Ca(e.to_string()))?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
@@ -55,6 +79,12 @@ pub fn tls_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>> {
             .add(cert.map_err(|e| ClientError::Ca(e.to_string()))?)
             .map_err(|e| ClientError::Ca(e.to_string()))?;
     }
+    Ok(roots)
+}
+
+/// A TLS client configuration trusting the CA in `ca` (PEM).
+pub fn tls_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>> {
+    let roots = root_store(ca)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(Arc::new(
         rustls::ClientConfig::builder_with_provider(provider)

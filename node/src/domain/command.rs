@@ -220,6 +220,16 @@ pub enum HubCommand {
         /// Lock token.
         lock_token: String,
     },
+    /// Registers (or replaces) a CA certificate for X.509 CA device authentication.
+    PutCertificate {
+        /// The certificate, already parsed and checked by the proposer.
+        certificate: super::state::CaCertificate,
+    },
+    /// Removes a CA certificate.
+    DeleteCertificate {
+        /// Its name.
+        name: String,
+    },
     /// Merges a device's reported-properties patch.
     UpdateReported {
         /// Device id.
@@ -246,6 +256,8 @@ impl HubCommand {
             HubCommand::ReplaceTwin { .. } => "replace_twin",
             HubCommand::UpdateReported { .. } => "update_reported",
             HubCommand::PutPolicy { .. } => "put_policy",
+            HubCommand::PutCertificate { .. } => "put_certificate",
+            HubCommand::DeleteCertificate { .. } => "delete_certificate",
             HubCommand::SetConnectionState { .. } => "set_connection_state",
             HubCommand::SetSession { .. } => "set_session",
             HubCommand::ClearSession { .. } => "clear_session",
@@ -278,6 +290,8 @@ pub enum HubResponse {
     Twin(Value),
     /// The new reported `$version`.
     ReportedVersion(u64),
+    /// A CA certificate, as stored.
+    Certificate(super::state::CaCertificate),
     /// A shared access policy, as stored.
     Policy(super::policy::SharedAccessPolicy),
     /// The entity was deleted.

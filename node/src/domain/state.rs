@@ -87,6 +87,23 @@ pub struct HubState {
     /// Feedback handed to a receiver, by lock token: (lock expiry in Unix ms, records).
     #[serde(default)]
     pub feedback_locks: BTreeMap<String, (u64, Vec<FeedbackRecord>)>,
+    /// CA certificates for devices with `certificateAuthority` authentication, by name.
+    #[serde(default)]
+    pub certificates: BTreeMap<String, CaCertificate>,
+}
+
+/// A CA certificate registered with the hub (Azure's "certificates" of a hub).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaCertificate {
+    /// Name it is registered under.
+    pub name: String,
+    /// The certificate, PEM.
+    pub certificate: String,
+    /// Upper-case hex SHA-256 of its DER.
+    pub thumbprint: String,
+    /// Only verified certificates (proof of possession done) authenticate devices.
+    pub is_verified: bool,
 }
 
 /// The policy every hub has and keeps, with every permission.
@@ -494,6 +511,21 @@ impl HubState {
                     self.feedback.push_front(r);
                 }
                 Ok(HubResponse::Applied)
+            }
+            HubCommand::PutCertificate { certificate } => {
+                validate_policy_name(&certificate.name)?;
+                self.certificates
+                    .insert(certificate.name.clone(), certificate.clone());
+                Ok(HubResponse::Certificate(certificate))
+            }
+            HubCommand::DeleteCertificate { name } => {
+                self.certificates.remove(&name).ok_or_else(|| {
+                    HubError::new(
+                        ErrorCode::ResourceNotFound,
+                        format!("no certificate named {name}"),
+                    )
+                })?;
+                Ok(HubResponse::Deleted)
             }
             HubCommand::UpdateReported {
                 device_id,

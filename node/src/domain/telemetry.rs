@@ -150,10 +150,7 @@ impl TelemetryMessage {
             "iothub-connection-auth-generation-id".into(),
             sender.generation_id.clone(),
         );
-        system.insert(
-            "iothub-connection-auth-method".into(),
-            sender.auth_method(),
-        );
+        system.insert("iothub-connection-auth-method".into(), sender.auth_method());
         system.insert("iothub-enqueuedtime".into(), enqueued_time.to_string());
         system.insert("iothub-message-source".into(), "Telemetry".into());
         Ok(Self {

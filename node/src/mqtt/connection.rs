@@ -106,8 +106,12 @@ fn connack_code(error: &HubError) -> ConnectReturnCode {
 }
 
 /// Serves one MQTT connection until it ends.
-pub async fn serve<S>(ctx: Arc<MqttContext>, stream: S, peer: String, client_cert: Option<Vec<u8>>)
-where
+pub async fn serve<S>(
+    ctx: Arc<MqttContext>,
+    stream: S,
+    peer: String,
+    client_chain: Option<Vec<Vec<u8>>>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
@@ -151,7 +155,7 @@ where
     let credential = if !password.is_empty() {
         Some(DeviceCredential::Sas(password))
     } else {
-        client_cert
+        client_chain
             .as_deref()
             .map(DeviceCredential::ClientCertificate)
     };
