@@ -15,4 +15,12 @@ echo "== cargo build"
 cargo build --workspace --all-targets
 echo "== cargo test"
 # Integration tests start whole clusters; one test binary at a time keeps 2-core machines honest.
-cargo test --workspace --no-fail-fast -- --test-threads=1
+log="$(mktemp)"
+status=0
+cargo test --workspace --no-fail-fast -- --test-threads=1 2>&1 | tee "$log" || status=$?
+# One closing line for every test binary together (cargo prints one per binary, the last of which
+# is often a doc-test run with nothing in it).
+summary=$(awk '/^test result:/ { for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } } END { printf "%d passed, %d failed", p, f }' "$log")
+rm -f "$log"
+echo "tests: $summary"
+exit "$status"
