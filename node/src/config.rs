@@ -210,7 +210,7 @@ pub struct ObservabilitySection {
 impl Default for ObservabilitySection {
     fn default() -> Self {
         Self {
-            log_filter: "info".into(),
+            log_filter: "info,openraft=warn".into(),
             json_logs: false,
             otlp_endpoint: None,
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),

@@ -35,6 +35,8 @@ pub struct MqttSection {
     pub partitions: u32,
     /// Largest MQTT packet accepted, in bytes (default 512 KiB; telemetry bodies stop at 256 KB).
     pub max_packet_bytes: usize,
+    /// Telemetry kept on this node, in bytes (default 64 GiB); past it the oldest is dropped.
+    pub retention_bytes: u64,
 }
 
 impl Default for MqttSection {
@@ -43,6 +45,7 @@ impl Default for MqttSection {
             tls_listen: SocketAddr::from(([127, 0, 0, 1], 8883)),
             partitions: 4,
             max_packet_bytes: 512 * 1024,
+            retention_bytes: 64 * 1024 * 1024 * 1024,
         }
     }
 }

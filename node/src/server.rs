@@ -162,7 +162,10 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
         HubStateMachine::open(snapshots).map_err(|e| StartError::Raft(e.to_string()))?;
     let state = state_machine.shared_state();
     let events = state_machine.events();
-    let telemetry = meridian_storage::TelemetryLog::open(&data_dir.join("telemetry"))?;
+    let telemetry = meridian_storage::TelemetryLog::open(
+        &data_dir.join("telemetry"),
+        config.mqtt.retention_bytes,
+    )?;
 
     // ---- tls ----
     let tls_files = match (&config.tls.cert, &config.tls.key) {

@@ -81,15 +81,22 @@ pub struct StoredRecord {
 
 impl TelemetryLog {
     /// Opens (creating) the telemetry database at `path` and starts its writer thread.
-    pub fn open(path: &Path) -> Result<Self> {
+    /// `retention_bytes` bounds the stored telemetry: past it the oldest data files are dropped.
+    pub fn open(path: &Path, retention_bytes: u64) -> Result<Self> {
         let mut opts = rocksdb::Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        // Telemetry bodies are mostly small and often already compact; compressing memtable flushes
-        // costs CPU on the ingest path for little gain. A larger write buffer means fewer flushes.
+        // The log is append-only with ever-increasing keys, so level compaction would only rewrite
+        // data: FIFO compaction keeps flushed files as they are and drops the oldest past the
+        // retention size. Bodies are small and often compact already, so no compression on the
+        // ingest path; a larger write buffer means fewer flushes.
         let mut cf_opts = rocksdb::Options::default();
         cf_opts.set_compression_type(rocksdb::DBCompressionType::None);
         cf_opts.set_write_buffer_size(64 * 1024 * 1024);
+        cf_opts.set_compaction_style(rocksdb::DBCompactionStyle::Fifo);
+        let mut fifo = rocksdb::FifoCompactOptions::default();
+        fifo.set_max_table_files_size(retention_bytes);
+        cf_opts.set_fifo_compaction_options(&fifo);
         let cfs = [rocksdb::ColumnFamilyDescriptor::new(CF_TELEMETRY, cf_opts)];
         let db = Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?);
         let (tx, rx) = std_mpsc::channel::<Append>();
@@ -229,7 +236,7 @@ mod tests {
     async fn appends_are_dense_per_partition_and_survive_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let log = TelemetryLog::open(dir.path()).expect("open");
+            let log = TelemetryLog::open(dir.path(), 1 << 30).expect("open");
             let mut tasks = Vec::new();
             for i in 0..200u32 {
                 let log = log.clone();
@@ -242,7 +249,7 @@ mod tests {
             }
             assert_eq!(log.end_offset(0).expect("end"), 50);
         }
-        let log = TelemetryLog::open(dir.path()).expect("reopen");
+        let log = TelemetryLog::open(dir.path(), 1 << 30).expect("reopen");
         for p in 0..4 {
             let records = log.read(p, 0, 1000).expect("read");
             let offsets: Vec<u64> = records.iter().map(|r| r.offset).collect();
