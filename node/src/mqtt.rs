@@ -37,6 +37,9 @@ pub struct MqttSection {
     pub max_packet_bytes: usize,
     /// Telemetry kept on this node, in bytes (default 64 GiB); past it the oldest is dropped.
     pub retention_bytes: u64,
+    /// Seconds a delivered C2D message waits for its PUBACK before it is delivered again
+    /// (Azure's lock timeout, default 60).
+    pub c2d_lock_timeout_secs: u64,
 }
 
 impl Default for MqttSection {
@@ -46,6 +49,7 @@ impl Default for MqttSection {
             partitions: 4,
             max_packet_bytes: 512 * 1024,
             retention_bytes: 64 * 1024 * 1024 * 1024,
+            c2d_lock_timeout_secs: 60,
         }
     }
 }
@@ -62,6 +66,8 @@ pub struct MqttContext {
     pub partitions: u32,
     /// Largest packet.
     pub max_packet_bytes: usize,
+    /// How long a delivered C2D message stays locked before redelivery.
+    pub c2d_lock_timeout: Duration,
 }
 
 /// The partition that records device connect/disconnect events (outside the telemetry range), for

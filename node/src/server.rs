@@ -200,6 +200,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
         sessions: Sessions::default(),
         partitions: config.mqtt.partitions,
         max_packet_bytes: config.mqtt.max_packet_bytes,
+        c2d_lock_timeout: Duration::from_secs(config.mqtt.c2d_lock_timeout_secs),
     });
     let mut tasks: Vec<(&'static str, JoinHandle<()>)> = Vec::new();
 

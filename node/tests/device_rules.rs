@@ -306,3 +306,98 @@ async fn device_endpoint_enforces_azure_rules() -> Result<()> {
     assert_eq!(ops.last().map(String::as_str), Some("deviceDisconnected"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacknowledged_c2d_is_redelivered_and_completion_yields_feedback() -> Result<()> {
+    let mut cluster = common::start_dev_with_env(&[("MERIDIAN_MQTT__C2D_LOCK_TIMEOUT_SECS", "1")])?;
+    let client = cluster.client(1).await?;
+    let mut svc = client.connect().await?;
+    let (mqtt, ca) = (cluster.node(1).mqtt, cluster.ca.clone());
+    let key = create(&mut svc, "c2d-dev", "enabled").await?;
+    let token = device_token("localhost", "c2d-dev", &key, 600)?;
+    let (mut device, code, _) = RawMqtt::connect(mqtt, &ca, "c2d-dev", &token, false, 60).await?;
+    assert_eq!(code, ConnectReturnCode::Success);
+    device
+        .send(Packet::Subscribe(Subscribe::new(
+            "devices/c2d-dev/messages/devicebound/#",
+            QoS::AtLeastOnce,
+        )))
+        .await?;
+    assert!(matches!(
+        device.recv(Duration::from_secs(10)).await?,
+        Some(Packet::SubAck(_))
+    ));
+    let r = svc
+        .send(
+            "POST",
+            "/devices/c2d-dev/messages/devicebound",
+            Some(Bytes::from_static(b"on")),
+            &[
+                ("iothub-messageid", "c2d-1"),
+                ("iothub-ack", "full"),
+                ("iothub-app-color", "blue"),
+            ],
+            Authorization::Policy,
+        )
+        .await?;
+    assert_eq!(r.status, 204);
+    let first = match device.recv(Duration::from_secs(10)).await? {
+        Some(Packet::Publish(p)) => p,
+        other => panic!("expected the C2D message, got {other:?}"),
+    };
+    assert!(first.topic.contains("%24.mid=c2d-1"), "{}", first.topic);
+    assert!(first.topic.contains("color=blue"), "{}", first.topic);
+    assert!(first.topic.contains("iothub-ack=full"), "{}", first.topic);
+    assert!(!first.dup);
+    // No PUBACK: after the lock timeout the same packet comes again, marked DUP.
+    let again = match device.recv(Duration::from_secs(10)).await? {
+        Some(Packet::Publish(p)) => p,
+        other => panic!("expected a redelivery, got {other:?}"),
+    };
+    assert!(again.dup);
+    assert_eq!(again.pkid, first.pkid);
+    device
+        .send(Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(
+            first.pkid,
+        )))
+        .await?;
+    // Completion produces a Success feedback record, received once and completed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let feedback = loop {
+        let r = svc
+            .json("GET", "/messages/serviceBound/feedback", None)
+            .await?;
+        if r.status == 200 {
+            break r;
+        }
+        assert_eq!(r.status, 204);
+        assert!(std::time::Instant::now() < deadline, "no feedback");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let records = feedback.json();
+    assert_eq!(records[0]["originalMessageId"], json!("c2d-1"));
+    assert_eq!(records[0]["statusCode"], json!("Success"));
+    assert_eq!(records[0]["deviceId"], json!("c2d-dev"));
+    let lock = feedback
+        .headers
+        .get("etag")
+        .map(|e| e.trim_matches('"').to_string())
+        .unwrap_or_default();
+    let done = svc
+        .json(
+            "DELETE",
+            &format!("/messages/serviceBound/feedback/{lock}"),
+            None,
+        )
+        .await?;
+    assert_eq!(done.status, 204);
+    assert_eq!(
+        svc.json("GET", "/messages/serviceBound/feedback", None)
+            .await?
+            .status,
+        204
+    );
+    let device_json = svc.json("GET", "/devices/c2d-dev", None).await?.json();
+    assert_eq!(device_json["cloudToDeviceMessageCount"], json!(0));
+    Ok(())
+}

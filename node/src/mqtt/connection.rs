@@ -52,6 +52,14 @@ enum Close {
     ByHub,
 }
 
+/// A C2D message sent and not yet acknowledged (Azure's "invisible" state).
+struct InflightC2d {
+    lock_token: String,
+    sent: Instant,
+    topic: String,
+    payload: Bytes,
+}
+
 struct Conn<S> {
     ctx: Arc<MqttContext>,
     identity: ClientIdentity,
@@ -63,7 +71,7 @@ struct Conn<S> {
     subscriptions: Vec<(String, u8)>,
     writer: WriteHalf<S>,
     next_pkid: u16,
-    c2d_inflight: HashMap<u16, String>,
+    c2d_inflight: HashMap<u16, InflightC2d>,
     pending_methods: HashMap<String, oneshot::Sender<Result<MethodReply, &'static str>>>,
     next_rid: u64,
 }
@@ -302,6 +310,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         } else {
             Instant::now() + keep_alive
         };
+        let mut lock_tick = tokio::time::interval(Duration::from_secs(1));
+        lock_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         if session_present {
             // A resumed session may have C2D messages waiting.
             if let Err(close) = self.deliver_c2d().await {
@@ -342,6 +352,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     }
                     None => return Close::ByHub,
                 },
+                _ = lock_tick.tick(), if !self.c2d_inflight.is_empty() => {
+                    if let Err(close) = self.redeliver_expired().await {
+                        return close;
+                    }
+                }
                 _ = sleep_until(idle_deadline) => {
                     tracing::info!(client_id = self.client_id, "keep-alive expired; closing");
                     return Close::Ungraceful;
@@ -432,8 +447,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 self.send(Packet::UnsubAck(UnsubAck::new(u.pkid))).await
             }
             Packet::PubAck(ack) => {
-                if let Some(lock_token) = self.c2d_inflight.remove(&ack.pkid) {
-                    self.complete_c2d(lock_token).await;
+                if let Some(inflight) = self.c2d_inflight.remove(&ack.pkid) {
+                    self.complete_c2d(inflight.lock_token).await;
                     return self.deliver_c2d().await;
                 }
                 Ok(())
@@ -674,7 +689,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             return Ok(());
         }
         let device_id = self.device_id();
-        let inflight: Vec<String> = self.c2d_inflight.values().cloned().collect();
+        let inflight: Vec<String> = self
+            .c2d_inflight
+            .values()
+            .map(|f| f.lock_token.clone())
+            .collect();
         let room = MAX_C2D_INFLIGHT.saturating_sub(inflight.len());
         if room == 0 {
             return Ok(());
@@ -738,15 +757,73 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 props.push((k, v));
             }
             let topic = topics::c2d(&self.identity.device_id, &encode_property_bag(props));
-            match self
-                .publish(topic, Bytes::from(message.body.clone()))
-                .await?
-            {
+            let payload = Bytes::from(message.body.clone());
+            match self.publish(topic.clone(), payload.clone()).await? {
                 Some(pkid) => {
-                    self.c2d_inflight.insert(pkid, message.lock_token.clone());
+                    self.c2d_inflight.insert(
+                        pkid,
+                        InflightC2d {
+                            lock_token: message.lock_token.clone(),
+                            sent: Instant::now(),
+                            topic,
+                            payload,
+                        },
+                    );
                 }
                 // QoS 0 subscription: there will be no PUBACK, so delivery completes the message.
                 None => self.complete_c2d(message.lock_token.clone()).await,
+            }
+        }
+        Ok(())
+    }
+
+    /// Redelivers C2D messages whose lock expired without a PUBACK (same packet id, DUP set),
+    /// counting the delivery; past the maximum delivery count the message is dead-lettered and
+    /// dropped from this connection.
+    async fn redeliver_expired(&mut self) -> Result<(), Close> {
+        let timeout = self.ctx.c2d_lock_timeout;
+        let expired: Vec<u16> = self
+            .c2d_inflight
+            .iter()
+            .filter(|(_, f)| f.sent.elapsed() >= timeout)
+            .map(|(p, _)| *p)
+            .collect();
+        for pkid in expired {
+            let Some(lock_token) = self.c2d_inflight.get(&pkid).map(|f| f.lock_token.clone())
+            else {
+                continue;
+            };
+            let _ = self
+                .ctx
+                .hub
+                .write(HubCommand::C2dDelivered {
+                    device_id: self.device_id(),
+                    lock_token: lock_token.clone(),
+                    now: iso_now(),
+                })
+                .await;
+            let device_id = self.device_id();
+            let still_queued = self
+                .ctx
+                .hub
+                .read(ReadConsistency::Stale, |s| {
+                    Ok(s.devices
+                        .get(&device_id)
+                        .is_some_and(|e| e.c2d.messages.iter().any(|m| m.lock_token == lock_token)))
+                })
+                .await
+                .unwrap_or(false);
+            if !still_queued {
+                self.c2d_inflight.remove(&pkid);
+                continue;
+            }
+            if let Some(f) = self.c2d_inflight.get_mut(&pkid) {
+                f.sent = Instant::now();
+                let mut publish =
+                    Publish::new(f.topic.clone(), QoS::AtLeastOnce, f.payload.to_vec());
+                publish.pkid = pkid;
+                publish.dup = true;
+                self.send(Packet::Publish(publish)).await?;
             }
         }
         Ok(())
