@@ -8,7 +8,7 @@
 mod serve;
 
 use std::collections::HashMap;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -24,6 +24,7 @@ use tracing::Instrument;
 pub use serve::serve_https;
 
 use crate::auth::authorize_service;
+use crate::clock::{iso_now, unix_ms, unix_now};
 use crate::domain::registry::{DeviceSpec, GeneratedKeys, ModuleSpec};
 use crate::domain::twin::TwinPatch;
 use crate::domain::{
@@ -219,16 +220,6 @@ fn valid_api_version(v: &str) -> bool {
         && b.iter()
             .enumerate()
             .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-fn iso_now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 impl ApiState {
@@ -891,12 +882,6 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .get(name)
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty())
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn random_id() -> String {

@@ -366,7 +366,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
                     if hub.raft().metrics().borrow().current_leader != Some(node_id) {
                         continue;
                     }
-                    let now_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
+                    let now_ms = crate::clock::unix_ms();
                     let any_expired = hub
                         .read(ReadConsistency::Stale, |s| {
                             Ok(s.devices

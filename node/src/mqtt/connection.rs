@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::v4::{
@@ -21,6 +21,7 @@ use super::MqttContext;
 use super::session::{MethodReply, Outbound};
 use super::topics::{self, ClientIdentity, DeviceRequest};
 use crate::auth::{DeviceAuth, DeviceCredential, authenticate_device};
+use crate::clock::{iso_now, unix_now};
 use crate::domain::telemetry::{Sender, TelemetryMessage, encode_property_bag, partition_for};
 use crate::domain::{DeviceId, HubCommand, HubError, HubResponse, ModuleId};
 use crate::hub::ReadConsistency;
@@ -30,16 +31,6 @@ use meridian_proto::error::MqttBehaviour;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// C2D messages in flight (delivered, not yet acknowledged) per connection.
 const MAX_C2D_INFLIGHT: usize = 10;
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-fn iso_now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
 
 /// Why a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
