@@ -134,6 +134,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
             post(abandon_feedback),
         )
         .route("/$iothub/websocket", get(mqtt_websocket))
+        .route("/devices/query", post(query_hub))
         .route("/statistics/devices", get(registry_statistics))
         .route("/meridian/certificates", get(list_certificates))
         .route(
@@ -575,6 +576,98 @@ async fn replace_module_twin(
     body: Bytes,
 ) -> ApiResult {
     write_twin(&s, &headers, id, Some(mid), &body, true).await
+}
+
+// ---- query ----
+
+/// Body of `POST /devices/query`.
+#[derive(Debug, serde::Deserialize)]
+struct QuerySpec {
+    query: String,
+}
+
+/// Largest page (`x-ms-max-item-count`); Azure's SDKs ask for 100 at most by default.
+const MAX_QUERY_PAGE: usize = 1000;
+
+/// `POST /devices/query`: IoT Hub's query language over device twins, module twins and device
+/// jobs, paged with `x-ms-max-item-count` and `x-ms-continuation` as the SDKs use them.
+async fn query_hub(State(s): State<ApiState>, headers: HeaderMap, body: Bytes) -> ApiResult {
+    use base64::Engine;
+    use meridian_query::ast::{Projection, Source};
+    s.authorize(
+        &headers,
+        &[Permission::ServiceConnect, Permission::RegistryRead],
+        &["devices"],
+    )
+    .await?;
+    let spec: QuerySpec = parse_body(&body)?;
+    let query = meridian_query::parse_query(&spec.query)
+        .map_err(|e| HubError::invalid(format!("query: {e}")))?;
+    let page = match header(&headers, "x-ms-max-item-count") {
+        Some(n) => n
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_QUERY_PAGE).contains(n))
+            .ok_or_else(|| {
+                HubError::invalid(format!("x-ms-max-item-count must be 1 to {MAX_QUERY_PAGE}"))
+            })?,
+        None => 100,
+    };
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let offset = match header(&headers, "x-ms-continuation") {
+        Some(token) => b64
+            .decode(token)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .and_then(|s| {
+                s.strip_prefix("offset:")
+                    .and_then(|n| n.parse::<usize>().ok())
+            })
+            .ok_or_else(|| HubError::invalid("x-ms-continuation is not a token this hub issued"))?,
+        None => 0,
+    };
+    let source = query.from;
+    let documents = s
+        .hub
+        .read(ReadConsistency::Linearizable, |st| {
+            let mut docs = Vec::new();
+            for (id, entry) in &st.devices {
+                match source {
+                    Source::Devices => docs.push(st.render_twin(id, None)?),
+                    Source::DevicesModules => {
+                        for mid in entry.modules.keys() {
+                            docs.push(st.render_twin(id, Some(mid))?);
+                        }
+                    }
+                    // No device jobs exist until the jobs feature lands.
+                    Source::DevicesJobs => {}
+                }
+            }
+            Ok(docs)
+        })
+        .await?;
+    let rows = meridian_query::execute(&query, documents.iter())
+        .map_err(|e| HubError::invalid(format!("query: {e}")))?;
+    let end = rows.len().min(offset.saturating_add(page));
+    let items: Vec<Value> = rows
+        .get(offset..end)
+        .map(<[Value]>::to_vec)
+        .unwrap_or_default();
+    let mut response = ok_json(Value::Array(items));
+    let item_type = match (&query.projection, source) {
+        (Projection::Star, Source::DevicesJobs) => "deviceJob",
+        (Projection::Star, _) => "twin",
+        _ => "raw",
+    };
+    response
+        .headers_mut()
+        .insert("x-ms-item-type", HeaderValue::from_static(item_type));
+    if end < rows.len()
+        && let Ok(v) = HeaderValue::from_str(&b64.encode(format!("offset:{end}")))
+    {
+        response.headers_mut().insert("x-ms-continuation", v);
+    }
+    Ok(response)
 }
 
 // ---- statistics ----
