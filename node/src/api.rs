@@ -16,7 +16,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tracing::Instrument;
@@ -45,6 +45,8 @@ pub struct ApiState {
     pub hub: Hub,
     /// The device endpoint (direct methods, MQTT over WebSockets).
     pub mqtt: std::sync::Arc<crate::mqtt::MqttContext>,
+    /// Telemetry partitions and consumer groups.
+    pub events: crate::telemetry_api::EventReader,
 }
 
 /// An error answered in Azure's format.
@@ -135,6 +137,17 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         )
         .route("/$iothub/websocket", get(mqtt_websocket))
         .route("/devices/query", post(query_hub))
+        .route("/meridian/events/partitions", get(partition_info))
+        .route("/meridian/events/partitions/{partition}", get(read_events))
+        .route("/meridian/events/consumergroups", get(list_consumer_groups))
+        .route(
+            "/meridian/events/consumergroups/{name}",
+            put(create_consumer_group).delete(delete_consumer_group),
+        )
+        .route(
+            "/meridian/events/consumergroups/{name}/checkpoints",
+            post(store_checkpoint),
+        )
         .route("/statistics/devices", get(registry_statistics))
         .route("/meridian/certificates", get(list_certificates))
         .route(
@@ -668,6 +681,127 @@ async fn query_hub(State(s): State<ApiState>, headers: HeaderMap, body: Bytes) -
         response.headers_mut().insert("x-ms-continuation", v);
     }
     Ok(response)
+}
+
+// ---- built-in events stream (Meridian's REST/JSON form of the partition read API) ----
+
+const EVENTS: &[&str] = &["messages", "events"];
+
+async fn partition_info(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    s.authorize(&headers, &[Permission::ServiceConnect], EVENTS)
+        .await?;
+    Ok(ok_json(json!({
+        "partitionCount": s.events.partitions(),
+        "endOffsets": s.events.end_offsets()?,
+    })))
+}
+
+/// `GET /meridian/events/partitions/{p}?from=<offset>|end&enqueuedAfter=<iso>&consumerGroup=<g>&max=<n>`
+async fn read_events(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(partition): Path<u32>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    use crate::telemetry_api::StartAt;
+    s.authorize(&headers, &[Permission::ServiceConnect], EVENTS)
+        .await?;
+    let start = if let Some(group) = q.get("consumerGroup") {
+        StartAt::Checkpoint(group.clone())
+    } else if let Some(t) = q.get("enqueuedAfter") {
+        StartAt::EnqueuedAt(t.clone())
+    } else {
+        match q.get("from").map(String::as_str) {
+            None | Some("start") => StartAt::Offset(0),
+            Some("end") => StartAt::End,
+            Some(n) => StartAt::Offset(
+                n.parse()
+                    .map_err(|_| HubError::invalid("from must be an offset, start or end"))?,
+            ),
+        }
+    };
+    let max = match q.get("max") {
+        Some(m) => m
+            .parse::<usize>()
+            .ok()
+            .filter(|m| (1..=10_000).contains(m))
+            .ok_or_else(|| HubError::invalid("max must be 1 to 10000"))?,
+        None => 100,
+    };
+    let offset = s.events.start_offset(partition, &start).await?;
+    let events = s.events.read(partition, offset, max)?;
+    let next = events.last().map_or(offset, |e| e.offset + 1);
+    Ok(ok_json(json!({
+        "partition": partition,
+        "events": events.iter().map(|e| e.to_json()).collect::<Vec<_>>(),
+        "nextOffset": next,
+    })))
+}
+
+async fn list_consumer_groups(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    s.authorize(&headers, &[Permission::ServiceConnect], EVENTS)
+        .await?;
+    let groups = s
+        .hub
+        .read(ReadConsistency::Linearizable, |st| {
+            Ok(st.consumer_groups.clone())
+        })
+        .await?;
+    Ok(ok_json(json!(
+        groups
+            .into_iter()
+            .map(|(name, checkpoints)| json!({"name": name, "checkpoints": checkpoints}))
+            .collect::<Vec<_>>()
+    )))
+}
+
+async fn create_consumer_group(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    s.authorize(&headers, &[Permission::ServiceConnect], EVENTS)
+        .await?;
+    s.hub
+        .write(HubCommand::CreateConsumerGroup { name: name.clone() })
+        .await?;
+    Ok(ok_json(json!({"name": name, "checkpoints": {}})))
+}
+
+async fn delete_consumer_group(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    s.authorize(&headers, &[Permission::ServiceConnect], EVENTS)
+        .await?;
+    s.hub
+        .write(HubCommand::DeleteConsumerGroup { name })
+        .await?;
+    Ok(no_content())
+}
+
+/// Body of `POST /meridian/events/consumergroups/{name}/checkpoints`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckpointSpec {
+    partition: u32,
+    offset: u64,
+}
+
+async fn store_checkpoint(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    s.authorize(&headers, &[Permission::ServiceConnect], EVENTS)
+        .await?;
+    let spec: CheckpointSpec = parse_body(&body)?;
+    s.events
+        .checkpoint(&name, spec.partition, spec.offset)
+        .await?;
+    Ok(no_content())
 }
 
 // ---- statistics ----

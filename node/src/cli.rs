@@ -30,6 +30,41 @@ pub enum Command {
     Node(NodeArgs),
     /// Checks a configuration file and prints the effective configuration.
     CheckConfig(NodeArgs),
+    /// Prints telemetry as it arrives, one JSON line per message (like
+    /// `az iot hub monitor-events`).
+    MonitorEvents(MonitorArgs),
+}
+
+/// `meridian monitor-events`
+#[derive(Debug, Args)]
+pub struct MonitorArgs {
+    /// Service connection string with ServiceConnect (`HostName=...;SharedAccessKeyName=...`).
+    #[arg(long, env = "MERIDIAN_CONNECTION_STRING")]
+    pub connection_string: String,
+    /// CA certificate (PEM) the node's HTTPS certificate chains to.
+    #[arg(long, env = "MERIDIAN_CA_CERT")]
+    pub ca: PathBuf,
+    /// Node address; defaults to the connection string's HostName.
+    #[arg(long)]
+    pub address: Option<String>,
+    /// Read as this consumer group, starting after its checkpoints.
+    #[arg(long)]
+    pub consumer_group: Option<String>,
+    /// Store the group's checkpoint after printing each batch (needs --consumer-group).
+    #[arg(long, requires = "consumer_group")]
+    pub checkpoint: bool,
+    /// Without a consumer group: `end` (only new messages) or `start`.
+    #[arg(long, default_value = "end")]
+    pub from: String,
+    /// Only messages from this device.
+    #[arg(long)]
+    pub device_id: Option<String>,
+    /// Stop after this many messages.
+    #[arg(long)]
+    pub max_events: Option<usize>,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    pub timeout_secs: Option<u64>,
 }
 
 /// `meridian dev`
@@ -151,5 +186,116 @@ pub async fn run_dev(config: Config) -> anyhow::Result<()> {
     );
     println!("  credentials written to {}", path.display());
     node.join().await;
+    Ok(())
+}
+
+/// Runs `meridian monitor-events`: polls every partition through the REST/JSON events API.
+pub async fn run_monitor(args: MonitorArgs) -> anyhow::Result<()> {
+    use crate::client::{ConnectionString, ServiceClient};
+    let cs = ConnectionString::parse(&args.connection_string)?;
+    let address = args.address.clone().unwrap_or(cs.host_name.clone());
+    let addr = tokio::net::lookup_host(&address)
+        .await?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("cannot resolve {address}"))?;
+    let client = ServiceClient::new(&args.connection_string, addr, &args.ca)?;
+    let mut conn = client.connect().await?;
+    let info = conn
+        .json("GET", "/meridian/events/partitions", None)
+        .await?;
+    anyhow::ensure!(
+        info.status == 200,
+        "partition info: {} {:?}",
+        info.status,
+        info.json()
+    );
+    let partitions = info.json()["partitionCount"].as_u64().unwrap_or(0) as u32;
+    // Per partition: the query that starts the next read.
+    let mut next: Vec<String> = (0..partitions)
+        .map(|_| match (&args.consumer_group, args.from.as_str()) {
+            (Some(g), _) => format!("consumerGroup={g}"),
+            (None, "start") => "from=start".to_string(),
+            _ => "from=end".to_string(),
+        })
+        .collect();
+    let deadline = args
+        .timeout_secs
+        .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+    let mut printed = 0usize;
+    loop {
+        let mut got_any = false;
+        for p in 0..partitions {
+            let idx = p as usize;
+            let r = conn
+                .json(
+                    "GET",
+                    &format!("/meridian/events/partitions/{p}?{}&max=500", next[idx]),
+                    None,
+                )
+                .await?;
+            anyhow::ensure!(
+                r.status == 200,
+                "read partition {p}: {} {:?}",
+                r.status,
+                r.json()
+            );
+            let body = r.json();
+            let events = body["events"].as_array().cloned().unwrap_or_default();
+            next[idx] = format!("from={}", body["nextOffset"].as_u64().unwrap_or(0));
+            for e in &events {
+                let device = e["systemProperties"]["iothub-connection-device-id"].as_str();
+                if args.device_id.as_deref().is_some_and(|d| Some(d) != device) {
+                    continue;
+                }
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "deviceId": device,
+                        "partition": e["partition"],
+                        "offset": e["offset"],
+                        "enqueuedTime": e["enqueuedTime"],
+                        "properties": e["properties"],
+                        "systemProperties": e["systemProperties"],
+                        "body": e["body"],
+                    })
+                );
+                printed += 1;
+                if args.max_events.is_some_and(|m| printed >= m) {
+                    if let (Some(g), true) = (&args.consumer_group, args.checkpoint) {
+                        checkpoint(&mut conn, g, p, e["offset"].as_u64().unwrap_or(0)).await?;
+                    }
+                    return Ok(());
+                }
+            }
+            if let (Some(g), true, Some(last)) =
+                (&args.consumer_group, args.checkpoint, events.last())
+            {
+                checkpoint(&mut conn, g, p, last["offset"].as_u64().unwrap_or(0)).await?;
+            }
+            got_any |= !events.is_empty();
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            return Ok(());
+        }
+        if !got_any {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+}
+
+async fn checkpoint(
+    conn: &mut crate::client::Connection,
+    group: &str,
+    partition: u32,
+    offset: u64,
+) -> anyhow::Result<()> {
+    let r = conn
+        .json(
+            "POST",
+            &format!("/meridian/events/consumergroups/{group}/checkpoints"),
+            Some(&serde_json::json!({"partition": partition, "offset": offset})),
+        )
+        .await?;
+    anyhow::ensure!(r.status == 204, "checkpoint: {} {:?}", r.status, r.json());
     Ok(())
 }

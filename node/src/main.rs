@@ -3,16 +3,19 @@
 use std::collections::HashMap;
 
 use clap::Parser;
-use meridian::cli::{Cli, Command, run_dev, shutdown_on_signal};
+use meridian::cli::{Cli, Command, run_dev, run_monitor, shutdown_on_signal};
 use meridian::observability::init_tracing;
 use meridian::server;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let env: HashMap<String, String> = std::env::vars().collect();
-    let config = match &cli.command {
-        Command::Dev(args) => args.config(&env)?,
-        Command::Node(args) | Command::CheckConfig(args) => args.config(&env)?,
+    let config = match cli.command {
+        Command::MonitorEvents(args) => {
+            return tokio::runtime::Runtime::new()?.block_on(run_monitor(args));
+        }
+        Command::Dev(ref args) => args.config(&env)?,
+        Command::Node(ref args) | Command::CheckConfig(ref args) => args.config(&env)?,
     };
     if let Command::CheckConfig(_) = cli.command {
         println!("{}", toml::to_string_pretty(&config)?);

@@ -194,6 +194,11 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
         events,
         Duration::from_millis(config.cluster.request_timeout_ms),
     );
+    let event_reader = crate::telemetry_api::EventReader::new(
+        telemetry.clone(),
+        config.mqtt.partitions,
+        hub.clone(),
+    );
     let mqtt = Arc::new(MqttContext {
         hub: hub.clone(),
         telemetry: telemetry.clone(),
@@ -211,8 +216,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
     let grpc_addr = grpc_listener.local_addr().map_err(io("grpc local addr"))?;
     {
         let raft = raft.clone();
-        let telemetry_for_grpc = telemetry.clone();
-        let partitions = config.mqtt.partitions;
+        let reader_for_grpc = event_reader.clone();
         let mut shutdown = shutdown.clone();
         tasks.push((
             "grpc",
@@ -223,8 +227,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
                     .add_service(RaftServiceServer::new(RaftServiceImpl::new(raft.clone())))
                     .add_service(HubForwardServer::new(HubForwardImpl::new(raft)))
                     .add_service(TelemetryReadServer::new(TelemetryReadImpl::new(
-                        telemetry_for_grpc,
-                        partitions,
+                        reader_for_grpc,
                     )))
                     .serve_with_incoming_shutdown(incoming, async move {
                         let _ = shutdown.wait_for(|s| *s).await;
@@ -398,6 +401,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
         ApiState {
             hub: hub.clone(),
             mqtt: mqtt.clone(),
+            events: event_reader.clone(),
         },
         config.api.max_body_bytes,
     );

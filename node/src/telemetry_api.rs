@@ -1,27 +1,217 @@
-//! The gRPC read API over telemetry partitions (`proto/telemetry.proto`).
+//! Reading telemetry partitions: the gRPC service (`proto/telemetry.proto`) and the shared reader
+//! the REST/JSON form and the CLI use. Consumer-group checkpoints live in the Raft state, so a
+//! reader can resume from any node.
 
 use std::pin::Pin;
 
 use futures::Stream;
+use serde_json::{Value, json};
 use tonic::{Request, Response, Status};
 
 use crate::domain::telemetry::TelemetryMessage;
+use crate::domain::{HubCommand, HubError, HubResult};
+use crate::hub::{Hub, ReadConsistency};
+use meridian_proto::ErrorCode;
 use meridian_proto::telemetry::telemetry_read_server::TelemetryRead;
 use meridian_proto::telemetry::{
-    PartitionInfoRequest, PartitionInfoResponse, ReadPartitionRequest, TelemetryRecord,
+    CheckpointRequest, CheckpointResponse, PartitionInfoRequest, PartitionInfoResponse,
+    ReadPartitionRequest, TelemetryRecord,
 };
 use meridian_storage::TelemetryLog;
 
-/// Serves reads of this node's partitions.
-pub struct TelemetryReadImpl {
+/// Where a read starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartAt {
+    /// At this offset.
+    Offset(u64),
+    /// At the end (only new records).
+    End,
+    /// At the first record enqueued at or after this ISO-8601 time.
+    EnqueuedAt(String),
+    /// Right after this consumer group's checkpoint.
+    Checkpoint(String),
+}
+
+/// One decoded record.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// Partition.
+    pub partition: u32,
+    /// Offset (also the sequence number within the partition).
+    pub offset: u64,
+    /// The message.
+    pub message: TelemetryMessage,
+}
+
+impl Event {
+    /// The JSON form of the REST API and the CLI: the body as text when it is UTF-8, else base64.
+    pub fn to_json(&self) -> Value {
+        use base64::Engine;
+        let (body, encoding) = match std::str::from_utf8(&self.message.body) {
+            Ok(text) => (Value::String(text.to_string()), "utf-8"),
+            Err(_) => (
+                Value::String(base64::engine::general_purpose::STANDARD.encode(&self.message.body)),
+                "base64",
+            ),
+        };
+        json!({
+            "partition": self.partition,
+            "offset": self.offset,
+            "sequenceNumber": self.offset,
+            "enqueuedTime": self.message.system_properties.get("iothub-enqueuedtime"),
+            "systemProperties": self.message.system_properties,
+            "properties": self.message.application_properties,
+            "body": body,
+            "bodyEncoding": encoding,
+        })
+    }
+}
+
+/// Reads partitions of this node's telemetry log.
+#[derive(Clone)]
+pub struct EventReader {
     log: TelemetryLog,
     partitions: u32,
+    hub: Hub,
+}
+
+impl EventReader {
+    /// A reader over `log` with `partitions` partitions; checkpoints go through `hub`.
+    pub fn new(log: TelemetryLog, partitions: u32, hub: Hub) -> Self {
+        Self {
+            log,
+            partitions,
+            hub,
+        }
+    }
+
+    /// Partition count.
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    fn check_partition(&self, partition: u32) -> HubResult<()> {
+        if partition >= self.partitions && partition != crate::mqtt::CONNECTION_EVENTS_PARTITION {
+            return Err(HubError::invalid(format!(
+                "partition {partition} does not exist (0..{})",
+                self.partitions
+            )));
+        }
+        Ok(())
+    }
+
+    fn storage(e: meridian_storage::Error) -> HubError {
+        HubError::new(ErrorCode::ServerError, e.to_string())
+    }
+
+    /// The next offset to be written in each partition.
+    pub fn end_offsets(&self) -> HubResult<Vec<u64>> {
+        (0..self.partitions)
+            .map(|p| self.log.end_offset(p).map_err(Self::storage))
+            .collect()
+    }
+
+    /// Resolves where a read of `partition` starts.
+    pub async fn start_offset(&self, partition: u32, start: &StartAt) -> HubResult<u64> {
+        self.check_partition(partition)?;
+        match start {
+            StartAt::Offset(o) => Ok(*o),
+            StartAt::End => self.log.end_offset(partition).map_err(Self::storage),
+            StartAt::Checkpoint(group) => {
+                let group = group.clone();
+                self.hub
+                    .read(ReadConsistency::Linearizable, move |s| {
+                        let checkpoints = s.consumer_groups.get(&group).ok_or_else(|| {
+                            HubError::new(
+                                ErrorCode::ResourceNotFound,
+                                format!("no consumer group named {group}"),
+                            )
+                        })?;
+                        Ok(checkpoints.get(&partition).map_or(0, |o| o + 1))
+                    })
+                    .await
+            }
+            StartAt::EnqueuedAt(time) => {
+                // Enqueued times only grow within a partition: the first record at or after
+                // `time` is where the read starts.
+                let mut offset = 0;
+                loop {
+                    let batch = self
+                        .log
+                        .read(partition, offset, 1000)
+                        .map_err(Self::storage)?;
+                    let Some(last) = batch.last() else {
+                        return self.log.end_offset(partition).map_err(Self::storage);
+                    };
+                    for r in &batch {
+                        let at = TelemetryMessage::decode(&r.data)
+                            .and_then(|m| m.system_properties.get("iothub-enqueuedtime").cloned())
+                            .unwrap_or_default();
+                        if at.as_str() >= time.as_str() {
+                            return Ok(r.offset);
+                        }
+                    }
+                    offset = last.offset + 1;
+                }
+            }
+        }
+    }
+
+    /// Reads up to `max` events of `partition` from `offset`.
+    pub fn read(&self, partition: u32, offset: u64, max: usize) -> HubResult<Vec<Event>> {
+        self.check_partition(partition)?;
+        self.log
+            .read(partition, offset, max)
+            .map_err(Self::storage)?
+            .into_iter()
+            .map(|r| {
+                let message = TelemetryMessage::decode(&r.data).ok_or_else(|| {
+                    HubError::new(
+                        ErrorCode::ServerError,
+                        format!("record {}:{} is corrupt", r.partition, r.offset),
+                    )
+                })?;
+                Ok(Event {
+                    partition: r.partition,
+                    offset: r.offset,
+                    message,
+                })
+            })
+            .collect()
+    }
+
+    /// Stores a checkpoint (replicated).
+    pub async fn checkpoint(
+        &self,
+        consumer_group: &str,
+        partition: u32,
+        offset: u64,
+    ) -> HubResult<()> {
+        self.check_partition(partition)?;
+        self.hub
+            .write(HubCommand::Checkpoint {
+                consumer_group: consumer_group.to_string(),
+                partition,
+                offset,
+            })
+            .await
+            .map(|_| ())
+    }
+}
+
+fn status(e: HubError) -> Status {
+    Status::new(e.code.grpc_code(), e.message)
+}
+
+/// Serves reads of this node's partitions over gRPC.
+pub struct TelemetryReadImpl {
+    reader: EventReader,
 }
 
 impl TelemetryReadImpl {
-    /// Wraps the node's telemetry log with its partition count.
-    pub fn new(log: TelemetryLog, partitions: u32) -> Self {
-        Self { log, partitions }
+    /// Wraps the reader.
+    pub fn new(reader: EventReader) -> Self {
+        Self { reader }
     }
 }
 
@@ -36,35 +226,38 @@ impl TelemetryRead for TelemetryReadImpl {
         request: Request<ReadPartitionRequest>,
     ) -> Result<Response<Self::ReadPartitionStream>, Status> {
         let req = request.into_inner();
-        if req.partition >= self.partitions
-            && req.partition != crate::mqtt::CONNECTION_EVENTS_PARTITION
-        {
-            return Err(Status::invalid_argument(format!(
-                "partition {} does not exist (0..{})",
-                req.partition, self.partitions
-            )));
-        }
+        let start = if !req.consumer_group.is_empty() {
+            StartAt::Checkpoint(req.consumer_group)
+        } else if req.from_end {
+            StartAt::End
+        } else if !req.from_enqueued_time.is_empty() {
+            StartAt::EnqueuedAt(req.from_enqueued_time)
+        } else {
+            StartAt::Offset(req.from_offset)
+        };
+        let offset = self
+            .reader
+            .start_offset(req.partition, &start)
+            .await
+            .map_err(status)?;
         let max = if req.max_records == 0 {
             1000
         } else {
             req.max_records as usize
         };
-        let records = self
-            .log
-            .read(req.partition, req.from_offset, max)
-            .map_err(|e| Status::internal(e.to_string()))?;
-        let items: Vec<Result<TelemetryRecord, Status>> = records
+        let events = self
+            .reader
+            .read(req.partition, offset, max)
+            .map_err(status)?;
+        let items: Vec<Result<TelemetryRecord, Status>> = events
             .into_iter()
-            .map(|r| {
-                let m = TelemetryMessage::decode(&r.data).ok_or_else(|| {
-                    Status::data_loss(format!("record {}:{} is corrupt", r.partition, r.offset))
-                })?;
+            .map(|e| {
                 Ok(TelemetryRecord {
-                    partition: r.partition,
-                    offset: r.offset,
-                    system_properties: m.system_properties.into_iter().collect(),
-                    application_properties: m.application_properties.into_iter().collect(),
-                    body: m.body,
+                    partition: e.partition,
+                    offset: e.offset,
+                    system_properties: e.message.system_properties.into_iter().collect(),
+                    application_properties: e.message.application_properties.into_iter().collect(),
+                    body: e.message.body,
                 })
             })
             .collect();
@@ -75,13 +268,21 @@ impl TelemetryRead for TelemetryReadImpl {
         &self,
         _request: Request<PartitionInfoRequest>,
     ) -> Result<Response<PartitionInfoResponse>, Status> {
-        let end_offsets = (0..self.partitions)
-            .map(|p| self.log.end_offset(p))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(PartitionInfoResponse {
-            partition_count: self.partitions,
-            end_offsets,
+            partition_count: self.reader.partitions(),
+            end_offsets: self.reader.end_offsets().map_err(status)?,
         }))
+    }
+
+    async fn checkpoint(
+        &self,
+        request: Request<CheckpointRequest>,
+    ) -> Result<Response<CheckpointResponse>, Status> {
+        let req = request.into_inner();
+        self.reader
+            .checkpoint(&req.consumer_group, req.partition, req.offset)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(CheckpointResponse {}))
     }
 }

@@ -41,6 +41,8 @@ pub enum ErrorCode {
     DeviceAlreadyExists,
     /// A module with this id already exists on the device.
     ModuleAlreadyExistsOnDevice,
+    /// A consumer group with this name already exists.
+    ConsumerGroupAlreadyExists,
     /// `If-Match` did not match the current ETag.
     PreconditionFailed,
     /// A C2D lock token or feedback lock is unknown or expired.
@@ -82,6 +84,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => 405_000,
             ErrorCode::DeviceAlreadyExists => 409_001,
             ErrorCode::ModuleAlreadyExistsOnDevice => 409_301,
+            ErrorCode::ConsumerGroupAlreadyExists => 409_005,
             ErrorCode::PreconditionFailed => 412_001,
             ErrorCode::MessageTooLarge => 413_001,
             ErrorCode::ServerError => 500_001,
@@ -110,6 +113,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => "MethodNotAllowed",
             ErrorCode::DeviceAlreadyExists => "DeviceAlreadyExists",
             ErrorCode::ModuleAlreadyExistsOnDevice => "ModuleAlreadyExistsOnDevice",
+            ErrorCode::ConsumerGroupAlreadyExists => "ConsumerGroupAlreadyExists",
             ErrorCode::PreconditionFailed => "PreconditionFailed",
             ErrorCode::MessageTooLarge => "MessageTooLarge",
             ErrorCode::ServerError => "ServerError",
@@ -136,9 +140,9 @@ impl ErrorCode {
             | ErrorCode::ResourceNotFound
             | ErrorCode::DeviceNotOnline => Code::NotFound,
             ErrorCode::MethodNotAllowed => Code::Unimplemented,
-            ErrorCode::DeviceAlreadyExists | ErrorCode::ModuleAlreadyExistsOnDevice => {
-                Code::AlreadyExists
-            }
+            ErrorCode::DeviceAlreadyExists
+            | ErrorCode::ModuleAlreadyExistsOnDevice
+            | ErrorCode::ConsumerGroupAlreadyExists => Code::AlreadyExists,
             ErrorCode::PreconditionFailed | ErrorCode::DeviceMessageLockLost => {
                 Code::FailedPrecondition
             }
@@ -190,7 +194,8 @@ pub enum MqttBehaviour {
 mod tests {
     use super::*;
 
-    const ALL: [ErrorCode; 22] = [
+    const ALL: [ErrorCode; 23] = [
+        ErrorCode::ConsumerGroupAlreadyExists,
         ErrorCode::DeviceMaximumQueueDepthExceeded,
         ErrorCode::DeviceNotOnline,
         ErrorCode::DeviceMessageLockLost,

@@ -230,6 +230,25 @@ pub enum HubCommand {
         /// Its name.
         name: String,
     },
+    /// Creates a consumer group of the built-in events stream.
+    CreateConsumerGroup {
+        /// Its name.
+        name: String,
+    },
+    /// Deletes a consumer group and its checkpoints.
+    DeleteConsumerGroup {
+        /// Its name.
+        name: String,
+    },
+    /// Records that a consumer group has processed a partition up to `offset` (inclusive).
+    Checkpoint {
+        /// Consumer group.
+        consumer_group: String,
+        /// Partition.
+        partition: u32,
+        /// Last processed offset.
+        offset: u64,
+    },
     /// Merges a device's reported-properties patch.
     UpdateReported {
         /// Device id.
@@ -257,6 +276,9 @@ impl HubCommand {
             HubCommand::UpdateReported { .. } => "update_reported",
             HubCommand::PutPolicy { .. } => "put_policy",
             HubCommand::PutCertificate { .. } => "put_certificate",
+            HubCommand::CreateConsumerGroup { .. } => "create_consumer_group",
+            HubCommand::DeleteConsumerGroup { .. } => "delete_consumer_group",
+            HubCommand::Checkpoint { .. } => "checkpoint",
             HubCommand::DeleteCertificate { .. } => "delete_certificate",
             HubCommand::SetConnectionState { .. } => "set_connection_state",
             HubCommand::SetSession { .. } => "set_session",

@@ -69,7 +69,7 @@ pub struct RegistryStatistics {
 }
 
 /// Everything the hub's Raft group replicates.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HubState {
     /// None until `InitHub` is applied.
     pub settings: Option<HubSettings>,
@@ -90,6 +90,51 @@ pub struct HubState {
     /// CA certificates for devices with `certificateAuthority` authentication, by name.
     #[serde(default)]
     pub certificates: BTreeMap<String, CaCertificate>,
+    /// Consumer groups of the built-in events stream: name → partition → last processed offset.
+    #[serde(default = "default_consumer_groups")]
+    pub consumer_groups: BTreeMap<String, BTreeMap<u32, u64>>,
+}
+
+impl Default for HubState {
+    fn default() -> Self {
+        Self {
+            settings: None,
+            devices: BTreeMap::new(),
+            sequence: 0,
+            sessions: BTreeMap::new(),
+            feedback: VecDeque::new(),
+            feedback_locks: BTreeMap::new(),
+            certificates: BTreeMap::new(),
+            consumer_groups: default_consumer_groups(),
+        }
+    }
+}
+
+/// The consumer group every hub has.
+pub const DEFAULT_CONSUMER_GROUP: &str = "$Default";
+/// Most consumer groups per hub (Azure's standard tier: 20).
+pub const MAX_CONSUMER_GROUPS: usize = 20;
+
+fn default_consumer_groups() -> BTreeMap<String, BTreeMap<u32, u64>> {
+    BTreeMap::from([(DEFAULT_CONSUMER_GROUP.to_string(), BTreeMap::new())])
+}
+
+/// Consumer group names: 1 to 50 characters of letters, digits, `-`, `.`, `_` and a leading `$`
+/// only for `$Default`.
+fn validate_consumer_group(name: &str) -> HubResult<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 50
+        && (name == DEFAULT_CONSUMER_GROUP
+            || name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')));
+    if ok {
+        Ok(())
+    } else {
+        Err(HubError::invalid(format!(
+            "consumer group name {name:?} must be 1 to 50 letters, digits, '-', '.' or '_'"
+        )))
+    }
 }
 
 /// A CA certificate registered with the hub (Azure's "certificates" of a hub).
@@ -526,6 +571,54 @@ impl HubState {
                     )
                 })?;
                 Ok(HubResponse::Deleted)
+            }
+            HubCommand::CreateConsumerGroup { name } => {
+                validate_consumer_group(&name)?;
+                if self.consumer_groups.contains_key(&name) {
+                    return Err(HubError::new(
+                        ErrorCode::ConsumerGroupAlreadyExists,
+                        format!("consumer group {name} already exists"),
+                    ));
+                }
+                if self.consumer_groups.len() >= MAX_CONSUMER_GROUPS {
+                    return Err(HubError::new(
+                        ErrorCode::IotHubQuotaExceeded,
+                        format!("the hub already has {MAX_CONSUMER_GROUPS} consumer groups"),
+                    ));
+                }
+                self.consumer_groups.insert(name, BTreeMap::new());
+                Ok(HubResponse::Applied)
+            }
+            HubCommand::DeleteConsumerGroup { name } => {
+                if name == DEFAULT_CONSUMER_GROUP {
+                    return Err(HubError::invalid("$Default cannot be deleted"));
+                }
+                self.consumer_groups.remove(&name).ok_or_else(|| {
+                    HubError::new(
+                        ErrorCode::ResourceNotFound,
+                        format!("no consumer group named {name}"),
+                    )
+                })?;
+                Ok(HubResponse::Deleted)
+            }
+            HubCommand::Checkpoint {
+                consumer_group,
+                partition,
+                offset,
+            } => {
+                let group = self
+                    .consumer_groups
+                    .get_mut(&consumer_group)
+                    .ok_or_else(|| {
+                        HubError::new(
+                            ErrorCode::ResourceNotFound,
+                            format!("no consumer group named {consumer_group}"),
+                        )
+                    })?;
+                // Checkpoints only move forward: a slow, stale reader cannot rewind a group.
+                let current = group.entry(partition).or_insert(offset);
+                *current = (*current).max(offset);
+                Ok(HubResponse::Applied)
             }
             HubCommand::UpdateReported {
                 device_id,
@@ -1149,6 +1242,50 @@ mod tests {
             state
                 .apply(HubCommand::DeletePolicy {
                     key_name: "ops".into()
+                })
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn consumer_groups_and_monotonic_checkpoints() {
+        let mut state = hub();
+        assert!(state.consumer_groups.contains_key(DEFAULT_CONSUMER_GROUP));
+        let cp = |state: &mut HubState, offset| {
+            state.apply(HubCommand::Checkpoint {
+                consumer_group: "analytics".into(),
+                partition: 1,
+                offset,
+            })
+        };
+        assert!(cp(&mut state, 5).is_err(), "unknown group");
+        state
+            .apply(HubCommand::CreateConsumerGroup {
+                name: "analytics".into(),
+            })
+            .expect("create");
+        assert_eq!(
+            state
+                .apply(HubCommand::CreateConsumerGroup {
+                    name: "analytics".into()
+                })
+                .map_err(|e| e.code),
+            Err(ErrorCode::ConsumerGroupAlreadyExists)
+        );
+        cp(&mut state, 5).expect("checkpoint");
+        cp(&mut state, 3).expect("stale checkpoint is ignored");
+        assert_eq!(state.consumer_groups["analytics"][&1], 5);
+        assert!(
+            state
+                .apply(HubCommand::DeleteConsumerGroup {
+                    name: "$Default".into()
+                })
+                .is_err()
+        );
+        assert!(
+            state
+                .apply(HubCommand::CreateConsumerGroup {
+                    name: "bad name".into()
                 })
                 .is_err()
         );
