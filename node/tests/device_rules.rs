@@ -287,6 +287,7 @@ async fn device_endpoint_enforces_azure_rules() -> Result<()> {
             partition: u32::MAX,
             from_offset: 0,
             max_records: 10_000,
+            ..Default::default()
         })
         .await?
         .into_inner();

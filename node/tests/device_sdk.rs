@@ -29,6 +29,7 @@ async fn all_records(cluster: &mut Cluster) -> Result<Vec<TelemetryRecord>> {
                 partition,
                 from_offset: 0,
                 max_records: 100_000,
+                ..Default::default()
             })
             .await?
             .into_inner();

@@ -128,6 +128,7 @@ async fn kill9_during_telemetry_keeps_every_acked_message_once_in_order() -> Res
                 partition,
                 from_offset: 0,
                 max_records: 1_000_000,
+                ..Default::default()
             })
             .await?
             .into_inner();
