@@ -137,6 +137,16 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         )
         .route("/$iothub/websocket", get(mqtt_websocket))
         .route("/devices/query", post(query_hub))
+        .route("/meridian/routing", get(get_routing))
+        .route("/meridian/routing/fallback", put(set_fallback))
+        .route(
+            "/meridian/routing/routes/{name}",
+            put(put_route).delete(delete_route),
+        )
+        .route(
+            "/meridian/routing/endpoints/{name}",
+            put(put_endpoint).delete(delete_endpoint),
+        )
         .route("/meridian/events/partitions", get(partition_info))
         .route("/meridian/events/partitions/{partition}", get(read_events))
         .route("/meridian/events/consumergroups", get(list_consumer_groups))
@@ -683,6 +693,95 @@ async fn query_hub(State(s): State<ApiState>, headers: HeaderMap, body: Bytes) -
     Ok(response)
 }
 
+// ---- routing (Meridian's operator API; Azure configures routes through ARM) ----
+
+async fn get_routing(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    authorize_owner(&s, &headers).await?;
+    let routing = s
+        .hub
+        .read(ReadConsistency::Linearizable, |st| Ok(st.routing.clone()))
+        .await?;
+    Ok(ok_json(
+        serde_json::to_value(routing).unwrap_or(Value::Null),
+    ))
+}
+
+async fn put_route(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    authorize_owner(&s, &headers).await?;
+    let mut value: Value = parse_body(&body)?;
+    if let Value::Object(map) = &mut value {
+        map.insert("name".into(), Value::String(name));
+    }
+    let route: crate::domain::routing::Route = serde_json::from_value(value)
+        .map_err(|e| HubError::new(ErrorCode::IotHubFormatError, format!("route: {e}")))?;
+    match s.hub.write(HubCommand::PutRoute { route }).await? {
+        HubResponse::Route(r) => Ok(ok_json(serde_json::to_value(r).unwrap_or(Value::Null))),
+        other => Err(unexpected(other)),
+    }
+}
+
+async fn delete_route(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    authorize_owner(&s, &headers).await?;
+    s.hub.write(HubCommand::DeleteRoute { name }).await?;
+    Ok(no_content())
+}
+
+async fn put_endpoint(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    authorize_owner(&s, &headers).await?;
+    let mut value: Value = parse_body(&body)?;
+    if let Value::Object(map) = &mut value {
+        map.insert("name".into(), Value::String(name));
+    }
+    let endpoint: crate::domain::routing::Endpoint = serde_json::from_value(value)
+        .map_err(|e| HubError::new(ErrorCode::IotHubFormatError, format!("endpoint: {e}")))?;
+    match s.hub.write(HubCommand::PutEndpoint { endpoint }).await? {
+        HubResponse::Endpoint(e) => Ok(ok_json(serde_json::to_value(e).unwrap_or(Value::Null))),
+        other => Err(unexpected(other)),
+    }
+}
+
+async fn delete_endpoint(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    authorize_owner(&s, &headers).await?;
+    s.hub.write(HubCommand::DeleteEndpoint { name }).await?;
+    Ok(no_content())
+}
+
+/// Body of `PUT /meridian/routing/fallback`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FallbackSpec {
+    is_enabled: bool,
+}
+
+async fn set_fallback(State(s): State<ApiState>, headers: HeaderMap, body: Bytes) -> ApiResult {
+    authorize_owner(&s, &headers).await?;
+    let spec: FallbackSpec = parse_body(&body)?;
+    s.hub
+        .write(HubCommand::SetFallbackRoute {
+            enabled: spec.is_enabled,
+        })
+        .await?;
+    Ok(no_content())
+}
+
 // ---- built-in events stream (Meridian's REST/JSON form of the partition read API) ----
 
 const EVENTS: &[&str] = &["messages", "events"];
@@ -727,6 +826,32 @@ async fn read_events(
             .filter(|m| (1..=10_000).contains(m))
             .ok_or_else(|| HubError::invalid("max must be 1 to 10000"))?,
         None => 100,
+    };
+    // `endpoint=<name>` reads a custom endpoint's stream instead of `events`.
+    let partition = match q.get("endpoint").map(String::as_str) {
+        None | Some("events") => partition,
+        Some(name) => {
+            if partition >= crate::domain::routing::STREAM_STRIDE {
+                return Err(HubError::invalid("partition out of range").into());
+            }
+            let name = name.to_string();
+            let stream = s
+                .hub
+                .read(ReadConsistency::Linearizable, move |st| {
+                    st.routing
+                        .endpoints
+                        .get(&name)
+                        .map(|e| e.stream_id)
+                        .ok_or_else(|| {
+                            HubError::new(
+                                ErrorCode::ResourceNotFound,
+                                format!("no endpoint named {name}"),
+                            )
+                        })
+                })
+                .await?;
+            stream * crate::domain::routing::STREAM_STRIDE + partition
+        }
     };
     let offset = s.events.start_offset(partition, &start).await?;
     let events = s.events.read(partition, offset, max)?;

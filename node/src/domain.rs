@@ -10,6 +10,7 @@ pub mod events;
 pub mod ids;
 pub mod policy;
 pub mod registry;
+pub mod routing;
 pub mod state;
 pub mod telemetry;
 pub mod twin;

@@ -91,7 +91,9 @@ impl EventReader {
     }
 
     fn check_partition(&self, partition: u32) -> HubResult<()> {
-        if partition >= self.partitions && partition != crate::mqtt::CONNECTION_EVENTS_PARTITION {
+        // Keys of custom endpoint streams are `stream * STREAM_STRIDE + partition`.
+        let within = partition % crate::domain::routing::STREAM_STRIDE;
+        if within >= self.partitions && partition != crate::mqtt::CONNECTION_EVENTS_PARTITION {
             return Err(HubError::invalid(format!(
                 "partition {partition} does not exist (0..{})",
                 self.partitions

@@ -35,9 +35,9 @@ fn split_key(k: &[u8]) -> Option<(u32, u64)> {
 }
 
 struct Append {
-    partition: u32,
-    data: Vec<u8>,
-    reply: oneshot::Sender<std::result::Result<u64, String>>,
+    /// (partition, record) pairs written in the same batch.
+    records: Vec<(u32, Vec<u8>)>,
+    reply: oneshot::Sender<std::result::Result<Vec<u64>, String>>,
 }
 
 /// The node's telemetry partitions. Cheap to clone; the writer thread stops (and the database
@@ -116,6 +116,19 @@ impl TelemetryLog {
 
     /// Appends a record and returns its offset once it is fsync'd.
     pub async fn append(&self, partition: u32, data: Vec<u8>) -> Result<u64> {
+        self.append_many(vec![(partition, data)])
+            .await?
+            .first()
+            .copied()
+            .ok_or_else(|| Error::Io("no offset for the appended record".into()))
+    }
+
+    /// Appends records to several partitions in one batch (all or none), returning their offsets
+    /// once the batch is fsync'd.
+    pub async fn append_many(&self, records: Vec<(u32, Vec<u8>)>) -> Result<Vec<u64>> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
         let (reply, rx) = oneshot::channel();
         let tx = self
             .inner
@@ -124,12 +137,8 @@ impl TelemetryLog {
             .ok()
             .and_then(|t| t.clone())
             .ok_or_else(|| Error::Io("telemetry writer stopped".into()))?;
-        tx.send(Append {
-            partition,
-            data,
-            reply,
-        })
-        .map_err(|_| Error::Io("telemetry writer stopped".into()))?;
+        tx.send(Append { records, reply })
+            .map_err(|_| Error::Io("telemetry writer stopped".into()))?;
         rx.await
             .map_err(|_| Error::Io("telemetry writer stopped".into()))?
             .map_err(Error::Io)
@@ -185,7 +194,7 @@ fn writer(db: Arc<DB>, rx: std_mpsc::Receiver<Append>) {
     let mut next: HashMap<u32, u64> = HashMap::new();
     while let Ok(first) = rx.recv() {
         let mut batch_items = vec![first];
-        while batch_items.len() < MAX_BATCH {
+        while batch_items.iter().map(|a| a.records.len()).sum::<usize>() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(a) => batch_items.push(a),
                 Err(_) => break,
@@ -194,8 +203,8 @@ fn writer(db: Arc<DB>, rx: std_mpsc::Receiver<Append>) {
         let result = write_batch(&db, &mut next, &batch_items);
         match result {
             Ok(offsets) => {
-                for (item, offset) in batch_items.into_iter().zip(offsets) {
-                    let _ = item.reply.send(Ok(offset));
+                for (item, offsets) in batch_items.into_iter().zip(offsets) {
+                    let _ = item.reply.send(Ok(offsets));
                 }
             }
             Err(e) => {
@@ -211,18 +220,22 @@ fn writer(db: Arc<DB>, rx: std_mpsc::Receiver<Append>) {
     }
 }
 
-fn write_batch(db: &DB, next: &mut HashMap<u32, u64>, items: &[Append]) -> Result<Vec<u64>> {
+fn write_batch(db: &DB, next: &mut HashMap<u32, u64>, items: &[Append]) -> Result<Vec<Vec<u64>>> {
     let cf = crate::cf(db, CF_TELEMETRY)?;
     let mut batch = WriteBatch::default();
     let mut offsets = Vec::with_capacity(items.len());
     for item in items {
-        let offset = match next.get(&item.partition) {
-            Some(o) => *o,
-            None => last_offset(db, item.partition)?.map_or(0, |o| o + 1),
-        };
-        next.insert(item.partition, offset + 1);
-        batch.put_cf(cf, key(item.partition, offset), &item.data);
-        offsets.push(offset);
+        let mut item_offsets = Vec::with_capacity(item.records.len());
+        for (partition, data) in &item.records {
+            let offset = match next.get(partition) {
+                Some(o) => *o,
+                None => last_offset(db, *partition)?.map_or(0, |o| o + 1),
+            };
+            next.insert(*partition, offset + 1);
+            batch.put_cf(cf, key(*partition, offset), data);
+            item_offsets.push(offset);
+        }
+        offsets.push(item_offsets);
     }
     db.write_opt(batch, &synced())?;
     Ok(offsets)

@@ -230,6 +230,31 @@ pub enum HubCommand {
         /// Its name.
         name: String,
     },
+    /// Adds or replaces a route.
+    PutRoute {
+        /// The route.
+        route: super::routing::Route,
+    },
+    /// Removes a route.
+    DeleteRoute {
+        /// Its name.
+        name: String,
+    },
+    /// Adds a custom endpoint (its stream id is assigned by the state machine).
+    PutEndpoint {
+        /// The endpoint.
+        endpoint: super::routing::Endpoint,
+    },
+    /// Removes a custom endpoint.
+    DeleteEndpoint {
+        /// Its name.
+        name: String,
+    },
+    /// Turns the fallback route (unmatched messages → `events`) on or off.
+    SetFallbackRoute {
+        /// On or off.
+        enabled: bool,
+    },
     /// Creates a consumer group of the built-in events stream.
     CreateConsumerGroup {
         /// Its name.
@@ -276,6 +301,11 @@ impl HubCommand {
             HubCommand::UpdateReported { .. } => "update_reported",
             HubCommand::PutPolicy { .. } => "put_policy",
             HubCommand::PutCertificate { .. } => "put_certificate",
+            HubCommand::PutRoute { .. } => "put_route",
+            HubCommand::DeleteRoute { .. } => "delete_route",
+            HubCommand::PutEndpoint { .. } => "put_endpoint",
+            HubCommand::DeleteEndpoint { .. } => "delete_endpoint",
+            HubCommand::SetFallbackRoute { .. } => "set_fallback_route",
             HubCommand::CreateConsumerGroup { .. } => "create_consumer_group",
             HubCommand::DeleteConsumerGroup { .. } => "delete_consumer_group",
             HubCommand::Checkpoint { .. } => "checkpoint",
@@ -312,6 +342,10 @@ pub enum HubResponse {
     Twin(Value),
     /// The new reported `$version`.
     ReportedVersion(u64),
+    /// A route, as stored.
+    Route(super::routing::Route),
+    /// A custom endpoint, as stored (with its stream id).
+    Endpoint(super::routing::Endpoint),
     /// A CA certificate, as stored.
     Certificate(super::state::CaCertificate),
     /// A shared access policy, as stored.

@@ -93,6 +93,9 @@ pub struct HubState {
     /// Consumer groups of the built-in events stream: name → partition → last processed offset.
     #[serde(default = "default_consumer_groups")]
     pub consumer_groups: BTreeMap<String, BTreeMap<u32, u64>>,
+    /// Routes, custom endpoints and the fallback route.
+    #[serde(default)]
+    pub routing: super::routing::RoutingConfig,
 }
 
 impl Default for HubState {
@@ -106,6 +109,7 @@ impl Default for HubState {
             feedback_locks: BTreeMap::new(),
             certificates: BTreeMap::new(),
             consumer_groups: default_consumer_groups(),
+            routing: Default::default(),
         }
     }
 }
@@ -571,6 +575,24 @@ impl HubState {
                     )
                 })?;
                 Ok(HubResponse::Deleted)
+            }
+            HubCommand::PutRoute { route } => {
+                Ok(HubResponse::Route(self.routing.put_route(route)?))
+            }
+            HubCommand::DeleteRoute { name } => {
+                self.routing.delete_route(&name)?;
+                Ok(HubResponse::Deleted)
+            }
+            HubCommand::PutEndpoint { endpoint } => {
+                Ok(HubResponse::Endpoint(self.routing.put_endpoint(endpoint)?))
+            }
+            HubCommand::DeleteEndpoint { name } => {
+                self.routing.delete_endpoint(&name)?;
+                Ok(HubResponse::Deleted)
+            }
+            HubCommand::SetFallbackRoute { enabled } => {
+                self.routing.fallback_enabled = enabled;
+                Ok(HubResponse::Applied)
             }
             HubCommand::CreateConsumerGroup { name } => {
                 validate_consumer_group(&name)?;

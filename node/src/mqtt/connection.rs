@@ -22,6 +22,7 @@ use super::session::{MethodReply, Outbound};
 use super::topics::{self, ClientIdentity, DeviceRequest};
 use crate::auth::{DeviceAuth, DeviceCredential, authenticate_device};
 use crate::clock::{iso_now, unix_now};
+use crate::domain::routing::{RouteSource, RoutingDocument, STREAM_STRIDE, json_body};
 use crate::domain::telemetry::{Sender, TelemetryMessage, encode_property_bag, partition_for};
 use crate::domain::{DeviceId, HubCommand, HubError, HubResponse, ModuleId};
 use crate::hub::ReadConsistency;
@@ -603,15 +604,54 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 Close::ByHub
             })?;
         let partition = partition_for(&self.identity.device_id, self.ctx.partitions);
+        let streams = self.route(&message).await;
+        let encoded = message.encode();
+        let records = streams
+            .into_iter()
+            .map(|stream| (stream * STREAM_STRIDE + partition, encoded.clone()))
+            .collect();
         self.ctx
             .telemetry
-            .append(partition, message.encode())
+            .append_many(records)
             .await
             .map(|_| ())
             .map_err(|e| {
                 tracing::error!(client_id = self.client_id, error = %e, "telemetry append failed; closing without ack");
                 Close::ByHub
             })
+    }
+
+    /// The streams a message goes to: `events` (0) unless routes say otherwise.
+    async fn route(&self, message: &TelemetryMessage) -> std::collections::BTreeSet<u32> {
+        let device_id = self.device_id();
+        let routed = self
+            .ctx
+            .hub
+            .read(ReadConsistency::Stale, |s| {
+                let routing = &s.routing;
+                if routing.routes.is_empty() {
+                    return Ok(None);
+                }
+                let twin = if routing.needs_twin(RouteSource::DeviceMessages) {
+                    s.render_twin(&device_id, None).ok()
+                } else {
+                    None
+                };
+                let document = RoutingDocument {
+                    system: &message.system_properties,
+                    application: &message.application_properties,
+                    body: json_body(&message.system_properties, &message.body),
+                    twin,
+                };
+                Ok(Some(
+                    routing.streams_for(RouteSource::DeviceMessages, &document),
+                ))
+            })
+            .await;
+        match routed {
+            Ok(Some(streams)) => streams,
+            _ => std::collections::BTreeSet::from([0]),
+        }
     }
 
     async fn outbound(&mut self, work: Outbound) -> Result<(), Close> {

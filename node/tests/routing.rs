@@ -1,0 +1,143 @@
+//! Message routing end to end with the official Python device SDK: routes on an application
+//! property, on `$body` (only for JSON content), and on `$twin.tags` send messages to custom
+//! stream endpoints; unmatched messages reach `events` through the fallback route; a route with a
+//! bad condition is refused at creation.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::Result;
+use common::{run_sdk_script, sdk_cache, start_dev};
+use meridian::client::Connection;
+use serde_json::json;
+
+async fn message_ids(
+    svc: &mut Connection,
+    endpoint: Option<&str>,
+    partitions: u64,
+) -> Result<BTreeSet<String>> {
+    let mut ids = BTreeSet::new();
+    for p in 0..partitions {
+        let path = match endpoint {
+            Some(e) => format!("/meridian/events/partitions/{p}?endpoint={e}&max=1000"),
+            None => format!("/meridian/events/partitions/{p}?max=1000"),
+        };
+        let r = svc.json("GET", &path, None).await?;
+        assert_eq!(r.status, 200, "{path}: {:?}", r.json());
+        for e in r.json()["events"].as_array().cloned().unwrap_or_default() {
+            if let Some(id) = e["systemProperties"]["message-id"].as_str() {
+                ids.insert(id.to_string());
+            }
+        }
+    }
+    Ok(ids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_send_sdk_telemetry_to_custom_streams_and_fallback_to_events() -> Result<()> {
+    let mut cluster = start_dev()?;
+    let creds = cluster.credentials(Duration::from_secs(60)).await?;
+    let client = cluster.client(1).await?;
+    let mut svc = client.connect().await?;
+    let mut devices = Vec::new();
+    for id in ["rt-plain", "rt-site"] {
+        let r = svc
+            .json(
+                "PUT",
+                &format!("/devices/{id}"),
+                Some(&json!({"deviceId": id})),
+            )
+            .await?;
+        let key = r.json()["authentication"]["symmetricKey"]["primaryKey"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        devices.push(format!("{id}:{key}"));
+    }
+    let r = svc
+        .json(
+            "PATCH",
+            "/twins/rt-site",
+            Some(&json!({"tags": {"site": "a"}})),
+        )
+        .await?;
+    assert_eq!(r.status, 200);
+    for endpoint in ["hot", "sites"] {
+        let r = svc
+            .json(
+                "PUT",
+                &format!("/meridian/routing/endpoints/{endpoint}"),
+                Some(&json!({"type": "stream"})),
+            )
+            .await?;
+        assert_eq!(r.status, 200, "{:?}", r.json());
+    }
+    let route = |condition: &str, endpoint: &str| json!({"source": "DeviceMessages", "condition": condition, "endpointNames": [endpoint], "isEnabled": true});
+    for (name, body) in [
+        ("critical", route("level = 'critical'", "hot")),
+        ("hotbody", route("$body.temp > 30", "hot")),
+        ("bysite", route("$twin.tags.site = 'a'", "sites")),
+    ] {
+        let r = svc
+            .json(
+                "PUT",
+                &format!("/meridian/routing/routes/{name}"),
+                Some(&body),
+            )
+            .await?;
+        assert_eq!(r.status, 200, "{name}: {:?}", r.json());
+    }
+    // A condition that does not parse is refused with the parse error.
+    let r = svc
+        .json(
+            "PUT",
+            "/meridian/routing/routes/broken",
+            Some(&route("$body.temp >", "hot")),
+        )
+        .await?;
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json()["Message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("route condition")
+    );
+    let config = svc.json("GET", "/meridian/routing", None).await?.json();
+    assert_eq!(config["routes"].as_array().map(Vec::len), Some(3));
+
+    let out = run_sdk_script(
+        &sdk_cache().join("venv/bin/python"),
+        "device_routing.py",
+        &[
+            ("MERIDIAN_CA_CERT", cluster.ca.display().to_string()),
+            (
+                "MERIDIAN_MQTT_PORT",
+                cluster.node(1).mqtt.port().to_string(),
+            ),
+            ("MERIDIAN_HTTPS_PORT", creds.https_port.to_string()),
+            ("MERIDIAN_DEVICES", devices.join(",")),
+        ],
+    )?;
+    assert!(out.contains("PASS device_routing.py"), "{out}");
+
+    let partitions = svc
+        .json("GET", "/meridian/events/partitions", None)
+        .await?
+        .json()["partitionCount"]
+        .as_u64()
+        .unwrap_or(0);
+    let hot = message_ids(&mut svc, Some("hot"), partitions).await?;
+    let sites = message_ids(&mut svc, Some("sites"), partitions).await?;
+    let events = message_ids(&mut svc, None, partitions).await?;
+    let set = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+    assert_eq!(hot, set(&["rt-crit", "rt-json-hot"]), "hot stream");
+    assert_eq!(sites, set(&["rt-site"]), "sites stream");
+    assert_eq!(
+        events,
+        set(&["rt-text-hot", "rt-cold"]),
+        "fallback to events"
+    );
+    Ok(())
+}
