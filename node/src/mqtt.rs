@@ -79,6 +79,83 @@ pub const CONNECTION_EVENTS_PARTITION: u32 = u32::MAX;
 pub const MAX_METHOD_PAYLOAD: usize = 128 * 1024;
 
 impl MqttContext {
+    /// Routes a twin-change, lifecycle or connection-state notification: it is stored in the
+    /// streams of the routes listening to its source (no fallback: without a route it is dropped,
+    /// as in Azure).
+    pub async fn route_notification(&self, n: &crate::domain::events::Notification) {
+        use crate::domain::routing::{RouteSource, RoutingDocument, STREAM_STRIDE};
+        let now = crate::clock::iso_now();
+        let timestamp = if n.timestamp.is_empty() {
+            now.clone()
+        } else {
+            n.timestamp.clone()
+        };
+        let source_name = match n.source {
+            RouteSource::TwinChangeEvents => "twinChangeEvents",
+            RouteSource::DeviceLifecycleEvents => "deviceLifecycleEvents",
+            RouteSource::DeviceConnectionStateEvents => "deviceConnectionStateEvents",
+            RouteSource::DeviceMessages => "Telemetry",
+        };
+        let mut system = std::collections::BTreeMap::new();
+        system.insert("iothub-message-source".to_string(), source_name.to_string());
+        system.insert(
+            "iothub-connection-device-id".to_string(),
+            n.device_id.to_string(),
+        );
+        if let Some(m) = &n.module_id {
+            system.insert("iothub-connection-module-id".to_string(), m.to_string());
+        }
+        system.insert("iothub-enqueuedtime".to_string(), now);
+        system.insert("content-type".to_string(), "application/json".to_string());
+        system.insert("content-encoding".to_string(), "utf-8".to_string());
+        let mut application = std::collections::BTreeMap::new();
+        application.insert("hubName".to_string(), "meridian".to_string());
+        application.insert("deviceId".to_string(), n.device_id.to_string());
+        if let Some(m) = &n.module_id {
+            application.insert("moduleId".to_string(), m.to_string());
+        }
+        application.insert("opType".to_string(), n.op_type.to_string());
+        application.insert("iothub-message-schema".to_string(), n.schema.to_string());
+        application.insert("operationTimestamp".to_string(), timestamp);
+        let message = crate::domain::telemetry::TelemetryMessage {
+            system_properties: system,
+            application_properties: application,
+            body: n.body.to_string().into_bytes(),
+        };
+        let device_id = n.device_id.clone();
+        let streams = self
+            .hub
+            .read(crate::hub::ReadConsistency::Stale, |s| {
+                let twin = s
+                    .routing
+                    .needs_twin(n.source)
+                    .then(|| s.render_twin(&device_id, None).ok())
+                    .flatten();
+                let document = RoutingDocument {
+                    system: &message.system_properties,
+                    application: &message.application_properties,
+                    body: Some(n.body.clone()),
+                    twin,
+                };
+                Ok(s.routing.streams_for(n.source, &document))
+            })
+            .await
+            .unwrap_or_default();
+        if streams.is_empty() {
+            return;
+        }
+        let partition =
+            crate::domain::telemetry::partition_for(n.device_id.as_str(), self.partitions);
+        let encoded = message.encode();
+        let records = streams
+            .into_iter()
+            .map(|stream| (stream * STREAM_STRIDE + partition, encoded.clone()))
+            .collect();
+        if let Err(e) = self.telemetry.append_many(records).await {
+            tracing::warn!(device_id = %n.device_id, error = %e, "storing a routed notification failed");
+        }
+    }
+
     /// Appends a connection-state event (fsync'd) to [`CONNECTION_EVENTS_PARTITION`].
     pub async fn record_connection_event(
         &self,
@@ -122,6 +199,19 @@ impl MqttContext {
             .await
         {
             tracing::warn!(device_id, error = %e, "recording connection event failed");
+        }
+        // Routes listening to connection-state events get it too.
+        if let Ok(device) = crate::domain::DeviceId::new(device_id) {
+            let notification = crate::domain::events::Notification {
+                source: crate::domain::routing::RouteSource::DeviceConnectionStateEvents,
+                device_id: device,
+                module_id: module_id.and_then(|m| crate::domain::ModuleId::new(m).ok()),
+                op_type: op,
+                schema: "deviceConnectionStateNotification",
+                timestamp: now.to_string(),
+                body: serde_json::json!({"deviceId": device_id, "moduleId": module_id, "opType": op}),
+            };
+            self.route_notification(&notification).await;
         }
     }
 
@@ -225,6 +315,13 @@ pub async fn pump_events(
             Ok(HubEvent::IdentityChanged { device_id }) => {
                 for client in ctx.sessions.clients_of(device_id.as_str()) {
                     ctx.sessions.send(&client, Outbound::Recheck);
+                }
+            }
+            Ok(HubEvent::Notification(n)) => {
+                // Every replica derives the notification; the leader stores it, once.
+                let metrics = ctx.hub.raft().metrics().borrow().clone();
+                if metrics.current_leader == Some(metrics.id) {
+                    ctx.route_notification(&n).await;
                 }
             }
             Err(broadcast::error::RecvError::Lagged(n)) => {

@@ -64,7 +64,7 @@ async fn routes_send_sdk_telemetry_to_custom_streams_and_fallback_to_events() ->
         )
         .await?;
     assert_eq!(r.status, 200);
-    for endpoint in ["hot", "sites"] {
+    for endpoint in ["hot", "sites", "audit"] {
         let r = svc
             .json(
                 "PUT",
@@ -79,6 +79,18 @@ async fn routes_send_sdk_telemetry_to_custom_streams_and_fallback_to_events() ->
         ("critical", route("level = 'critical'", "hot")),
         ("hotbody", route("$body.temp > 30", "hot")),
         ("bysite", route("$twin.tags.site = 'a'", "sites")),
+        (
+            "twins",
+            json!({"source": "TwinChangeEvents", "condition": "", "endpointNames": ["audit"]}),
+        ),
+        (
+            "lifecycle",
+            json!({"source": "DeviceLifecycleEvents", "condition": "opType = 'createDeviceIdentity' OR opType = 'deleteDeviceIdentity'", "endpointNames": ["audit"]}),
+        ),
+        (
+            "connections",
+            json!({"source": "DeviceConnectionStateEvents", "condition": "$connectionDeviceId = 'rt-site'", "endpointNames": ["audit"]}),
+        ),
     ] {
         let r = svc
             .json(
@@ -105,7 +117,40 @@ async fn routes_send_sdk_telemetry_to_custom_streams_and_fallback_to_events() ->
             .contains("route condition")
     );
     let config = svc.json("GET", "/meridian/routing", None).await?.json();
-    assert_eq!(config["routes"].as_array().map(Vec::len), Some(3));
+    assert_eq!(config["routes"].as_array().map(Vec::len), Some(6));
+    // lifecycle and twin-change notifications for a device created, patched and deleted now
+    assert_eq!(
+        svc.json(
+            "PUT",
+            "/devices/rt-life",
+            Some(&json!({"deviceId": "rt-life"}))
+        )
+        .await?
+        .status,
+        200
+    );
+    assert_eq!(
+        svc.json(
+            "PATCH",
+            "/twins/rt-life",
+            Some(&json!({"tags": {"x": 1}, "properties": {"desired": {"y": 2}}}))
+        )
+        .await?
+        .status,
+        200
+    );
+    assert_eq!(
+        svc.send(
+            "DELETE",
+            "/devices/rt-life",
+            None,
+            &[("if-match", "*")],
+            meridian::client::Authorization::Policy
+        )
+        .await?
+        .status,
+        204
+    );
 
     let out = run_sdk_script(
         &sdk_cache().join("venv/bin/python"),

@@ -6,6 +6,7 @@ use serde_json::{Map, Value};
 
 use super::command::{HubCommand, HubResponse};
 use super::ids::{DeviceId, ModuleId};
+use super::routing::RouteSource;
 use super::state::HubState;
 
 /// Something a node may need to act on.
@@ -30,11 +31,201 @@ pub enum HubEvent {
         /// Device id.
         device_id: DeviceId,
     },
+    /// A twin-change or lifecycle notification for routes with that source.
+    Notification(Notification),
+}
+
+/// A hub notification in Azure's shape, to be routed like a message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notification {
+    /// `TwinChangeEvents` or `DeviceLifecycleEvents`.
+    pub source: RouteSource,
+    /// Device id.
+    pub device_id: DeviceId,
+    /// Module id for module notifications.
+    pub module_id: Option<ModuleId>,
+    /// `updateTwin`, `replaceTwin`, `createDeviceIdentity`, `deleteDeviceIdentity`, ...
+    pub op_type: &'static str,
+    /// `twinChangeNotification` or `deviceLifecycleNotification` / `moduleLifecycleNotification`.
+    pub schema: &'static str,
+    /// When the operation happened (ISO-8601; empty when the command carries no time).
+    pub timestamp: String,
+    /// The JSON body.
+    pub body: Value,
 }
 
 fn with_version(mut patch: Map<String, Value>, version: u64) -> Value {
     patch.insert("$version".into(), Value::from(version));
     Value::Object(patch)
+}
+
+fn twin_doc(state: &HubState, device_id: &DeviceId, module_id: Option<&ModuleId>) -> Value {
+    state
+        .render_twin(device_id, module_id)
+        .unwrap_or_else(|_| serde_json::json!({"deviceId": device_id.as_str()}))
+}
+
+fn notification(
+    source: RouteSource,
+    device_id: &DeviceId,
+    module_id: Option<&ModuleId>,
+    op_type: &'static str,
+    timestamp: &str,
+    body: Value,
+) -> HubEvent {
+    let schema = match (source, module_id) {
+        (RouteSource::TwinChangeEvents, _) => "twinChangeNotification",
+        (_, Some(_)) => "moduleLifecycleNotification",
+        _ => "deviceLifecycleNotification",
+    };
+    HubEvent::Notification(Notification {
+        source,
+        device_id: device_id.clone(),
+        module_id: module_id.cloned(),
+        op_type,
+        schema,
+        timestamp: timestamp.to_string(),
+        body,
+    })
+}
+
+/// Twin-change and lifecycle notifications of one applied command.
+fn notifications(state: &HubState, command: &HubCommand, response: &HubResponse) -> Vec<HubEvent> {
+    use super::command::IfMatch;
+    let twin_version = |d: &DeviceId, m: Option<&ModuleId>| {
+        twin_doc(state, d, m)
+            .get("version")
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    match (command, response) {
+        (
+            HubCommand::UpdateTwin {
+                device_id,
+                module_id,
+                patch,
+                now,
+                ..
+            },
+            HubResponse::Twin(twin),
+        ) => {
+            let mut body = Map::new();
+            body.insert("version".into(), twin["version"].clone());
+            if let Some(tags) = &patch.tags {
+                body.insert("tags".into(), Value::Object(tags.clone()));
+            }
+            if patch.desired.is_some() {
+                body.insert(
+                    "properties".into(),
+                    serde_json::json!({"desired": twin["properties"]["desired"].clone()}),
+                );
+            }
+            vec![notification(
+                RouteSource::TwinChangeEvents,
+                device_id,
+                module_id.as_ref(),
+                "updateTwin",
+                now,
+                Value::Object(body),
+            )]
+        }
+        (
+            HubCommand::ReplaceTwin {
+                device_id,
+                module_id,
+                now,
+                ..
+            },
+            HubResponse::Twin(twin),
+        ) => vec![notification(
+            RouteSource::TwinChangeEvents,
+            device_id,
+            module_id.as_ref(),
+            "replaceTwin",
+            now,
+            serde_json::json!({
+                "version": twin["version"],
+                "tags": twin["tags"],
+                "properties": {"desired": twin["properties"]["desired"]},
+            }),
+        )],
+        (
+            HubCommand::UpdateReported {
+                device_id,
+                module_id,
+                patch,
+                now,
+            },
+            HubResponse::ReportedVersion(v),
+        ) => vec![notification(
+            RouteSource::TwinChangeEvents,
+            device_id,
+            module_id.as_ref(),
+            "updateTwin",
+            now,
+            serde_json::json!({
+                "version": twin_version(device_id, module_id.as_ref()),
+                "properties": {"reported": with_version(patch.clone(), *v)},
+            }),
+        )],
+        (
+            HubCommand::PutDevice {
+                device_id,
+                if_match: IfMatch::Absent,
+                now,
+                ..
+            },
+            HubResponse::Device(_),
+        ) => vec![notification(
+            RouteSource::DeviceLifecycleEvents,
+            device_id,
+            None,
+            "createDeviceIdentity",
+            now,
+            twin_doc(state, device_id, None),
+        )],
+        (HubCommand::DeleteDevice { device_id, .. }, HubResponse::Deleted) => vec![notification(
+            RouteSource::DeviceLifecycleEvents,
+            device_id,
+            None,
+            "deleteDeviceIdentity",
+            "",
+            serde_json::json!({"deviceId": device_id.as_str()}),
+        )],
+        (
+            HubCommand::PutModule {
+                device_id,
+                module_id,
+                if_match: IfMatch::Absent,
+                now,
+                ..
+            },
+            HubResponse::Module(_),
+        ) => vec![notification(
+            RouteSource::DeviceLifecycleEvents,
+            device_id,
+            Some(module_id),
+            "createModuleIdentity",
+            now,
+            twin_doc(state, device_id, Some(module_id)),
+        )],
+        (
+            HubCommand::DeleteModule {
+                device_id,
+                module_id,
+                ..
+            },
+            HubResponse::Deleted,
+        ) => vec![notification(
+            RouteSource::DeviceLifecycleEvents,
+            device_id,
+            Some(module_id),
+            "deleteModuleIdentity",
+            "",
+            serde_json::json!({"deviceId": device_id.as_str(), "moduleId": module_id.as_str()}),
+        )],
+        _ => Vec::new(),
+    }
 }
 
 /// The events of one successfully applied command, read from the state after it.
@@ -43,6 +234,15 @@ pub fn events_after(
     command: &HubCommand,
     response: &HubResponse,
 ) -> Vec<HubEvent> {
+    let mut events = push_events(state, command, response);
+    // Notifications only matter when a route listens to their source.
+    if !state.routing.routes.is_empty() {
+        events.extend(notifications(state, command, response));
+    }
+    events
+}
+
+fn push_events(state: &HubState, command: &HubCommand, response: &HubResponse) -> Vec<HubEvent> {
     let desired_version = |device_id: &DeviceId, module_id: Option<&ModuleId>| {
         let entry = state.devices.get(device_id)?;
         Some(match module_id {
