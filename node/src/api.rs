@@ -47,6 +47,8 @@ pub struct ApiState {
     pub mqtt: std::sync::Arc<crate::mqtt::MqttContext>,
     /// Telemetry partitions and consumer groups.
     pub events: crate::telemetry_api::EventReader,
+    /// Health of webhook endpoints on this node.
+    pub webhooks: crate::webhook::WebhookHealth,
 }
 
 /// An error answered in Azure's format.
@@ -146,6 +148,10 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route(
             "/meridian/routing/endpoints/{name}",
             put(put_endpoint).delete(delete_endpoint),
+        )
+        .route(
+            "/meridian/routing/endpoints/{name}/health",
+            get(endpoint_health),
         )
         .route("/meridian/events/partitions", get(partition_info))
         .route("/meridian/events/partitions/{partition}", get(read_events))
@@ -762,6 +768,17 @@ async fn delete_endpoint(
     authorize_owner(&s, &headers).await?;
     s.hub.write(HubCommand::DeleteEndpoint { name }).await?;
     Ok(no_content())
+}
+
+async fn endpoint_health(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    authorize_owner(&s, &headers).await?;
+    Ok(ok_json(
+        serde_json::to_value(s.webhooks.get(&name)).unwrap_or(Value::Null),
+    ))
 }
 
 /// Body of `PUT /meridian/routing/fallback`.

@@ -14,3 +14,4 @@ pub mod raft;
 pub mod server;
 pub mod telemetry_api;
 pub mod tls;
+pub mod webhook;

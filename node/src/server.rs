@@ -390,6 +390,19 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
         ));
     }
 
+    // ---- webhook endpoints ----
+    let webhook_health = crate::webhook::WebhookHealth::default();
+    tasks.push((
+        "webhooks",
+        tokio::spawn(crate::webhook::run(
+            hub.clone(),
+            telemetry.clone(),
+            event_reader.clone(),
+            webhook_health.clone(),
+            shutdown.clone(),
+        )),
+    ));
+
     // ---- https service api ----
     let https_listener = TcpListener::bind(config.api.https_listen)
         .await
@@ -402,6 +415,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
             hub: hub.clone(),
             mqtt: mqtt.clone(),
             events: event_reader.clone(),
+            webhooks: webhook_health.clone(),
         },
         config.api.max_body_bytes,
     );

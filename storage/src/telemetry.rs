@@ -20,6 +20,8 @@ use crate::{Error, Result, synced};
 pub const MAX_BATCH: usize = 4096;
 
 const CF_TELEMETRY: &str = "telemetry";
+/// Delivery cursors of this node's outbound endpoints (webhooks), by name.
+const CF_CURSORS: &str = "cursors";
 
 fn key(partition: u32, offset: u64) -> [u8; 12] {
     let mut k = [0u8; 12];
@@ -97,7 +99,10 @@ impl TelemetryLog {
         let mut fifo = rocksdb::FifoCompactOptions::default();
         fifo.set_max_table_files_size(retention_bytes);
         cf_opts.set_fifo_compaction_options(&fifo);
-        let cfs = [rocksdb::ColumnFamilyDescriptor::new(CF_TELEMETRY, cf_opts)];
+        let cfs = [
+            rocksdb::ColumnFamilyDescriptor::new(CF_TELEMETRY, cf_opts),
+            rocksdb::ColumnFamilyDescriptor::new(CF_CURSORS, rocksdb::Options::default()),
+        ];
         let db = Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?);
         let (tx, rx) = std_mpsc::channel::<Append>();
         let writer_db = db.clone();
@@ -165,6 +170,27 @@ impl TelemetryLog {
             });
         }
         Ok(out)
+    }
+
+    /// A delivery cursor (the next offset to deliver), 0 when never set.
+    pub fn cursor(&self, name: &str) -> Result<u64> {
+        let cf = crate::cf(&self.inner.db, CF_CURSORS)?;
+        Ok(self
+            .inner
+            .db
+            .get_cf(cf, name.as_bytes())?
+            .and_then(|v| v.as_slice().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0))
+    }
+
+    /// Moves a delivery cursor. Not synced: after a crash a cursor may be a little behind, which
+    /// means redelivery (at least once), never loss.
+    pub fn set_cursor(&self, name: &str, next: u64) -> Result<()> {
+        let cf = crate::cf(&self.inner.db, CF_CURSORS)?;
+        self.inner
+            .db
+            .put_cf(cf, name.as_bytes(), next.to_be_bytes())?;
+        Ok(())
     }
 
     /// The next offset to be written in `partition` (0 when empty).

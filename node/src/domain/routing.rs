@@ -59,18 +59,29 @@ fn enabled() -> bool {
     true
 }
 
-/// A custom endpoint: a named partitioned stream inside Meridian, readable like `events`.
+/// A custom endpoint. Every endpoint is a named partitioned stream inside Meridian, readable
+/// like `events`; a `webhook` endpoint's stream is also delivered, in order, to an HTTP(S) URL.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Endpoint {
     /// Unique name.
     pub name: String,
-    /// Kind; only `stream` is stored in the partition log today.
+    /// `stream` or `webhook`.
     #[serde(rename = "type")]
     pub kind: String,
     /// Assigned by the hub: this endpoint's stream id.
     #[serde(default)]
     pub stream_id: u32,
+    /// Webhook target (`http://` or `https://`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// PEM of the CA that signs an `https` webhook's certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificate: Option<String>,
+    /// A webhook that keeps failing this long is dead: its pending messages are dropped
+    /// (default 3600 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_after_secs: Option<u64>,
 }
 
 /// The hub's routing configuration.
@@ -162,11 +173,27 @@ impl RoutingConfig {
         if endpoint.name.eq_ignore_ascii_case(EVENTS) {
             return Err(HubError::invalid("events is the built-in endpoint's name"));
         }
-        if endpoint.kind != "stream" {
-            return Err(HubError::invalid(format!(
-                "endpoint type {:?} is not supported; use \"stream\"",
-                endpoint.kind
-            )));
+        match endpoint.kind.as_str() {
+            "stream" => {}
+            "webhook" => {
+                let url = endpoint.url.as_deref().unwrap_or_default();
+                let https = url.starts_with("https://");
+                if !(https || url.starts_with("http://")) || url.len() < 10 {
+                    return Err(HubError::invalid(
+                        "a webhook endpoint needs an http:// or https:// url",
+                    ));
+                }
+                if https && endpoint.ca_certificate.is_none() {
+                    return Err(HubError::invalid(
+                        "an https webhook needs caCertificate (the PEM of the CA that signs it)",
+                    ));
+                }
+            }
+            other => {
+                return Err(HubError::invalid(format!(
+                    "endpoint type {other:?} is not supported; use \"stream\" or \"webhook\""
+                )));
+            }
         }
         if let Some(existing) = self.endpoints.get(&endpoint.name) {
             return Ok(existing.clone());
@@ -335,6 +362,9 @@ mod tests {
                 name: "hot".into(),
                 kind: "stream".into(),
                 stream_id: 0,
+                url: None,
+                ca_certificate: None,
+                dead_after_secs: None,
             })
             .expect("endpoint");
         assert_eq!(hot.stream_id, 1);

@@ -1,0 +1,184 @@
+//! Webhook endpoints: routed telemetry is POSTed in order to an HTTPS receiver; failures are
+//! retried (health goes unhealthy → degraded); an unreachable webhook goes dead and drops its
+//! messages; none of this delays device PUBACKs.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use axum::routing::post;
+use common::{free_port, start_dev};
+use meridian::client::device::{RawMqtt, device_token};
+use serde_json::{Value, json};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_delivers_in_order_with_retries_and_dead_endpoints_drop() -> Result<()> {
+    // An HTTPS receiver that fails its first three requests.
+    let dir = tempfile::tempdir()?;
+    let tls = meridian::tls::ensure_dev_certificates(&dir.path().join("receiver"))?;
+    let ca_pem = std::fs::read_to_string(tls.ca_cert.clone().unwrap_or_default())?;
+    let received: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = {
+        let (received, calls) = (received.clone(), calls.clone());
+        axum::Router::new().route(
+            "/hook",
+            post(move |body: axum::body::Bytes| {
+                let (received, calls) = (received.clone(), calls.clone());
+                async move {
+                    if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 3 {
+                        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    if let Ok(v) = serde_json::from_slice::<Value>(&body)
+                        && let Ok(mut r) = received.lock()
+                    {
+                        r.push(v);
+                    }
+                    axum::http::StatusCode::OK
+                }
+            }),
+        )
+    };
+    let port = free_port()?;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(meridian::api::serve_https(
+        listener,
+        meridian::tls::server_config(&tls, &[b"http/1.1"])?,
+        app,
+        stop_rx,
+    ));
+
+    let mut cluster = start_dev()?;
+    let client = cluster.client(1).await?;
+    let mut svc = client.connect().await?;
+    let r = svc
+        .json(
+            "PUT",
+            "/devices/wh-dev",
+            Some(&json!({"deviceId": "wh-dev"})),
+        )
+        .await?;
+    let key = r.json()["authentication"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let r = svc
+        .json(
+            "PUT",
+            "/meridian/routing/endpoints/hook",
+            Some(&json!({"type": "webhook", "url": format!("https://localhost:{port}/hook"), "caCertificate": ca_pem})),
+        )
+        .await?;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let dead_port = free_port()?;
+    let r = svc
+        .json(
+            "PUT",
+            "/meridian/routing/endpoints/nowhere",
+            Some(&json!({"type": "webhook", "url": format!("http://127.0.0.1:{dead_port}/x"), "deadAfterSecs": 1})),
+        )
+        .await?;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let r = svc
+        .json(
+            "PUT",
+            "/meridian/routing/endpoints/bad",
+            Some(&json!({"type": "webhook", "url": "https://x/y"})),
+        )
+        .await?;
+    assert_eq!(r.status, 400, "https without a CA is refused");
+    let r = svc
+        .json(
+            "PUT",
+            "/meridian/routing/routes/all",
+            Some(&json!({"source": "DeviceMessages", "endpointNames": ["hook", "nowhere"]})),
+        )
+        .await?;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+
+    let (mqtt, ca) = (cluster.node(1).mqtt, cluster.ca.clone());
+    let token = device_token("localhost", "wh-dev", &key, 600)?;
+    let (mut device, _, _) = RawMqtt::connect(mqtt, &ca, "wh-dev", &token, true, 60).await?;
+    let started = Instant::now();
+    for i in 1..=10u16 {
+        let topic = format!("devices/wh-dev/messages/events/%24.mid=w{i}");
+        assert!(
+            device
+                .publish_acked(
+                    &topic,
+                    format!("{{\"i\":{i}}}").as_bytes(),
+                    i,
+                    Duration::from_secs(10)
+                )
+                .await?
+        );
+    }
+    // PUBACKs do not wait for the failing webhooks.
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "acks took {:?}",
+        started.elapsed()
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = received.lock().map(|r| r.len()).unwrap_or(0);
+        if got >= 10 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("webhook got {got} of 10 messages:\n{}", cluster.logs());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ids: Vec<String> = received
+        .lock()
+        .map(|r| {
+            r.iter()
+                .filter_map(|v| {
+                    v["systemProperties"]["message-id"]
+                        .as_str()
+                        .map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        ids,
+        (1..=10).map(|i| format!("w{i}")).collect::<Vec<_>>(),
+        "in order, once each"
+    );
+    let first = received.lock().map(|r| r[0].clone()).unwrap_or_default();
+    assert_eq!(first["endpoint"], json!("hook"));
+    assert_eq!(first["body"], json!("{\"i\":1}"));
+
+    let health = svc
+        .json("GET", "/meridian/routing/endpoints/hook/health", None)
+        .await?
+        .json();
+    assert_eq!(health["delivered"], json!(10));
+    assert!(health["failures"].as_u64().unwrap_or(0) >= 3, "{health}");
+    assert!(
+        matches!(health["status"].as_str(), Some("degraded" | "healthy")),
+        "{health}"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let h = svc
+            .json("GET", "/meridian/routing/endpoints/nowhere/health", None)
+            .await?
+            .json();
+        if h["status"] == json!("dead") && h["dropped"].as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the unreachable webhook never went dead: {h}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
