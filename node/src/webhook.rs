@@ -182,16 +182,15 @@ pub async fn run(
             keep
         });
         for endpoint in endpoints {
-            if !workers.contains_key(&endpoint.name) {
-                let task = tokio::spawn(deliver(
+            workers.entry(endpoint.name.clone()).or_insert_with(|| {
+                tokio::spawn(deliver(
                     hub.clone(),
                     log.clone(),
                     reader.clone(),
                     health.clone(),
-                    endpoint.name.clone(),
-                ));
-                workers.insert(endpoint.name, task);
-            }
+                    endpoint.name,
+                ))
+            });
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}

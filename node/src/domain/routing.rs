@@ -472,7 +472,10 @@ mod tests {
             c.put_endpoint(Endpoint {
                 name: "events".into(),
                 kind: "stream".into(),
-                stream_id: 0
+                stream_id: 0,
+                url: None,
+                ca_certificate: None,
+                dead_after_secs: None,
             })
             .is_err()
         );
@@ -480,7 +483,10 @@ mod tests {
             c.put_endpoint(Endpoint {
                 name: "w".into(),
                 kind: "webhook".into(),
-                stream_id: 0
+                stream_id: 0,
+                url: Some("ftp://x".into()),
+                ca_certificate: None,
+                dead_after_secs: None,
             })
             .is_err()
         );
