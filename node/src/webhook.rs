@@ -1,4 +1,5 @@
-//! Delivery of webhook endpoints: each webhook's stream (written before PUBACK by routing) is
+//! Delivery of outbound endpoints. Files: each file endpoint's stream is written in batches of
+//! JSON lines under its directory. Webhooks: each webhook's stream (written before PUBACK by routing) is
 //! POSTed, in order per partition, to its URL by a worker of its own, so a slow or dead webhook
 //! never slows ingestion or another endpoint. At least once: the delivery cursor moves only after
 //! a 2xx. Failing deliveries are retried with exponential backoff; an endpoint failing longer
@@ -168,7 +169,7 @@ pub async fn run(
                 Ok(s.routing
                     .endpoints
                     .values()
-                    .filter(|e| e.kind == "webhook")
+                    .filter(|e| e.kind == "webhook" || e.kind == "file")
                     .cloned()
                     .collect())
             })
@@ -183,13 +184,23 @@ pub async fn run(
         });
         for endpoint in endpoints {
             workers.entry(endpoint.name.clone()).or_insert_with(|| {
-                tokio::spawn(deliver(
-                    hub.clone(),
-                    log.clone(),
-                    reader.clone(),
-                    health.clone(),
-                    endpoint.name,
-                ))
+                if endpoint.kind == "file" {
+                    tokio::spawn(write_files(
+                        hub.clone(),
+                        log.clone(),
+                        reader.clone(),
+                        health.clone(),
+                        endpoint.name,
+                    ))
+                } else {
+                    tokio::spawn(deliver(
+                        hub.clone(),
+                        log.clone(),
+                        reader.clone(),
+                        health.clone(),
+                        endpoint.name,
+                    ))
+                }
             });
         }
         tokio::select! {
@@ -294,6 +305,91 @@ async fn deliver(
         }
         if idle {
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Default seconds between file batches (Azure's default).
+const DEFAULT_BATCH_SECS: u64 = 300;
+
+/// Writes one file endpoint's stream as batches of JSON lines, one file per partition and batch,
+/// named like Azure's storage endpoints: `{hub}/{partition}/{YYYY}/{MM}/{DD}/{HH}/{mm}`, plus the
+/// first offset so batches in the same minute never collide. A file is fsync'd before the cursor
+/// moves past its records (at least once).
+async fn write_files(
+    hub: Hub,
+    log: TelemetryLog,
+    reader: EventReader,
+    health: WebhookHealth,
+    name: String,
+) {
+    loop {
+        let current = {
+            let name = name.clone();
+            hub.read(ReadConsistency::Stale, move |s| {
+                Ok(s.routing.endpoints.get(&name).cloned())
+            })
+            .await
+            .ok()
+            .flatten()
+        };
+        let Some(endpoint) = current else {
+            return;
+        };
+        let every =
+            Duration::from_secs(endpoint.batch_frequency_secs.unwrap_or(DEFAULT_BATCH_SECS));
+        tokio::time::sleep(every).await;
+        let dir = std::path::PathBuf::from(endpoint.directory.clone().unwrap_or_default());
+        for partition in 0..reader.partitions() {
+            let key = endpoint.stream_id * STREAM_STRIDE + partition;
+            let cursor_name = format!("file/{name}/{key}");
+            let next = log.cursor(&cursor_name).unwrap_or(0);
+            let Ok(events) = reader.read(key, next, 100_000) else {
+                continue;
+            };
+            let (Some(first), Some(last)) = (events.first(), events.last()) else {
+                continue;
+            };
+            let now = chrono::Utc::now();
+            let path = dir
+                .join("meridian")
+                .join(partition.to_string())
+                .join(now.format("%Y/%m/%d/%H/%M").to_string());
+            let file = path.join(format!("{:020}.json", first.offset));
+            let mut text = String::new();
+            for e in &events {
+                text.push_str(&e.to_json().to_string());
+                text.push('\n');
+            }
+            let written = tokio::task::spawn_blocking({
+                let (path, file) = (path.clone(), file.clone());
+                move || -> std::io::Result<()> {
+                    use std::io::Write;
+                    std::fs::create_dir_all(&path)?;
+                    let mut f = std::fs::File::create(&file)?;
+                    f.write_all(text.as_bytes())?;
+                    f.sync_all()
+                }
+            })
+            .await;
+            match written {
+                Ok(Ok(())) => {
+                    let count = events.len() as u64;
+                    health.update(&name, |h| {
+                        h.delivered += count;
+                        h.status = HealthStatus::Healthy;
+                    });
+                    if let Err(e) = log.set_cursor(&cursor_name, last.offset + 1) {
+                        tracing::warn!(endpoint = name, error = %e, "saving file cursor");
+                    }
+                }
+                Ok(Err(e)) => health.update(&name, |h| {
+                    h.failures += 1;
+                    h.status = HealthStatus::Unhealthy;
+                    h.last_error = Some(format!("{}: {e}", file.display()));
+                }),
+                Err(e) => tracing::error!(endpoint = name, error = %e, "file writer panicked"),
+            }
         }
     }
 }

@@ -182,3 +182,101 @@ async fn webhook_delivers_in_order_with_retries_and_dead_endpoints_drop() -> Res
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_endpoint_writes_batches_of_json_lines() -> Result<()> {
+    let out = tempfile::tempdir()?;
+    let mut cluster = start_dev()?;
+    let client = cluster.client(1).await?;
+    let mut svc = client.connect().await?;
+    let r = svc
+        .json(
+            "PUT",
+            "/devices/file-dev",
+            Some(&json!({"deviceId": "file-dev"})),
+        )
+        .await?;
+    let key = r.json()["authentication"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let r = svc
+        .json(
+            "PUT",
+            "/meridian/routing/endpoints/archive",
+            Some(&json!({"type": "file", "directory": out.path().display().to_string(), "batchFrequencySecs": 1})),
+        )
+        .await?;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let r = svc
+        .json(
+            "PUT",
+            "/meridian/routing/endpoints/rel",
+            Some(&json!({"type": "file", "directory": "relative"})),
+        )
+        .await?;
+    assert_eq!(r.status, 400);
+    let r = svc
+        .json(
+            "PUT",
+            "/meridian/routing/routes/archive-all",
+            Some(&json!({"source": "DeviceMessages", "endpointNames": ["archive", "events"]})),
+        )
+        .await?;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let (mqtt, ca) = (cluster.node(1).mqtt, cluster.ca.clone());
+    let token = device_token("localhost", "file-dev", &key, 600)?;
+    let (mut device, _, _) = RawMqtt::connect(mqtt, &ca, "file-dev", &token, true, 60).await?;
+    for i in 1..=5u16 {
+        let topic = format!("devices/file-dev/messages/events/%24.mid=f{i}");
+        assert!(
+            device
+                .publish_acked(&topic, b"x", i, Duration::from_secs(10))
+                .await?
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut ids = Vec::new();
+        for entry in walk(out.path()) {
+            for line in std::fs::read_to_string(&entry)?.lines() {
+                let v: Value = serde_json::from_str(line)?;
+                ids.push(
+                    v["systemProperties"]["message-id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                );
+            }
+        }
+        if ids.len() >= 5 {
+            assert_eq!(ids, (1..=5).map(|i| format!("f{i}")).collect::<Vec<_>>());
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("files hold {ids:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+/// Every file under `dir`, sorted.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if let Ok(entries) = std::fs::read_dir(&d) {
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    out.push(p);
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}

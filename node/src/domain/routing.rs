@@ -82,6 +82,12 @@ pub struct Endpoint {
     /// (default 3600 s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_after_secs: Option<u64>,
+    /// File endpoint: the directory batches are written under (on every node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory: Option<String>,
+    /// File endpoint: seconds between batches (Azure: 60–720, default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_frequency_secs: Option<u64>,
 }
 
 /// The hub's routing configuration.
@@ -189,9 +195,23 @@ impl RoutingConfig {
                     ));
                 }
             }
+            "file" => {
+                let dir = endpoint.directory.as_deref().unwrap_or_default();
+                if !dir.starts_with('/') {
+                    return Err(HubError::invalid(
+                        "a file endpoint needs an absolute directory",
+                    ));
+                }
+                if endpoint
+                    .batch_frequency_secs
+                    .is_some_and(|s| !(1..=720).contains(&s))
+                {
+                    return Err(HubError::invalid("batchFrequencySecs must be 1 to 720"));
+                }
+            }
             other => {
                 return Err(HubError::invalid(format!(
-                    "endpoint type {other:?} is not supported; use \"stream\" or \"webhook\""
+                    "endpoint type {other:?} is not supported; use stream, webhook or file"
                 )));
             }
         }
@@ -365,6 +385,8 @@ mod tests {
                 url: None,
                 ca_certificate: None,
                 dead_after_secs: None,
+                directory: None,
+                batch_frequency_secs: None,
             })
             .expect("endpoint");
         assert_eq!(hot.stream_id, 1);
@@ -476,6 +498,8 @@ mod tests {
                 url: None,
                 ca_certificate: None,
                 dead_after_secs: None,
+                directory: None,
+                batch_frequency_secs: None,
             })
             .is_err()
         );
@@ -487,6 +511,8 @@ mod tests {
                 url: Some("ftp://x".into()),
                 ca_certificate: None,
                 dead_after_secs: None,
+                directory: None,
+                batch_frequency_secs: None,
             })
             .is_err()
         );
