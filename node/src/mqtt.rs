@@ -40,6 +40,10 @@ pub struct MqttSection {
     /// Seconds a delivered C2D message waits for its PUBACK before it is delivered again
     /// (Azure's lock timeout, default 60).
     pub c2d_lock_timeout_secs: u64,
+    /// Seconds telemetry is kept (Azure: 1 to 7 days, default 1 day).
+    pub retention_secs: u64,
+    /// Seconds between retention sweeps (default 60).
+    pub retention_check_secs: u64,
 }
 
 impl Default for MqttSection {
@@ -50,6 +54,8 @@ impl Default for MqttSection {
             max_packet_bytes: 512 * 1024,
             retention_bytes: 64 * 1024 * 1024 * 1024,
             c2d_lock_timeout_secs: 60,
+            retention_secs: 24 * 3600,
+            retention_check_secs: 60,
         }
     }
 }

@@ -390,6 +390,38 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
         ));
     }
 
+    // ---- telemetry retention ----
+    {
+        let (reader, mut shutdown) = (event_reader.clone(), shutdown.clone());
+        let (retention, every) = (
+            config.mqtt.retention_secs,
+            Duration::from_secs(config.mqtt.retention_check_secs.max(1)),
+        );
+        tasks.push((
+            "retention",
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = shutdown.wait_for(|s| *s) => return,
+                    }
+                    let cutoff =
+                        chrono::TimeDelta::try_seconds(retention.min(i64::MAX as u64) as i64)
+                            .and_then(|d| chrono::Utc::now().checked_sub_signed(d))
+                            .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC)
+                            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                    match reader.apply_retention(&cutoff).await {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            tracing::info!(partitions = n, %cutoff, "telemetry retention applied")
+                        }
+                        Err(e) => tracing::warn!(error = %e, "telemetry retention"),
+                    }
+                }
+            }),
+        ));
+    }
+
     // ---- webhook endpoints ----
     let webhook_health = crate::webhook::WebhookHealth::default();
     tasks.push((

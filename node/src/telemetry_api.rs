@@ -182,6 +182,41 @@ impl EventReader {
             .collect()
     }
 
+    /// Drops records enqueued before `cutoff` (ISO-8601) from every stream partition this hub
+    /// uses: `events`, custom endpoint streams and connection events. Returns how many partitions
+    /// had records removed.
+    pub async fn apply_retention(&self, cutoff: &str) -> HubResult<usize> {
+        let streams: Vec<u32> = self
+            .hub
+            .read(ReadConsistency::Stale, |s| {
+                Ok(std::iter::once(0)
+                    .chain(s.routing.endpoints.values().map(|e| e.stream_id))
+                    .collect())
+            })
+            .await?;
+        let mut keys: Vec<u32> = streams
+            .iter()
+            .flat_map(|s| {
+                (0..self.partitions).map(move |p| s * crate::domain::routing::STREAM_STRIDE + p)
+            })
+            .collect();
+        keys.push(crate::mqtt::CONNECTION_EVENTS_PARTITION);
+        let mut trimmed = 0;
+        for key in keys {
+            let first_kept = self
+                .start_offset(key, &StartAt::EnqueuedAt(cutoff.to_string()))
+                .await?;
+            let oldest = self.read(key, 0, 1)?.first().map(|e| e.offset);
+            if oldest.is_some_and(|o| o < first_kept) {
+                self.log
+                    .delete_before(key, first_kept)
+                    .map_err(Self::storage)?;
+                trimmed += 1;
+            }
+        }
+        Ok(trimmed)
+    }
+
     /// Stores a checkpoint (replicated).
     pub async fn checkpoint(
         &self,

@@ -172,6 +172,19 @@ impl TelemetryLog {
         Ok(out)
     }
 
+    /// Deletes every record of `partition` below `offset` (retention). A range delete: appends
+    /// and reads go on while it runs, and readers of deleted offsets simply get the next record.
+    pub fn delete_before(&self, partition: u32, offset: u64) -> Result<()> {
+        if offset == 0 {
+            return Ok(());
+        }
+        let cf = crate::cf(&self.inner.db, CF_TELEMETRY)?;
+        self.inner
+            .db
+            .delete_range_cf(cf, key(partition, 0), key(partition, offset))?;
+        Ok(())
+    }
+
     /// A delivery cursor (the next offset to deliver), 0 when never set.
     pub fn cursor(&self, name: &str) -> Result<u64> {
         let cf = crate::cf(&self.inner.db, CF_CURSORS)?;
