@@ -153,6 +153,10 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
             "/meridian/routing/endpoints/{name}/health",
             get(endpoint_health),
         )
+        .route(
+            "/meridian/routing/enrichments/{key}",
+            put(put_enrichment).delete(delete_enrichment),
+        )
         .route("/meridian/events/partitions", get(partition_info))
         .route("/meridian/events/partitions/{partition}", get(read_events))
         .route("/meridian/events/consumergroups", get(list_consumer_groups))
@@ -767,6 +771,39 @@ async fn delete_endpoint(
 ) -> ApiResult {
     authorize_owner(&s, &headers).await?;
     s.hub.write(HubCommand::DeleteEndpoint { name }).await?;
+    Ok(no_content())
+}
+
+async fn put_enrichment(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    authorize_owner(&s, &headers).await?;
+    let mut value: Value = parse_body(&body)?;
+    if let Value::Object(map) = &mut value {
+        map.insert("key".into(), Value::String(key));
+    }
+    let enrichment: crate::domain::routing::Enrichment = serde_json::from_value(value)
+        .map_err(|e| HubError::new(ErrorCode::IotHubFormatError, format!("enrichment: {e}")))?;
+    match s
+        .hub
+        .write(HubCommand::PutEnrichment { enrichment })
+        .await?
+    {
+        HubResponse::Enrichment(e) => Ok(ok_json(serde_json::to_value(e).unwrap_or(Value::Null))),
+        other => Err(unexpected(other)),
+    }
+}
+
+async fn delete_enrichment(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+) -> ApiResult {
+    authorize_owner(&s, &headers).await?;
+    s.hub.write(HubCommand::DeleteEnrichment { key }).await?;
     Ok(no_content())
 }
 

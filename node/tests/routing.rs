@@ -118,6 +118,26 @@ async fn routes_send_sdk_telemetry_to_custom_streams_and_fallback_to_events() ->
     );
     let config = svc.json("GET", "/meridian/routing", None).await?.json();
     assert_eq!(config["routes"].as_array().map(Vec::len), Some(6));
+    // enrichments: a twin tag on the sites stream, a literal on events
+    for (key, body) in [
+        (
+            "site",
+            json!({"value": "$twin.tags.site", "endpointNames": ["sites"]}),
+        ),
+        (
+            "region",
+            json!({"value": "eu-west", "endpointNames": ["events"]}),
+        ),
+    ] {
+        let r = svc
+            .json(
+                "PUT",
+                &format!("/meridian/routing/enrichments/{key}"),
+                Some(&body),
+            )
+            .await?;
+        assert_eq!(r.status, 200, "{key}: {:?}", r.json());
+    }
     // lifecycle and twin-change notifications for a device created, patched and deleted now
     assert_eq!(
         svc.json(

@@ -250,6 +250,16 @@ pub enum HubCommand {
         /// Its name.
         name: String,
     },
+    /// Adds or replaces a message enrichment.
+    PutEnrichment {
+        /// The enrichment.
+        enrichment: super::routing::Enrichment,
+    },
+    /// Removes a message enrichment.
+    DeleteEnrichment {
+        /// Its key.
+        key: String,
+    },
     /// Turns the fallback route (unmatched messages → `events`) on or off.
     SetFallbackRoute {
         /// On or off.
@@ -306,6 +316,8 @@ impl HubCommand {
             HubCommand::PutEndpoint { .. } => "put_endpoint",
             HubCommand::DeleteEndpoint { .. } => "delete_endpoint",
             HubCommand::SetFallbackRoute { .. } => "set_fallback_route",
+            HubCommand::PutEnrichment { .. } => "put_enrichment",
+            HubCommand::DeleteEnrichment { .. } => "delete_enrichment",
             HubCommand::CreateConsumerGroup { .. } => "create_consumer_group",
             HubCommand::DeleteConsumerGroup { .. } => "delete_consumer_group",
             HubCommand::Checkpoint { .. } => "checkpoint",
@@ -342,6 +354,8 @@ pub enum HubResponse {
     Twin(Value),
     /// The new reported `$version`.
     ReportedVersion(u64),
+    /// An enrichment, as stored.
+    Enrichment(super::routing::Enrichment),
     /// A route, as stored.
     Route(super::routing::Route),
     /// A custom endpoint, as stored (with its stream id).

@@ -90,6 +90,45 @@ pub struct Endpoint {
     pub batch_frequency_secs: Option<u64>,
 }
 
+/// Most message enrichments per hub (Azure: 10).
+pub const MAX_ENRICHMENTS: usize = 10;
+
+/// A message enrichment: an application property added to messages sent to some endpoints. The
+/// value is a literal, `$iothubname`, or a path into the device twin (`$twin.tags.site`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Enrichment {
+    /// Property name.
+    pub key: String,
+    /// Literal, `$iothubname` or `$twin.<path>`.
+    pub value: String,
+    /// Endpoints whose messages get it (`events` included).
+    pub endpoint_names: Vec<String>,
+}
+
+impl Enrichment {
+    /// The value for a message from a device with `twin`; `None` when a `$twin` path is missing
+    /// (the property is then not added, as in Azure).
+    pub fn resolve(&self, twin: Option<&Value>, hub_name: &str) -> Option<String> {
+        if self.value.eq_ignore_ascii_case("$iothubname") {
+            return Some(hub_name.to_string());
+        }
+        match self.value.strip_prefix("$twin.") {
+            Some(path) => {
+                let segments: Vec<Segment> = path
+                    .split('.')
+                    .map(|f| Segment::Field(f.to_string()))
+                    .collect();
+                match walk_value(twin?, &segments)? {
+                    Value::String(s) => Some(s),
+                    other => Some(other.to_string()),
+                }
+            }
+            None => Some(self.value.clone()),
+        }
+    }
+}
+
 /// The hub's routing configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -102,6 +141,9 @@ pub struct RoutingConfig {
     pub fallback_enabled: bool,
     /// Next stream id to hand out.
     pub next_stream_id: u32,
+    /// Message enrichments.
+    #[serde(default)]
+    pub enrichments: Vec<Enrichment>,
 }
 
 impl Default for RoutingConfig {
@@ -111,6 +153,7 @@ impl Default for RoutingConfig {
             endpoints: BTreeMap::new(),
             fallback_enabled: true,
             next_stream_id: 1,
+            enrichments: Vec::new(),
         }
     }
 }
@@ -249,6 +292,72 @@ impl RoutingConfig {
                 format!("no endpoint named {name}"),
             )
         })
+    }
+
+    /// Adds or replaces an enrichment (by key).
+    pub fn put_enrichment(&mut self, enrichment: Enrichment) -> HubResult<Enrichment> {
+        if enrichment.key.is_empty() || enrichment.key.len() > 64 || enrichment.key.starts_with('$')
+        {
+            return Err(HubError::invalid(
+                "an enrichment key must be 1 to 64 characters and not start with '$'",
+            ));
+        }
+        if enrichment.endpoint_names.is_empty() {
+            return Err(HubError::invalid("an enrichment needs an endpoint"));
+        }
+        for e in &enrichment.endpoint_names {
+            if e != EVENTS && !self.endpoints.contains_key(e) {
+                return Err(HubError::invalid(format!("endpoint {e} does not exist")));
+            }
+        }
+        match self
+            .enrichments
+            .iter_mut()
+            .find(|x| x.key == enrichment.key)
+        {
+            Some(existing) => *existing = enrichment.clone(),
+            None => {
+                if self.enrichments.len() >= MAX_ENRICHMENTS {
+                    return Err(HubError::new(
+                        ErrorCode::IotHubQuotaExceeded,
+                        format!("the hub already has {MAX_ENRICHMENTS} enrichments"),
+                    ));
+                }
+                self.enrichments.push(enrichment.clone());
+            }
+        }
+        Ok(enrichment)
+    }
+
+    /// Removes an enrichment.
+    pub fn delete_enrichment(&mut self, key: &str) -> HubResult<()> {
+        let before = self.enrichments.len();
+        self.enrichments.retain(|e| e.key != key);
+        if before == self.enrichments.len() {
+            return Err(HubError::new(
+                ErrorCode::ResourceNotFound,
+                format!("no enrichment {key}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The enrichments that apply to stream `stream_id`.
+    pub fn enrichments_for(&self, stream_id: u32) -> Vec<&Enrichment> {
+        self.enrichments
+            .iter()
+            .filter(|e| {
+                e.endpoint_names.iter().any(|n| {
+                    if n == EVENTS {
+                        stream_id == 0
+                    } else {
+                        self.endpoints
+                            .get(n)
+                            .is_some_and(|ep| ep.stream_id == stream_id)
+                    }
+                })
+            })
+            .collect()
     }
 
     /// Whether any enabled route for `source` needs the device twin.
@@ -474,6 +583,52 @@ mod tests {
             parse_condition("$connectionDeviceId = 'd1' AND $contentType = 'application/json'")
                 .expect("valid");
         assert!(evaluate_condition(&cond, &d));
+    }
+
+    #[test]
+    fn enrichments() {
+        let mut c = config();
+        let e = Enrichment {
+            key: "site".into(),
+            value: "$twin.tags.site".into(),
+            endpoint_names: vec!["hot".into()],
+        };
+        c.put_enrichment(e.clone()).expect("valid");
+        assert_eq!(c.enrichments_for(1).len(), 1);
+        assert!(c.enrichments_for(0).is_empty());
+        let twin = json!({"tags": {"site": "a", "floor": 3}});
+        assert_eq!(e.resolve(Some(&twin), "hub"), Some("a".into()));
+        let floor = Enrichment {
+            value: "$twin.tags.floor".into(),
+            ..e.clone()
+        };
+        assert_eq!(floor.resolve(Some(&twin), "hub"), Some("3".into()));
+        let missing = Enrichment {
+            value: "$twin.tags.nope".into(),
+            ..e.clone()
+        };
+        assert_eq!(missing.resolve(Some(&twin), "hub"), None);
+        let name = Enrichment {
+            value: "$iothubname".into(),
+            ..e.clone()
+        };
+        assert_eq!(name.resolve(None, "hub"), Some("hub".into()));
+        assert!(
+            c.put_enrichment(Enrichment {
+                key: "$x".into(),
+                ..e.clone()
+            })
+            .is_err()
+        );
+        assert!(
+            c.put_enrichment(Enrichment {
+                endpoint_names: vec!["nowhere".into()],
+                ..e
+            })
+            .is_err()
+        );
+        c.delete_enrichment("site").expect("delete");
+        assert!(c.delete_enrichment("site").is_err());
     }
 
     #[test]

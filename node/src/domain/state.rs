@@ -590,6 +590,13 @@ impl HubState {
                 self.routing.delete_endpoint(&name)?;
                 Ok(HubResponse::Deleted)
             }
+            HubCommand::PutEnrichment { enrichment } => Ok(HubResponse::Enrichment(
+                self.routing.put_enrichment(enrichment)?,
+            )),
+            HubCommand::DeleteEnrichment { key } => {
+                self.routing.delete_enrichment(&key)?;
+                Ok(HubResponse::Deleted)
+            }
             HubCommand::SetFallbackRoute { enabled } => {
                 self.routing.fallback_enabled = enabled;
                 Ok(HubResponse::Applied)

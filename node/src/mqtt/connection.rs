@@ -3,7 +3,7 @@
 //! delivers C2D messages and enforces the hub's rules (own topics only, no QoS 2, keep-alive,
 //! token expiry, one connection per device).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +27,9 @@ use crate::domain::telemetry::{Sender, TelemetryMessage, encode_property_bag, pa
 use crate::domain::{DeviceId, HubCommand, HubError, HubResponse, ModuleId};
 use crate::hub::ReadConsistency;
 use meridian_proto::error::MqttBehaviour;
+
+/// The hub name enrichments and notifications carry (`$iothubname`).
+const HUB_NAME: &str = "meridian";
 
 /// How long a client has to send CONNECT after the transport is up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -604,11 +607,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 Close::ByHub
             })?;
         let partition = partition_for(&self.identity.device_id, self.ctx.partitions);
-        let streams = self.route(&message).await;
+        let routed = self.route(&message).await;
         let encoded = message.encode();
-        let records = streams
+        let records = routed
             .into_iter()
-            .map(|stream| (stream * STREAM_STRIDE + partition, encoded.clone()))
+            .map(|(stream, extra)| {
+                let key = stream * STREAM_STRIDE + partition;
+                if extra.is_empty() {
+                    (key, encoded.clone())
+                } else {
+                    let mut enriched = message.clone();
+                    enriched.application_properties.extend(extra);
+                    (key, enriched.encode())
+                }
+            })
             .collect();
         self.ctx
             .telemetry
@@ -621,15 +633,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             })
     }
 
-    /// The streams a message goes to: `events` (0) unless routes say otherwise.
-    async fn route(&self, message: &TelemetryMessage) -> std::collections::BTreeSet<u32> {
+    /// The streams a message goes to (`events` is 0 unless routes say otherwise), each with the
+    /// enrichment properties its endpoint adds.
+    async fn route(&self, message: &TelemetryMessage) -> Vec<(u32, BTreeMap<String, String>)> {
         let device_id = self.device_id();
         let routed = self
             .ctx
             .hub
             .read(ReadConsistency::Stale, |s| {
                 let routing = &s.routing;
-                if routing.routes.is_empty() {
+                if routing.routes.is_empty() && routing.enrichments.is_empty() {
                     return Ok(None);
                 }
                 let twin = if routing.needs_twin(RouteSource::DeviceMessages) {
@@ -637,20 +650,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 } else {
                     None
                 };
-                let document = RoutingDocument {
-                    system: &message.system_properties,
-                    application: &message.application_properties,
-                    body: json_body(&message.system_properties, &message.body),
-                    twin,
+                let streams = if routing.routes.is_empty() {
+                    std::collections::BTreeSet::from([0])
+                } else {
+                    let document = RoutingDocument {
+                        system: &message.system_properties,
+                        application: &message.application_properties,
+                        body: json_body(&message.system_properties, &message.body),
+                        twin: twin.clone(),
+                    };
+                    routing.streams_for(RouteSource::DeviceMessages, &document)
                 };
                 Ok(Some(
-                    routing.streams_for(RouteSource::DeviceMessages, &document),
+                    streams
+                        .into_iter()
+                        .map(|stream| {
+                            let extra = routing
+                                .enrichments_for(stream)
+                                .into_iter()
+                                .filter_map(|e| {
+                                    e.resolve(twin.as_ref(), HUB_NAME)
+                                        .map(|v| (e.key.clone(), v))
+                                })
+                                .collect();
+                            (stream, extra)
+                        })
+                        .collect(),
                 ))
             })
             .await;
         match routed {
             Ok(Some(streams)) => streams,
-            _ => std::collections::BTreeSet::from([0]),
+            _ => vec![(0, BTreeMap::new())],
         }
     }
 
