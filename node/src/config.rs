@@ -181,6 +181,8 @@ pub struct HubSection {
     pub max_modules_per_device: usize,
     /// Twin document limits.
     pub twin_limits: TwinLimits,
+    /// Routing and consumer-group limits.
+    pub routing_limits: crate::domain::routing::RoutingLimits,
 }
 
 impl Default for HubSection {
@@ -189,6 +191,7 @@ impl Default for HubSection {
             max_devices: 1_000_000,
             max_modules_per_device: 20,
             twin_limits: TwinLimits::default(),
+            routing_limits: Default::default(),
         }
     }
 }

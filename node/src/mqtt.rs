@@ -35,6 +35,8 @@ pub struct MqttSection {
     pub partitions: u32,
     /// Largest MQTT packet accepted, in bytes (default 512 KiB; telemetry bodies stop at 256 KB).
     pub max_packet_bytes: usize,
+    /// Largest telemetry body in bytes (Azure: 256 KB); bigger messages close the connection.
+    pub max_telemetry_bytes: usize,
     /// Telemetry kept on this node, in bytes (default 64 GiB); past it the oldest is dropped.
     pub retention_bytes: u64,
     /// Seconds a delivered C2D message waits for its PUBACK before it is delivered again
@@ -52,6 +54,7 @@ impl Default for MqttSection {
             tls_listen: SocketAddr::from(([127, 0, 0, 1], 8883)),
             partitions: 4,
             max_packet_bytes: 512 * 1024,
+            max_telemetry_bytes: crate::domain::telemetry::MAX_TELEMETRY_BYTES,
             retention_bytes: 64 * 1024 * 1024 * 1024,
             c2d_lock_timeout_secs: 60,
             retention_secs: 24 * 3600,
@@ -72,6 +75,8 @@ pub struct MqttContext {
     pub partitions: u32,
     /// Largest packet.
     pub max_packet_bytes: usize,
+    /// Largest telemetry body.
+    pub max_telemetry_bytes: usize,
     /// How long a delivered C2D message stays locked before redelivery.
     pub c2d_lock_timeout: Duration,
 }
@@ -423,6 +428,7 @@ pub fn exercise_untrusted_input(data: &[u8]) {
                         &sender,
                         "t",
                         p.retain,
+                        crate::domain::telemetry::MAX_TELEMETRY_BYTES,
                     ) {
                         let _ = crate::domain::telemetry::TelemetryMessage::decode(&m.encode());
                     }

@@ -145,6 +145,7 @@ fn new_hub_settings(config: &Config) -> HubSettings {
         twin_limits: config.hub.twin_limits.clone(),
         max_devices: config.hub.max_devices,
         max_modules_per_device: config.hub.max_modules_per_device,
+        routing_limits: config.hub.routing_limits.clone(),
     }
 }
 
@@ -205,6 +206,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
         sessions: Sessions::default(),
         partitions: config.mqtt.partitions,
         max_packet_bytes: config.mqtt.max_packet_bytes,
+        max_telemetry_bytes: config.mqtt.max_telemetry_bytes,
         c2d_lock_timeout: Duration::from_secs(config.mqtt.c2d_lock_timeout_secs),
     });
     let mut tasks: Vec<(&'static str, JoinHandle<()>)> = Vec::new();

@@ -15,10 +15,30 @@ use meridian_proto::ErrorCode;
 use meridian_query::ast::{Path, Segment};
 use meridian_query::{Document, evaluate_condition, parse_condition, walk_value};
 
-/// Most routes per hub (Azure: 100).
-pub const MAX_ROUTES: usize = 100;
-/// Most custom endpoints per hub (Azure: 10).
-pub const MAX_ENDPOINTS: usize = 10;
+/// Routing limits, replicated with the hub (defaults are Azure's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingLimits {
+    /// Most routes (Azure: 100).
+    pub max_routes: usize,
+    /// Most custom endpoints (Azure: 10).
+    pub max_endpoints: usize,
+    /// Most message enrichments (Azure: 10).
+    pub max_enrichments: usize,
+    /// Most consumer groups of the events stream (Azure standard tier: 20).
+    pub max_consumer_groups: usize,
+}
+
+impl Default for RoutingLimits {
+    fn default() -> Self {
+        Self {
+            max_routes: 100,
+            max_endpoints: 10,
+            max_enrichments: 10,
+            max_consumer_groups: 20,
+        }
+    }
+}
 /// Partition keys of stream `s` start at `s * STREAM_STRIDE` (the built-in stream is 0).
 pub const STREAM_STRIDE: u32 = 1024;
 /// The built-in endpoint's name.
@@ -89,9 +109,6 @@ pub struct Endpoint {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_frequency_secs: Option<u64>,
 }
-
-/// Most message enrichments per hub (Azure: 10).
-pub const MAX_ENRICHMENTS: usize = 10;
 
 /// A message enrichment: an application property added to messages sent to some endpoints. The
 /// value is a literal, `$iothubname`, or a path into the device twin (`$twin.tags.site`).
@@ -174,7 +191,7 @@ fn validate_name(kind: &str, name: &str) -> HubResult<()> {
 
 impl RoutingConfig {
     /// Adds or replaces a route after checking its condition parses and its endpoints exist.
-    pub fn put_route(&mut self, route: Route) -> HubResult<Route> {
+    pub fn put_route(&mut self, route: Route, limits: &RoutingLimits) -> HubResult<Route> {
         validate_name("route", &route.name)?;
         if !route.condition.trim().is_empty() {
             parse_condition(&route.condition)
@@ -191,10 +208,10 @@ impl RoutingConfig {
         match self.routes.iter_mut().find(|r| r.name == route.name) {
             Some(existing) => *existing = route.clone(),
             None => {
-                if self.routes.len() >= MAX_ROUTES {
+                if self.routes.len() >= limits.max_routes {
                     return Err(HubError::new(
                         ErrorCode::IotHubQuotaExceeded,
-                        format!("the hub already has {MAX_ROUTES} routes"),
+                        format!("the hub already has {} routes", limits.max_routes),
                     ));
                 }
                 self.routes.push(route.clone());
@@ -217,7 +234,11 @@ impl RoutingConfig {
     }
 
     /// Adds a custom endpoint (names are unique and `events` is reserved).
-    pub fn put_endpoint(&mut self, mut endpoint: Endpoint) -> HubResult<Endpoint> {
+    pub fn put_endpoint(
+        &mut self,
+        mut endpoint: Endpoint,
+        limits: &RoutingLimits,
+    ) -> HubResult<Endpoint> {
         validate_name("endpoint", &endpoint.name)?;
         if endpoint.name.eq_ignore_ascii_case(EVENTS) {
             return Err(HubError::invalid("events is the built-in endpoint's name"));
@@ -261,10 +282,13 @@ impl RoutingConfig {
         if let Some(existing) = self.endpoints.get(&endpoint.name) {
             return Ok(existing.clone());
         }
-        if self.endpoints.len() >= MAX_ENDPOINTS {
+        if self.endpoints.len() >= limits.max_endpoints {
             return Err(HubError::new(
                 ErrorCode::IotHubQuotaExceeded,
-                format!("the hub already has {MAX_ENDPOINTS} custom endpoints"),
+                format!(
+                    "the hub already has {} custom endpoints",
+                    limits.max_endpoints
+                ),
             ));
         }
         endpoint.stream_id = self.next_stream_id;
@@ -295,7 +319,11 @@ impl RoutingConfig {
     }
 
     /// Adds or replaces an enrichment (by key).
-    pub fn put_enrichment(&mut self, enrichment: Enrichment) -> HubResult<Enrichment> {
+    pub fn put_enrichment(
+        &mut self,
+        enrichment: Enrichment,
+        limits: &RoutingLimits,
+    ) -> HubResult<Enrichment> {
         if enrichment.key.is_empty() || enrichment.key.len() > 64 || enrichment.key.starts_with('$')
         {
             return Err(HubError::invalid(
@@ -317,10 +345,10 @@ impl RoutingConfig {
         {
             Some(existing) => *existing = enrichment.clone(),
             None => {
-                if self.enrichments.len() >= MAX_ENRICHMENTS {
+                if self.enrichments.len() >= limits.max_enrichments {
                     return Err(HubError::new(
                         ErrorCode::IotHubQuotaExceeded,
-                        format!("the hub already has {MAX_ENRICHMENTS} enrichments"),
+                        format!("the hub already has {} enrichments", limits.max_enrichments),
                     ));
                 }
                 self.enrichments.push(enrichment.clone());
@@ -487,25 +515,31 @@ mod tests {
     fn config() -> RoutingConfig {
         let mut c = RoutingConfig::default();
         let hot = c
-            .put_endpoint(Endpoint {
-                name: "hot".into(),
-                kind: "stream".into(),
-                stream_id: 0,
-                url: None,
-                ca_certificate: None,
-                dead_after_secs: None,
-                directory: None,
-                batch_frequency_secs: None,
-            })
+            .put_endpoint(
+                Endpoint {
+                    name: "hot".into(),
+                    kind: "stream".into(),
+                    stream_id: 0,
+                    url: None,
+                    ca_certificate: None,
+                    dead_after_secs: None,
+                    directory: None,
+                    batch_frequency_secs: None,
+                },
+                &RoutingLimits::default(),
+            )
             .expect("endpoint");
         assert_eq!(hot.stream_id, 1);
-        c.put_route(Route {
-            name: "critical".into(),
-            source: RouteSource::DeviceMessages,
-            condition: "level = 'critical' OR $body.temp > 30 OR $twin.tags.site = 'a'".into(),
-            endpoint_names: vec!["hot".into()],
-            is_enabled: true,
-        })
+        c.put_route(
+            Route {
+                name: "critical".into(),
+                source: RouteSource::DeviceMessages,
+                condition: "level = 'critical' OR $body.temp > 30 OR $twin.tags.site = 'a'".into(),
+                endpoint_names: vec!["hot".into()],
+                is_enabled: true,
+            },
+            &RoutingLimits::default(),
+        )
         .expect("route");
         c
     }
@@ -593,7 +627,8 @@ mod tests {
             value: "$twin.tags.site".into(),
             endpoint_names: vec!["hot".into()],
         };
-        c.put_enrichment(e.clone()).expect("valid");
+        c.put_enrichment(e.clone(), &RoutingLimits::default())
+            .expect("valid");
         assert_eq!(c.enrichments_for(1).len(), 1);
         assert!(c.enrichments_for(0).is_empty());
         let twin = json!({"tags": {"site": "a", "floor": 3}});
@@ -614,17 +649,23 @@ mod tests {
         };
         assert_eq!(name.resolve(None, "hub"), Some("hub".into()));
         assert!(
-            c.put_enrichment(Enrichment {
-                key: "$x".into(),
-                ..e.clone()
-            })
+            c.put_enrichment(
+                Enrichment {
+                    key: "$x".into(),
+                    ..e.clone()
+                },
+                &RoutingLimits::default()
+            )
             .is_err()
         );
         assert!(
-            c.put_enrichment(Enrichment {
-                endpoint_names: vec!["nowhere".into()],
-                ..e
-            })
+            c.put_enrichment(
+                Enrichment {
+                    endpoint_names: vec!["nowhere".into()],
+                    ..e
+                },
+                &RoutingLimits::default()
+            )
             .is_err()
         );
         c.delete_enrichment("site").expect("delete");
@@ -641,34 +682,45 @@ mod tests {
             endpoint_names: vec![endpoint.into()],
             is_enabled: true,
         };
-        let err = c.put_route(bad("a = ", "hot")).expect_err("parse error");
+        let err = c
+            .put_route(bad("a = ", "hot"), &RoutingLimits::default())
+            .expect_err("parse error");
         assert!(err.message.contains("route condition"), "{err:?}");
-        assert!(c.put_route(bad("true", "nowhere")).is_err());
+        assert!(
+            c.put_route(bad("true", "nowhere"), &RoutingLimits::default())
+                .is_err()
+        );
         assert!(c.delete_endpoint("hot").is_err(), "still in use");
         assert!(
-            c.put_endpoint(Endpoint {
-                name: "events".into(),
-                kind: "stream".into(),
-                stream_id: 0,
-                url: None,
-                ca_certificate: None,
-                dead_after_secs: None,
-                directory: None,
-                batch_frequency_secs: None,
-            })
+            c.put_endpoint(
+                Endpoint {
+                    name: "events".into(),
+                    kind: "stream".into(),
+                    stream_id: 0,
+                    url: None,
+                    ca_certificate: None,
+                    dead_after_secs: None,
+                    directory: None,
+                    batch_frequency_secs: None,
+                },
+                &RoutingLimits::default()
+            )
             .is_err()
         );
         assert!(
-            c.put_endpoint(Endpoint {
-                name: "w".into(),
-                kind: "webhook".into(),
-                stream_id: 0,
-                url: Some("ftp://x".into()),
-                ca_certificate: None,
-                dead_after_secs: None,
-                directory: None,
-                batch_frequency_secs: None,
-            })
+            c.put_endpoint(
+                Endpoint {
+                    name: "w".into(),
+                    kind: "webhook".into(),
+                    stream_id: 0,
+                    url: Some("ftp://x".into()),
+                    ca_certificate: None,
+                    dead_after_secs: None,
+                    directory: None,
+                    batch_frequency_secs: None,
+                },
+                &RoutingLimits::default()
+            )
             .is_err()
         );
         c.delete_route("critical").expect("delete");

@@ -31,6 +31,9 @@ pub struct HubSettings {
     pub max_devices: u64,
     /// Most modules per device (Azure: 20).
     pub max_modules_per_device: usize,
+    /// Routing and consumer-group limits.
+    #[serde(default)]
+    pub routing_limits: super::routing::RoutingLimits,
 }
 
 /// A device with its twin and modules.
@@ -116,8 +119,6 @@ impl Default for HubState {
 
 /// The consumer group every hub has.
 pub const DEFAULT_CONSUMER_GROUP: &str = "$Default";
-/// Most consumer groups per hub (Azure's standard tier: 20).
-pub const MAX_CONSUMER_GROUPS: usize = 20;
 
 fn default_consumer_groups() -> BTreeMap<String, BTreeMap<u32, u64>> {
     BTreeMap::from([(DEFAULT_CONSUMER_GROUP.to_string(), BTreeMap::new())])
@@ -577,22 +578,29 @@ impl HubState {
                 Ok(HubResponse::Deleted)
             }
             HubCommand::PutRoute { route } => {
-                Ok(HubResponse::Route(self.routing.put_route(route)?))
+                let limits = self.settings()?.routing_limits.clone();
+                Ok(HubResponse::Route(self.routing.put_route(route, &limits)?))
             }
             HubCommand::DeleteRoute { name } => {
                 self.routing.delete_route(&name)?;
                 Ok(HubResponse::Deleted)
             }
             HubCommand::PutEndpoint { endpoint } => {
-                Ok(HubResponse::Endpoint(self.routing.put_endpoint(endpoint)?))
+                let limits = self.settings()?.routing_limits.clone();
+                Ok(HubResponse::Endpoint(
+                    self.routing.put_endpoint(endpoint, &limits)?,
+                ))
             }
             HubCommand::DeleteEndpoint { name } => {
                 self.routing.delete_endpoint(&name)?;
                 Ok(HubResponse::Deleted)
             }
-            HubCommand::PutEnrichment { enrichment } => Ok(HubResponse::Enrichment(
-                self.routing.put_enrichment(enrichment)?,
-            )),
+            HubCommand::PutEnrichment { enrichment } => {
+                let limits = self.settings()?.routing_limits.clone();
+                Ok(HubResponse::Enrichment(
+                    self.routing.put_enrichment(enrichment, &limits)?,
+                ))
+            }
             HubCommand::DeleteEnrichment { key } => {
                 self.routing.delete_enrichment(&key)?;
                 Ok(HubResponse::Deleted)
@@ -609,10 +617,11 @@ impl HubState {
                         format!("consumer group {name} already exists"),
                     ));
                 }
-                if self.consumer_groups.len() >= MAX_CONSUMER_GROUPS {
+                let max = self.settings()?.routing_limits.max_consumer_groups;
+                if self.consumer_groups.len() >= max {
                     return Err(HubError::new(
                         ErrorCode::IotHubQuotaExceeded,
-                        format!("the hub already has {MAX_CONSUMER_GROUPS} consumer groups"),
+                        format!("the hub already has {max} consumer groups"),
                     ));
                 }
                 self.consumer_groups.insert(name, BTreeMap::new());
@@ -1068,6 +1077,7 @@ mod tests {
             twin_limits: TwinLimits::default(),
             max_devices: 3,
             max_modules_per_device: 2,
+            routing_limits: Default::default(),
         };
         assert_eq!(
             state.apply(HubCommand::InitHub { settings }),

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{HubError, HubResult};
 
-/// Largest telemetry message body (Azure: 256 KB).
+/// Largest telemetry message body by default (Azure: 256 KB); `[mqtt] max_telemetry_bytes`.
 pub const MAX_TELEMETRY_BYTES: usize = 256 * 1024;
 
 /// Characters left unescaped in property bags we send (RFC 3986 unreserved).
@@ -111,12 +111,13 @@ impl TelemetryMessage {
         sender: &Sender,
         enqueued_time: &str,
         retain: bool,
+        max_bytes: usize,
     ) -> HubResult<Self> {
-        if body.len() > MAX_TELEMETRY_BYTES {
+        if body.len() > max_bytes {
             return Err(HubError::new(
                 meridian_proto::ErrorCode::MessageTooLarge,
                 format!(
-                    "telemetry body is {} bytes; the limit is {MAX_TELEMETRY_BYTES}",
+                    "telemetry body is {} bytes; the limit is {max_bytes}",
                     body.len()
                 ),
             ));
@@ -207,8 +208,15 @@ mod tests {
     #[test]
     fn python_sdk_property_bag() {
         let bag = "%24.mid=e2e-x-0&%24.cid=corr-x&%24.ct=application%2Fjson&%24.ce=utf-8&e2e=x&needs%20encoding=a%2Fb%26c%3Dd%20%C3%BC&seq=0";
-        let m = TelemetryMessage::from_device(bag, b"{}".to_vec(), &sender(), "t", false)
-            .expect("valid");
+        let m = TelemetryMessage::from_device(
+            bag,
+            b"{}".to_vec(),
+            &sender(),
+            "t",
+            false,
+            MAX_TELEMETRY_BYTES,
+        )
+        .expect("valid");
         assert_eq!(m.system_properties["message-id"], "e2e-x-0");
         assert_eq!(m.system_properties["content-type"], "application/json");
         assert_eq!(m.system_properties["content-encoding"], "utf-8");
@@ -220,8 +228,15 @@ mod tests {
     #[test]
     fn devices_cannot_spoof_hub_properties() {
         let bag = "%24.iothub-connection-device-id=other&iothub-connection-device-id=other";
-        let m =
-            TelemetryMessage::from_device(bag, Vec::new(), &sender(), "t", true).expect("valid");
+        let m = TelemetryMessage::from_device(
+            bag,
+            Vec::new(),
+            &sender(),
+            "t",
+            true,
+            MAX_TELEMETRY_BYTES,
+        )
+        .expect("valid");
         assert_eq!(m.system_properties["iothub-connection-device-id"], "dev1");
         // an application property of that name stays an application property
         assert_eq!(
@@ -234,9 +249,19 @@ mod tests {
     #[test]
     fn oversize_is_rejected_and_encoding_round_trips() {
         let big = vec![0u8; MAX_TELEMETRY_BYTES + 1];
-        assert!(TelemetryMessage::from_device("", big, &sender(), "t", false).is_err());
-        let m = TelemetryMessage::from_device("a=1", vec![1, 2, 3], &sender(), "t", false)
-            .expect("valid");
+        assert!(
+            TelemetryMessage::from_device("", big, &sender(), "t", false, MAX_TELEMETRY_BYTES)
+                .is_err()
+        );
+        let m = TelemetryMessage::from_device(
+            "a=1",
+            vec![1, 2, 3],
+            &sender(),
+            "t",
+            false,
+            MAX_TELEMETRY_BYTES,
+        )
+        .expect("valid");
         assert_eq!(TelemetryMessage::decode(&m.encode()), Some(m));
         assert_eq!(TelemetryMessage::decode(&[0, 0]), None);
     }

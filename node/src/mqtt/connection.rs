@@ -601,11 +601,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             generation_id: self.auth.generation_id.clone(),
             auth_type: self.auth.auth_type,
         };
-        let message = TelemetryMessage::from_device(bag, body, &sender, &iso_now(), retain)
-            .map_err(|e| {
-                tracing::info!(client_id = self.client_id, error = %e, "telemetry refused; closing");
-                Close::ByHub
-            })?;
+        let message = TelemetryMessage::from_device(
+            bag,
+            body,
+            &sender,
+            &iso_now(),
+            retain,
+            self.ctx.max_telemetry_bytes,
+        )
+        .map_err(|e| {
+            tracing::info!(client_id = self.client_id, error = %e, "telemetry refused; closing");
+            Close::ByHub
+        })?;
         let partition = partition_for(&self.identity.device_id, self.ctx.partitions);
         let routed = self.route(&message).await;
         let encoded = message.encode();

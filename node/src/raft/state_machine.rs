@@ -299,6 +299,7 @@ mod tests {
                 twin_limits: Default::default(),
                 max_devices: 10,
                 max_modules_per_device: 2,
+                routing_limits: Default::default(),
             };
             let entry = openraft::Entry::<TypeConfig> {
                 log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), 1),
