@@ -33,6 +33,112 @@ pub enum Command {
     /// Prints telemetry as it arrives, one JSON line per message (like
     /// `az iot hub monitor-events`).
     MonitorEvents(MonitorArgs),
+    /// Shows and changes message routing: routes, endpoints, enrichments, the fallback route.
+    Routing(RoutingArgs),
+}
+
+/// How to reach a hub's service API.
+#[derive(Debug, Args)]
+pub struct ServiceArgs {
+    /// Service connection string (`HostName=...;SharedAccessKeyName=...;SharedAccessKey=...`).
+    #[arg(long, env = "MERIDIAN_CONNECTION_STRING")]
+    pub connection_string: String,
+    /// CA certificate (PEM) the node's HTTPS certificate chains to.
+    #[arg(long, env = "MERIDIAN_CA_CERT")]
+    pub ca: PathBuf,
+    /// Node address; defaults to the connection string's HostName.
+    #[arg(long)]
+    pub address: Option<String>,
+}
+
+/// `meridian routing`
+#[derive(Debug, Args)]
+pub struct RoutingArgs {
+    /// The hub.
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub action: RoutingAction,
+}
+
+/// Routing changes.
+#[derive(Debug, Subcommand)]
+pub enum RoutingAction {
+    /// Prints the routing configuration.
+    Show,
+    /// Creates a custom endpoint.
+    SetEndpoint {
+        /// Endpoint name.
+        name: String,
+        /// `stream`, `webhook` or `file`.
+        #[arg(long = "type", default_value = "stream")]
+        kind: String,
+        /// Webhook URL.
+        #[arg(long)]
+        url: Option<String>,
+        /// PEM file of the CA that signs an https webhook.
+        #[arg(long)]
+        ca_certificate_file: Option<PathBuf>,
+        /// Seconds of failure before a webhook is dead.
+        #[arg(long)]
+        dead_after_secs: Option<u64>,
+        /// Directory of a file endpoint.
+        #[arg(long)]
+        directory: Option<String>,
+        /// Seconds between file batches.
+        #[arg(long)]
+        batch_frequency_secs: Option<u64>,
+    },
+    /// Deletes a custom endpoint.
+    DeleteEndpoint {
+        /// Endpoint name.
+        name: String,
+    },
+    /// Creates or replaces a route.
+    SetRoute {
+        /// Route name.
+        name: String,
+        /// DeviceMessages, TwinChangeEvents, DeviceLifecycleEvents or DeviceConnectionStateEvents.
+        #[arg(long, default_value = "DeviceMessages")]
+        source: String,
+        /// Routing query (empty: every message).
+        #[arg(long, default_value = "")]
+        condition: String,
+        /// Endpoint(s) the route sends to (`events` is the built-in one).
+        #[arg(long = "endpoint", required = true)]
+        endpoints: Vec<String>,
+        /// Store the route disabled.
+        #[arg(long)]
+        disabled: bool,
+    },
+    /// Deletes a route.
+    DeleteRoute {
+        /// Route name.
+        name: String,
+    },
+    /// Creates or replaces a message enrichment.
+    SetEnrichment {
+        /// Property name.
+        key: String,
+        /// Literal, `$iothubname` or `$twin.<path>`.
+        #[arg(long)]
+        value: String,
+        /// Endpoint(s) whose messages get it.
+        #[arg(long = "endpoint", required = true)]
+        endpoints: Vec<String>,
+    },
+    /// Deletes a message enrichment.
+    DeleteEnrichment {
+        /// Property name.
+        key: String,
+    },
+    /// Turns the fallback route on or off.
+    Fallback {
+        /// `on` or `off`.
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
 }
 
 /// `meridian monitor-events`
@@ -297,5 +403,112 @@ async fn checkpoint(
         )
         .await?;
     anyhow::ensure!(r.status == 204, "checkpoint: {} {:?}", r.status, r.json());
+    Ok(())
+}
+
+async fn connect_service(args: &ServiceArgs) -> anyhow::Result<crate::client::Connection> {
+    use crate::client::{ConnectionString, ServiceClient};
+    let cs = ConnectionString::parse(&args.connection_string)?;
+    let address = args.address.clone().unwrap_or(cs.host_name);
+    let addr = tokio::net::lookup_host(&address)
+        .await?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("cannot resolve {address}"))?;
+    Ok(ServiceClient::new(&args.connection_string, addr, &args.ca)?
+        .connect()
+        .await?)
+}
+
+/// Runs `meridian routing ...` against the REST API and prints the answer.
+pub async fn run_routing(args: RoutingArgs) -> anyhow::Result<()> {
+    use serde_json::json;
+    let mut conn = connect_service(&args.service).await?;
+    let (method, path, body) = match args.action {
+        RoutingAction::Show => ("GET", "/meridian/routing".to_string(), None),
+        RoutingAction::SetEndpoint {
+            name,
+            kind,
+            url,
+            ca_certificate_file,
+            dead_after_secs,
+            directory,
+            batch_frequency_secs,
+        } => {
+            let ca = match ca_certificate_file {
+                Some(p) => Some(std::fs::read_to_string(p)?),
+                None => None,
+            };
+            let mut body = json!({"type": kind});
+            for (k, v) in [
+                ("url", url.map(serde_json::Value::from)),
+                ("caCertificate", ca.map(serde_json::Value::from)),
+                (
+                    "deadAfterSecs",
+                    dead_after_secs.map(serde_json::Value::from),
+                ),
+                ("directory", directory.map(serde_json::Value::from)),
+                (
+                    "batchFrequencySecs",
+                    batch_frequency_secs.map(serde_json::Value::from),
+                ),
+            ] {
+                if let Some(v) = v {
+                    body[k] = v;
+                }
+            }
+            (
+                "PUT",
+                format!("/meridian/routing/endpoints/{name}"),
+                Some(body),
+            )
+        }
+        RoutingAction::DeleteEndpoint { name } => (
+            "DELETE",
+            format!("/meridian/routing/endpoints/{name}"),
+            None,
+        ),
+        RoutingAction::SetRoute {
+            name,
+            source,
+            condition,
+            endpoints,
+            disabled,
+        } => (
+            "PUT",
+            format!("/meridian/routing/routes/{name}"),
+            Some(
+                json!({"source": source, "condition": condition, "endpointNames": endpoints, "isEnabled": !disabled}),
+            ),
+        ),
+        RoutingAction::DeleteRoute { name } => {
+            ("DELETE", format!("/meridian/routing/routes/{name}"), None)
+        }
+        RoutingAction::SetEnrichment {
+            key,
+            value,
+            endpoints,
+        } => (
+            "PUT",
+            format!("/meridian/routing/enrichments/{key}"),
+            Some(json!({"value": value, "endpointNames": endpoints})),
+        ),
+        RoutingAction::DeleteEnrichment { key } => (
+            "DELETE",
+            format!("/meridian/routing/enrichments/{key}"),
+            None,
+        ),
+        RoutingAction::Fallback { state } => (
+            "PUT",
+            "/meridian/routing/fallback".to_string(),
+            Some(json!({"isEnabled": state == "on"})),
+        ),
+    };
+    let reply = conn.json(method, &path, body.as_ref()).await?;
+    if !(200..300).contains(&reply.status) {
+        anyhow::bail!("{} {path}: {} {}", method, reply.status, reply.json());
+    }
+    if !reply.body.is_empty() {
+        println!("{}", serde_json::to_string_pretty(&reply.json())?);
+    }
     Ok(())
 }

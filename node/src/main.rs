@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use clap::Parser;
-use meridian::cli::{Cli, Command, run_dev, run_monitor, shutdown_on_signal};
+use meridian::cli::{Cli, Command, run_dev, run_monitor, run_routing, shutdown_on_signal};
 use meridian::observability::init_tracing;
 use meridian::server;
 
@@ -13,6 +13,9 @@ fn main() -> anyhow::Result<()> {
     let config = match cli.command {
         Command::MonitorEvents(args) => {
             return tokio::runtime::Runtime::new()?.block_on(run_monitor(args));
+        }
+        Command::Routing(args) => {
+            return tokio::runtime::Runtime::new()?.block_on(run_routing(args));
         }
         Command::Dev(ref args) => args.config(&env)?,
         Command::Node(ref args) | Command::CheckConfig(ref args) => args.config(&env)?,

@@ -4,11 +4,9 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use axum::routing::post;
 use common::{free_port, start_dev};
 use meridian::client::device::{RawMqtt, device_token};
 use serde_json::{Value, json};
@@ -17,39 +15,8 @@ use serde_json::{Value, json};
 async fn webhook_delivers_in_order_with_retries_and_dead_endpoints_drop() -> Result<()> {
     // An HTTPS receiver that fails its first three requests.
     let dir = tempfile::tempdir()?;
-    let tls = meridian::tls::ensure_dev_certificates(&dir.path().join("receiver"))?;
-    let ca_pem = std::fs::read_to_string(tls.ca_cert.clone().unwrap_or_default())?;
-    let received: Arc<Mutex<Vec<Value>>> = Arc::default();
-    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let app = {
-        let (received, calls) = (received.clone(), calls.clone());
-        axum::Router::new().route(
-            "/hook",
-            post(move |body: axum::body::Bytes| {
-                let (received, calls) = (received.clone(), calls.clone());
-                async move {
-                    if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 3 {
-                        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
-                    }
-                    if let Ok(v) = serde_json::from_slice::<Value>(&body)
-                        && let Ok(mut r) = received.lock()
-                    {
-                        r.push(v);
-                    }
-                    axum::http::StatusCode::OK
-                }
-            }),
-        )
-    };
-    let port = free_port()?;
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
-    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(meridian::api::serve_https(
-        listener,
-        meridian::tls::server_config(&tls, &[b"http/1.1"])?,
-        app,
-        stop_rx,
-    ));
+    let (port, ca_file, received) = common::start_https_receiver(dir.path(), 3).await?;
+    let ca_pem = std::fs::read_to_string(ca_file)?;
 
     let mut cluster = start_dev()?;
     let client = cluster.client(1).await?;

@@ -348,3 +348,54 @@ pub fn run_sdk_script(program: &Path, script: &str, envs: &[(&str, String)]) -> 
     }
     Ok(text)
 }
+
+/// An HTTPS webhook receiver on loopback: records every JSON body POSTed to `/hook`, answering
+/// 503 to the first `fail_first` requests. Returns its port, the CA file that signs its
+/// certificate, and the recorded bodies.
+pub async fn start_https_receiver(
+    dir: &Path,
+    fail_first: usize,
+) -> Result<(
+    u16,
+    PathBuf,
+    std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+)> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let tls = meridian::tls::ensure_dev_certificates(&dir.join("receiver"))?;
+    let ca = tls.ca_cert.clone().context("receiver CA")?;
+    let received: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let app = {
+        let (received, calls) = (received.clone(), calls.clone());
+        axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let (received, calls) = (received.clone(), calls.clone());
+                async move {
+                    if calls.fetch_add(1, Ordering::SeqCst) < fail_first {
+                        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body)
+                        && let Ok(mut r) = received.lock()
+                    {
+                        r.push(v);
+                    }
+                    axum::http::StatusCode::OK
+                }
+            }),
+        )
+    };
+    let port = free_port()?;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    // The receiver lives as long as the test process; keep the sender alive with it.
+    std::mem::forget(stop);
+    tokio::spawn(meridian::api::serve_https(
+        listener,
+        meridian::tls::server_config(&tls, &[b"http/1.1"])?,
+        app,
+        stop_rx,
+    ));
+    Ok((port, ca, received))
+}
