@@ -61,7 +61,7 @@ async fn webhook_delivers_in_order_with_retries_and_dead_endpoints_drop() -> Res
         .json(
             "PUT",
             "/meridian/routing/routes/all",
-            Some(&json!({"source": "DeviceMessages", "endpointNames": ["hook", "nowhere"]})),
+            Some(&json!({"source": "DeviceMessages", "endpointNames": ["hook", "nowhere", "events"]})),
         )
         .await?;
     assert_eq!(r.status, 200, "{:?}", r.json());
@@ -88,6 +88,20 @@ async fn webhook_delivers_in_order_with_retries_and_dead_endpoints_drop() -> Res
         started.elapsed() < Duration::from_secs(3),
         "acks took {:?}",
         started.elapsed()
+    );
+    // Nor does the events stream: all ten are readable there while the webhooks still fail.
+    let info = svc
+        .json("GET", "/meridian/events/partitions", None)
+        .await?
+        .json();
+    let in_events: u64 = info["endOffsets"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).sum())
+        .unwrap_or(0);
+    assert_eq!(in_events, 10, "{info}");
+    assert!(
+        received.lock().map(|r| r.len()).unwrap_or(0) < 10,
+        "the first webhook attempts fail, so it cannot have everything yet"
     );
 
     let deadline = Instant::now() + Duration::from_secs(30);
