@@ -1248,19 +1248,57 @@ async fn invoke_method(
         Some(m) => format!("{device_id}/{m}"),
         None => device_id.to_string(),
     };
-    let reply = s
-        .mqtt
-        .invoke_method(
-            &client_id,
-            &request.method_name,
-            &request.payload,
-            std::time::Duration::from_secs(response_timeout),
-            std::time::Duration::from_secs(connect_timeout),
-        )
-        .await?;
-    Ok(ok_json(
-        json!({"status": reply.status, "payload": reply.payload}),
-    ))
+    // The device may be connected to another node: the replicated owner says which.
+    let owner = if s.mqtt.sessions.is_connected(&client_id) {
+        None
+    } else {
+        let (d, m) = (device_id.clone(), module_id.clone());
+        s.hub
+            .read(ReadConsistency::Linearizable, move |st| {
+                let entry = st.devices.get(&d);
+                Ok(entry.and_then(|e| match &m {
+                    None => e.device.identity.connected_node,
+                    Some(m) => e
+                        .modules
+                        .get(m)
+                        .and_then(|x| x.module.identity.connected_node),
+                }))
+            })
+            .await?
+            .filter(|n| *n != s.mqtt.node_id)
+    };
+    let (status, payload) = match owner {
+        Some(node) => {
+            let forwarded = meridian_proto::hub::InvokeMethodRequest {
+                client_id,
+                method_name: request.method_name,
+                payload_json: serde_json::to_vec(&request.payload).unwrap_or_default(),
+                response_timeout_ms: response_timeout * 1000,
+                connect_timeout_ms: connect_timeout * 1000,
+            };
+            s.hub
+                .forward_method(
+                    node,
+                    forwarded,
+                    std::time::Duration::from_secs(response_timeout + connect_timeout + 5),
+                )
+                .await?
+        }
+        None => {
+            let reply = s
+                .mqtt
+                .invoke_method(
+                    &client_id,
+                    &request.method_name,
+                    &request.payload,
+                    std::time::Duration::from_secs(response_timeout),
+                    std::time::Duration::from_secs(connect_timeout),
+                )
+                .await?;
+            (reply.status, reply.payload)
+        }
+    };
+    Ok(ok_json(json!({"status": status, "payload": payload})))
 }
 
 async fn invoke_device_method(

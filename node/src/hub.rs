@@ -221,6 +221,49 @@ impl Hub {
         }
     }
 
+    /// The gRPC address of cluster member `node_id`.
+    pub fn node_addr(&self, node_id: NodeId) -> Option<String> {
+        self.inner
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&node_id)
+            .map(|n| n.addr.clone())
+    }
+
+    /// Runs a direct method on the node that holds the device's connection.
+    pub async fn forward_method(
+        &self,
+        node_id: NodeId,
+        request: meridian_proto::hub::InvokeMethodRequest,
+        timeout: Duration,
+    ) -> HubResult<(i32, serde_json::Value)> {
+        let addr = self
+            .node_addr(node_id)
+            .ok_or_else(|| unavailable(format!("node {node_id} is not a cluster member")))?;
+        let mut client = self.forward_client(&addr)?;
+        let reply = tokio::time::timeout(timeout, client.invoke_method(request))
+            .await
+            .map_err(|_| {
+                HubError::new(
+                    ErrorCode::GatewayTimeout,
+                    "the device's node did not answer in time",
+                )
+            })?
+            .map_err(|s| unavailable(format!("node {node_id}: {}", s.message())))?
+            .into_inner();
+        if !reply.error_json.is_empty() {
+            let error: HubError = serde_json::from_slice(&reply.error_json)
+                .map_err(|e| HubError::new(ErrorCode::ServerError, e.to_string()))?;
+            return Err(error);
+        }
+        let payload =
+            serde_json::from_slice(&reply.payload_json).unwrap_or(serde_json::Value::Null);
+        Ok((reply.status, payload))
+    }
+
     async fn read_index_from(&self, addr: &str) -> Result<u64, tonic::Status> {
         let mut client = self
             .forward_client(addr)

@@ -77,6 +77,8 @@ pub struct MqttContext {
     pub max_packet_bytes: usize,
     /// Largest telemetry body.
     pub max_telemetry_bytes: usize,
+    /// This node's Raft id (recorded as the owner of its device connections).
+    pub node_id: u64,
     /// How long a delivered C2D message stays locked before redelivery.
     pub c2d_lock_timeout: Duration,
 }
@@ -326,6 +328,12 @@ pub async fn pump_events(
             Ok(HubEvent::IdentityChanged { device_id }) => {
                 for client in ctx.sessions.clients_of(device_id.as_str()) {
                     ctx.sessions.send(&client, Outbound::Recheck);
+                }
+            }
+            Ok(HubEvent::Connected { client_id, node_id }) => {
+                if node_id != ctx.node_id {
+                    // The device connected elsewhere: one live connection in the whole cluster.
+                    ctx.sessions.send(&client_id, Outbound::TakenOver);
                 }
             }
             Ok(HubEvent::Notification(n)) => {

@@ -207,6 +207,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
         partitions: config.mqtt.partitions,
         max_packet_bytes: config.mqtt.max_packet_bytes,
         max_telemetry_bytes: config.mqtt.max_telemetry_bytes,
+        node_id,
         c2d_lock_timeout: Duration::from_secs(config.mqtt.c2d_lock_timeout_secs),
     });
     let mut tasks: Vec<(&'static str, JoinHandle<()>)> = Vec::new();
@@ -219,6 +220,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
     {
         let raft = raft.clone();
         let reader_for_grpc = event_reader.clone();
+        let mqtt_for_grpc = mqtt.clone();
         let mut shutdown = shutdown.clone();
         tasks.push((
             "grpc",
@@ -227,7 +229,10 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
                     .with_nodelay(Some(true));
                 let result = tonic::transport::Server::builder()
                     .add_service(RaftServiceServer::new(RaftServiceImpl::new(raft.clone())))
-                    .add_service(HubForwardServer::new(HubForwardImpl::new(raft)))
+                    .add_service(HubForwardServer::new(HubForwardImpl::new(
+                        raft,
+                        mqtt_for_grpc,
+                    )))
                     .add_service(TelemetryReadServer::new(TelemetryReadImpl::new(
                         reader_for_grpc,
                     )))

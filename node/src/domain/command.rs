@@ -147,6 +147,10 @@ pub enum HubCommand {
         module_id: Option<ModuleId>,
         /// True on connect.
         connected: bool,
+        /// The node holding the connection. A disconnect from a node that no longer holds the
+        /// device (another node took it over) changes nothing.
+        #[serde(default)]
+        node_id: Option<u64>,
         /// Proposer's clock, ISO-8601.
         now: String,
     },

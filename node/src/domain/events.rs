@@ -33,6 +33,14 @@ pub enum HubEvent {
     },
     /// A twin-change or lifecycle notification for routes with that source.
     Notification(Notification),
+    /// A device or module connected to `node_id`: any other node holding a connection for the
+    /// same client id closes it (one live connection per device in the cluster).
+    Connected {
+        /// `deviceId` or `deviceId/moduleId`.
+        client_id: String,
+        /// The node that holds the new connection.
+        node_id: u64,
+    },
 }
 
 /// A hub notification in Azure's shape, to be routed like a message.
@@ -243,6 +251,23 @@ pub fn events_after(
 }
 
 fn push_events(state: &HubState, command: &HubCommand, response: &HubResponse) -> Vec<HubEvent> {
+    if let HubCommand::SetConnectionState {
+        device_id,
+        module_id,
+        connected: true,
+        node_id: Some(node_id),
+        ..
+    } = command
+    {
+        let client_id = match module_id {
+            Some(m) => format!("{device_id}/{m}"),
+            None => device_id.to_string(),
+        };
+        return vec![HubEvent::Connected {
+            client_id,
+            node_id: *node_id,
+        }];
+    }
     let desired_version = |device_id: &DeviceId, module_id: Option<&ModuleId>| {
         let entry = state.devices.get(device_id)?;
         Some(match module_id {

@@ -219,6 +219,9 @@ pub struct IdentityRecord {
     pub last_activity_time: String,
     /// Messages waiting in the C2D queue.
     pub cloud_to_device_message_count: u64,
+    /// The node holding the live connection (not rendered; routes direct methods).
+    #[serde(default)]
+    pub connected_node: Option<u64>,
 }
 
 impl IdentityRecord {
@@ -232,6 +235,7 @@ impl IdentityRecord {
             connection_state_updated_time: NEVER.into(),
             last_activity_time: NEVER.into(),
             cloud_to_device_message_count: 0,
+            connected_node: None,
         }
     }
 }

@@ -336,6 +336,7 @@ impl HubState {
                 device_id,
                 module_id,
                 connected,
+                node_id,
                 now,
             } => {
                 let entry = self
@@ -355,6 +356,15 @@ impl HubState {
                             .identity
                     }
                 };
+                if !connected
+                    && node_id.is_some()
+                    && identity.connected_node.is_some()
+                    && identity.connected_node != node_id
+                {
+                    // A stale disconnect: another node holds the device now.
+                    return Ok(HubResponse::Applied);
+                }
+                identity.connected_node = if connected { node_id } else { None };
                 let state = if connected {
                     ConnectionState::Connected
                 } else {

@@ -221,6 +221,7 @@ pub async fn serve<S>(
                 device_id: device_id.clone(),
                 module_id: module_id.clone(),
                 connected: true,
+                node_id: Some(ctx.node_id),
                 now: iso_now(),
             })
             .await
@@ -956,6 +957,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 device_id: self.device_id(),
                 module_id: self.module_id(),
                 connected: false,
+                node_id: Some(self.ctx.node_id),
                 now: now.clone(),
             })
             .await;

@@ -10,7 +10,8 @@ use super::HubRaft;
 use crate::domain::HubCommand;
 use meridian_proto::hub::hub_forward_server::HubForward;
 use meridian_proto::hub::{
-    ClientWriteRequest, ClientWriteResponse, ReadIndexRequest, ReadIndexResponse,
+    ClientWriteRequest, ClientWriteResponse, InvokeMethodRequest, InvokeMethodResponse,
+    ReadIndexRequest, ReadIndexResponse,
 };
 use meridian_proto::raft::RaftPayload;
 use meridian_proto::raft::raft_service_server::RaftService;
@@ -66,20 +67,53 @@ impl RaftService for RaftServiceImpl {
 /// caller may safely retry elsewhere, since nothing was proposed.
 pub const NOT_LEADER: &str = "not leader";
 
-/// Serves writes and read-index requests forwarded by followers.
+/// Serves writes and read-index requests forwarded by followers, and direct methods for devices
+/// connected here.
 pub struct HubForwardImpl {
     raft: HubRaft,
+    mqtt: std::sync::Arc<crate::mqtt::MqttContext>,
 }
 
 impl HubForwardImpl {
-    /// Wraps the local Raft node.
-    pub fn new(raft: HubRaft) -> Self {
-        Self { raft }
+    /// Wraps the local Raft node and device endpoint.
+    pub fn new(raft: HubRaft, mqtt: std::sync::Arc<crate::mqtt::MqttContext>) -> Self {
+        Self { raft, mqtt }
     }
 }
 
 #[tonic::async_trait]
 impl HubForward for HubForwardImpl {
+    async fn invoke_method(
+        &self,
+        request: Request<InvokeMethodRequest>,
+    ) -> Result<Response<InvokeMethodResponse>, Status> {
+        let req = request.into_inner();
+        let payload: serde_json::Value = serde_json::from_slice(&req.payload_json)
+            .map_err(|e| Status::invalid_argument(format!("bad payload: {e}")))?;
+        let result = self
+            .mqtt
+            .invoke_method(
+                &req.client_id,
+                &req.method_name,
+                &payload,
+                std::time::Duration::from_millis(req.response_timeout_ms),
+                std::time::Duration::from_millis(req.connect_timeout_ms),
+            )
+            .await;
+        Ok(Response::new(match result {
+            Ok(reply) => InvokeMethodResponse {
+                status: reply.status,
+                payload_json: serde_json::to_vec(&reply.payload).unwrap_or_default(),
+                error_json: Vec::new(),
+            },
+            Err(e) => InvokeMethodResponse {
+                status: 0,
+                payload_json: Vec::new(),
+                error_json: serde_json::to_vec(&e).unwrap_or_default(),
+            },
+        }))
+    }
+
     async fn client_write(
         &self,
         request: Request<ClientWriteRequest>,
