@@ -35,6 +35,51 @@ pub enum Command {
     MonitorEvents(MonitorArgs),
     /// Shows and changes message routing: routes, endpoints, enrichments, the fallback route.
     Routing(RoutingArgs),
+    /// Runs a local N-node cluster on loopback in one process, for trying Meridian out; writes
+    /// `<data-dir>/cluster.json` and prints the connection strings. Ctrl-C stops it.
+    Demo(DemoArgs),
+}
+
+/// `meridian demo`
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: u64,
+    /// Data directory (one sub-directory per node).
+    #[arg(long, default_value = "meridian-demo")]
+    pub data_dir: PathBuf,
+    /// First port; each node uses four consecutive ports from here (HTTPS, MQTT, gRPC, metrics).
+    #[arg(long, default_value_t = 18440)]
+    pub base_port: u16,
+}
+
+/// One node in `cluster.json`.
+#[derive(Debug, serde::Serialize)]
+pub struct DemoNode {
+    /// Raft node id.
+    pub id: u64,
+    /// Region (all demo nodes share one).
+    pub region: String,
+    /// HTTPS service API (and MQTT over WebSockets).
+    pub https: String,
+    /// MQTT/TLS.
+    pub mqtt: String,
+    /// Node-to-node gRPC.
+    pub grpc: String,
+    /// Prometheus metrics.
+    pub metrics: String,
+    /// Service connection string pointing at this node.
+    pub service_connection_string: String,
+}
+
+/// What `meridian demo` writes to `<data-dir>/cluster.json`.
+#[derive(Debug, serde::Serialize)]
+pub struct DemoCluster {
+    /// Every node.
+    pub nodes: Vec<DemoNode>,
+    /// CA certificate all nodes' certificates chain to.
+    pub ca_cert: PathBuf,
 }
 
 /// How to reach a hub's service API.
@@ -509,6 +554,76 @@ pub async fn run_routing(args: RoutingArgs) -> anyhow::Result<()> {
     }
     if !reply.body.is_empty() {
         println!("{}", serde_json::to_string_pretty(&reply.json())?);
+    }
+    Ok(())
+}
+
+/// Runs `meridian demo`: N nodes in this process, one Raft group, shared TLS certificate.
+pub async fn run_demo(args: DemoArgs, env: &HashMap<String, String>) -> anyhow::Result<()> {
+    anyhow::ensure!((1..=9).contains(&args.nodes), "--nodes must be 1 to 9");
+    std::fs::create_dir_all(&args.data_dir)?;
+    let tls = crate::tls::ensure_dev_certificates(&args.data_dir.join("tls"))?;
+    let port = |node: u64, slot: u16| args.base_port + (node as u16 - 1) * 4 + slot;
+    let members: Vec<crate::config::Member> = (1..=args.nodes)
+        .map(|id| crate::config::Member {
+            id,
+            grpc_addr: format!("127.0.0.1:{}", port(id, 2)),
+        })
+        .collect();
+    let shutdown = shutdown_on_signal();
+    let mut running = Vec::new();
+    for id in 1..=args.nodes {
+        let mut config = Config::load(None, env)?;
+        config.node.id = id;
+        config.node.data_dir = args.data_dir.join(format!("node{id}"));
+        config.api.https_listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port(id, 0)));
+        config.mqtt.tls_listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port(id, 1)));
+        config.cluster.grpc_listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port(id, 2)));
+        config.cluster.members = members.clone();
+        config.observability.metrics_listen =
+            Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port(id, 3))));
+        config.tls.cert = Some(tls.cert.clone());
+        config.tls.key = Some(tls.key.clone());
+        config.validate()?;
+        running.push((id, server::start(config, shutdown.clone()).await?));
+    }
+    let mut nodes = Vec::new();
+    for (id, node) in &running {
+        let credentials = node
+            .credentials(Duration::from_secs(60))
+            .await
+            .ok_or_else(|| anyhow::anyhow!("the hub was not created within 60 s"))?;
+        nodes.push(DemoNode {
+            id: *id,
+            region: "local".into(),
+            https: node.https_addr.to_string(),
+            mqtt: node.mqtt_addr.to_string(),
+            grpc: node.grpc_addr.to_string(),
+            metrics: node.metrics_addr.map(|a| a.to_string()).unwrap_or_default(),
+            service_connection_string: credentials.service_connection_string,
+        });
+    }
+    let cluster = DemoCluster {
+        nodes,
+        ca_cert: std::fs::canonicalize(tls.ca_cert.clone().unwrap_or_default())?,
+    };
+    let path = args.data_dir.join("cluster.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&cluster)?)?;
+    println!(
+        "Meridian demo cluster with {} nodes is ready.",
+        cluster.nodes.len()
+    );
+    for n in &cluster.nodes {
+        println!("  node {}: https://{} mqtts://{}", n.id, n.https, n.mqtt);
+        println!("    {}", n.service_connection_string);
+    }
+    println!("  CA certificate: {}", cluster.ca_cert.display());
+    println!(
+        "  cluster description: {} (Ctrl-C stops the cluster)",
+        path.display()
+    );
+    for (_, node) in running {
+        node.join().await;
     }
     Ok(())
 }

@@ -3,7 +3,10 @@
 use std::collections::HashMap;
 
 use clap::Parser;
-use meridian::cli::{Cli, Command, run_dev, run_monitor, run_routing, shutdown_on_signal};
+use meridian::cli::{
+    Cli, Command, run_demo, run_dev, run_monitor, run_routing, shutdown_on_signal,
+};
+use meridian::config::Config;
 use meridian::observability::init_tracing;
 use meridian::server;
 
@@ -16,6 +19,14 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Routing(args) => {
             return tokio::runtime::Runtime::new()?.block_on(run_routing(args));
+        }
+        Command::Demo(args) => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            return runtime.block_on(async move {
+                let config = Config::load(None, &env)?;
+                let _telemetry = init_tracing(&config.observability)?;
+                run_demo(args, &env).await
+            });
         }
         Command::Dev(ref args) => args.config(&env)?,
         Command::Node(ref args) | Command::CheckConfig(ref args) => args.config(&env)?,
