@@ -716,6 +716,21 @@ async fn get_routing(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult
     ))
 }
 
+/// Reads a routing object from a body, taking its name (or key) from the path.
+fn named_body<T: DeserializeOwned>(
+    body: &Bytes,
+    field: &str,
+    name: String,
+    what: &str,
+) -> HubResult<T> {
+    let mut value: Value = parse_body(body)?;
+    if let Value::Object(map) = &mut value {
+        map.insert(field.into(), Value::String(name));
+    }
+    serde_json::from_value(value)
+        .map_err(|e| HubError::new(ErrorCode::IotHubFormatError, format!("{what}: {e}")))
+}
+
 async fn put_route(
     State(s): State<ApiState>,
     headers: HeaderMap,
@@ -723,12 +738,7 @@ async fn put_route(
     body: Bytes,
 ) -> ApiResult {
     authorize_owner(&s, &headers).await?;
-    let mut value: Value = parse_body(&body)?;
-    if let Value::Object(map) = &mut value {
-        map.insert("name".into(), Value::String(name));
-    }
-    let route: crate::domain::routing::Route = serde_json::from_value(value)
-        .map_err(|e| HubError::new(ErrorCode::IotHubFormatError, format!("route: {e}")))?;
+    let route = named_body(&body, "name", name, "route")?;
     match s.hub.write(HubCommand::PutRoute { route }).await? {
         HubResponse::Route(r) => Ok(ok_json(serde_json::to_value(r).unwrap_or(Value::Null))),
         other => Err(unexpected(other)),
@@ -752,12 +762,7 @@ async fn put_endpoint(
     body: Bytes,
 ) -> ApiResult {
     authorize_owner(&s, &headers).await?;
-    let mut value: Value = parse_body(&body)?;
-    if let Value::Object(map) = &mut value {
-        map.insert("name".into(), Value::String(name));
-    }
-    let endpoint: crate::domain::routing::Endpoint = serde_json::from_value(value)
-        .map_err(|e| HubError::new(ErrorCode::IotHubFormatError, format!("endpoint: {e}")))?;
+    let endpoint = named_body(&body, "name", name, "endpoint")?;
     match s.hub.write(HubCommand::PutEndpoint { endpoint }).await? {
         HubResponse::Endpoint(e) => Ok(ok_json(serde_json::to_value(e).unwrap_or(Value::Null))),
         other => Err(unexpected(other)),
@@ -781,12 +786,7 @@ async fn put_enrichment(
     body: Bytes,
 ) -> ApiResult {
     authorize_owner(&s, &headers).await?;
-    let mut value: Value = parse_body(&body)?;
-    if let Value::Object(map) = &mut value {
-        map.insert("key".into(), Value::String(key));
-    }
-    let enrichment: crate::domain::routing::Enrichment = serde_json::from_value(value)
-        .map_err(|e| HubError::new(ErrorCode::IotHubFormatError, format!("enrichment: {e}")))?;
+    let enrichment = named_body(&body, "key", key, "enrichment")?;
     match s
         .hub
         .write(HubCommand::PutEnrichment { enrichment })
