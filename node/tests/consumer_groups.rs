@@ -24,17 +24,7 @@ async fn readers_resume_from_checkpoints() -> Result<()> {
     let creds = cluster.credentials(Duration::from_secs(60)).await?;
     let client = cluster.client(1).await?;
     let mut svc = client.connect().await?;
-    let r = svc
-        .json(
-            "PUT",
-            "/devices/cg-dev",
-            Some(&json!({"deviceId": "cg-dev"})),
-        )
-        .await?;
-    let key = r.json()["authentication"]["symmetricKey"]["primaryKey"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let key = common::create_device(&mut svc, "cg-dev").await?;
     let (mqtt, ca) = (cluster.node(1).mqtt, cluster.ca.clone());
     let token = device_token("localhost", "cg-dev", &key, 600)?;
     let (mut device, _, _) = RawMqtt::connect(mqtt, &ca, "cg-dev", &token, true, 60).await?;
@@ -227,17 +217,7 @@ async fn retention_drops_old_records_while_writers_and_readers_go_on() -> Result
     ])?;
     let client = cluster.client(1).await?;
     let mut svc = client.connect().await?;
-    let r = svc
-        .json(
-            "PUT",
-            "/devices/ret-dev",
-            Some(&json!({"deviceId": "ret-dev"})),
-        )
-        .await?;
-    let key = r.json()["authentication"]["symmetricKey"]["primaryKey"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let key = common::create_device(&mut svc, "ret-dev").await?;
     let (mqtt, ca) = (cluster.node(1).mqtt, cluster.ca.clone());
     let token = device_token("localhost", "ret-dev", &key, 600)?;
     let (mut device, _, _) = RawMqtt::connect(mqtt, &ca, "ret-dev", &token, true, 60).await?;

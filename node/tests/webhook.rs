@@ -21,17 +21,7 @@ async fn webhook_delivers_in_order_with_retries_and_dead_endpoints_drop() -> Res
     let mut cluster = start_dev()?;
     let client = cluster.client(1).await?;
     let mut svc = client.connect().await?;
-    let r = svc
-        .json(
-            "PUT",
-            "/devices/wh-dev",
-            Some(&json!({"deviceId": "wh-dev"})),
-        )
-        .await?;
-    let key = r.json()["authentication"]["symmetricKey"]["primaryKey"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let key = common::create_device(&mut svc, "wh-dev").await?;
     let r = svc
         .json(
             "PUT",
@@ -170,17 +160,7 @@ async fn file_endpoint_writes_batches_of_json_lines() -> Result<()> {
     let mut cluster = start_dev()?;
     let client = cluster.client(1).await?;
     let mut svc = client.connect().await?;
-    let r = svc
-        .json(
-            "PUT",
-            "/devices/file-dev",
-            Some(&json!({"deviceId": "file-dev"})),
-        )
-        .await?;
-    let key = r.json()["authentication"]["symmetricKey"]["primaryKey"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let key = common::create_device(&mut svc, "file-dev").await?;
     let r = svc
         .json(
             "PUT",

@@ -399,3 +399,21 @@ pub async fn start_https_receiver(
     ));
     Ok((port, ca, received))
 }
+
+/// Creates a device with generated SAS keys and returns its primary key.
+pub async fn create_device(conn: &mut meridian::client::Connection, id: &str) -> Result<String> {
+    let r = conn
+        .json(
+            "PUT",
+            &format!("/devices/{id}"),
+            Some(&serde_json::json!({"deviceId": id})),
+        )
+        .await?;
+    if r.status != 200 {
+        bail!("create {id}: {} {:?}", r.status, r.json());
+    }
+    Ok(r.json()["authentication"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string())
+}
