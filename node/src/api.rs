@@ -139,6 +139,8 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         )
         .route("/$iothub/websocket", get(mqtt_websocket))
         .route("/devices/query", post(query_hub))
+        .route("/meridian/cluster/nodes", get(cluster_nodes).post(add_node))
+        .route("/meridian/cluster/nodes/{id}", delete(remove_node))
         .route("/meridian/routing", get(get_routing))
         .route("/meridian/routing/fallback", put(set_fallback))
         .route(
@@ -701,6 +703,71 @@ async fn query_hub(State(s): State<ApiState>, headers: HeaderMap, body: Bytes) -
         response.headers_mut().insert("x-ms-continuation", v);
     }
     Ok(response)
+}
+
+// ---- cluster membership (operator API) ----
+
+async fn cluster_nodes(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    authorize_owner(&s, &headers).await?;
+    let m = s.hub.raft().metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+    let nodes: Vec<Value> = membership
+        .nodes()
+        .map(|(id, node)| {
+            let matched = m
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(id))
+                .and_then(|l| l.as_ref().map(|l| l.index));
+            json!({
+                "id": id,
+                "grpcAddr": node.addr,
+                "role": if voters.contains(id) { "voter" } else { "learner" },
+                "leader": m.current_leader == Some(*id),
+                "matchedIndex": matched,
+            })
+        })
+        .collect();
+    Ok(ok_json(json!({
+        "nodes": nodes,
+        "leader": m.current_leader,
+        "term": m.current_term,
+        "answeredBy": m.id,
+        "lastApplied": m.last_applied.map(|l| l.index),
+    })))
+}
+
+/// Body of `POST /meridian/cluster/nodes`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct AddNodeSpec {
+    id: u64,
+    grpc_addr: String,
+}
+
+async fn add_node(State(s): State<ApiState>, headers: HeaderMap, body: Bytes) -> ApiResult {
+    authorize_owner(&s, &headers).await?;
+    let spec: AddNodeSpec = parse_body(&body)?;
+    s.hub
+        .change_membership(meridian_control_plane::MembershipChange::Add {
+            id: spec.id,
+            addr: spec.grpc_addr,
+        })
+        .await?;
+    Ok(no_content())
+}
+
+async fn remove_node(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+) -> ApiResult {
+    authorize_owner(&s, &headers).await?;
+    s.hub
+        .change_membership(meridian_control_plane::MembershipChange::Remove { id })
+        .await?;
+    Ok(no_content())
 }
 
 // ---- routing (Meridian's operator API; Azure configures routes through ARM) ----

@@ -35,9 +35,67 @@ pub enum Command {
     MonitorEvents(MonitorArgs),
     /// Shows and changes message routing: routes, endpoints, enrichments, the fallback route.
     Routing(RoutingArgs),
+    /// Lists, adds and removes cluster nodes (Raft voters).
+    Cluster(ClusterArgs),
     /// Runs a local N-node cluster on loopback in one process, for trying Meridian out; writes
     /// `<data-dir>/cluster.json` and prints the connection strings. Ctrl-C stops it.
     Demo(DemoArgs),
+}
+
+/// `meridian cluster`
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    /// The hub.
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub action: ClusterAction,
+}
+
+/// Cluster membership changes.
+#[derive(Debug, Subcommand)]
+pub enum ClusterAction {
+    /// Lists the nodes, their roles and replication progress.
+    Nodes,
+    /// Adds a node (started with the cluster's members in its config): it catches up as a learner,
+    /// then becomes a voter.
+    Add {
+        /// Its node id.
+        #[arg(long)]
+        id: u64,
+        /// Its gRPC address.
+        #[arg(long)]
+        grpc_addr: String,
+    },
+    /// Removes a voter.
+    Remove {
+        /// Its node id.
+        #[arg(long)]
+        id: u64,
+    },
+}
+
+/// Runs `meridian cluster ...`.
+pub async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
+    let mut conn = connect_service(&args.service).await?;
+    let (method, path, body) = match args.action {
+        ClusterAction::Nodes => ("GET", "/meridian/cluster/nodes".to_string(), None),
+        ClusterAction::Add { id, grpc_addr } => (
+            "POST",
+            "/meridian/cluster/nodes".to_string(),
+            Some(serde_json::json!({"id": id, "grpcAddr": grpc_addr})),
+        ),
+        ClusterAction::Remove { id } => ("DELETE", format!("/meridian/cluster/nodes/{id}"), None),
+    };
+    let reply = conn.json(method, &path, body.as_ref()).await?;
+    if !(200..300).contains(&reply.status) {
+        anyhow::bail!("{method} {path}: {} {}", reply.status, reply.json());
+    }
+    if !reply.body.is_empty() {
+        println!("{}", serde_json::to_string_pretty(&reply.json())?);
+    }
+    Ok(())
 }
 
 /// `meridian demo`

@@ -221,6 +221,53 @@ impl Hub {
         }
     }
 
+    /// Changes the Raft voters through the leader (forwarding when this node is a follower).
+    pub async fn change_membership(
+        &self,
+        change: meridian_control_plane::MembershipChange,
+    ) -> HubResult<()> {
+        use meridian_control_plane::MembershipChange;
+        let deadline = Instant::now() + self.inner.request_timeout * 6;
+        loop {
+            match crate::raft::service::change_membership_locally(&self.inner.raft, &change).await {
+                Err(e) if e.message == crate::raft::service::NOT_LEADER => {}
+                other => return other,
+            }
+            let leader = self.inner.raft.metrics().borrow().current_leader;
+            if let Some(addr) = leader.and_then(|l| self.node_addr(l)) {
+                let (add_id, add_addr, remove_id) = match &change {
+                    MembershipChange::Add { id, addr } => (*id, addr.clone(), 0),
+                    MembershipChange::Remove { id } => (0, String::new(), *id),
+                };
+                let mut client = self.forward_client(&addr)?;
+                match client
+                    .change_membership(meridian_proto::hub::ChangeMembershipRequest {
+                        add_id,
+                        add_addr,
+                        remove_id,
+                    })
+                    .await
+                {
+                    Ok(reply) => {
+                        let reply = reply.into_inner();
+                        if reply.error_json.is_empty() {
+                            return Ok(());
+                        }
+                        return Err(serde_json::from_slice(&reply.error_json).unwrap_or_else(
+                            |e| HubError::new(ErrorCode::ServerError, e.to_string()),
+                        ));
+                    }
+                    Err(status) if safe_to_retry(&status) => {}
+                    Err(status) => return Err(unavailable(status.message().to_string())),
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(unavailable("no leader could change the membership in time"));
+            }
+            sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// The gRPC address of cluster member `node_id`.
     pub fn node_addr(&self, node_id: NodeId) -> Option<String> {
         self.inner

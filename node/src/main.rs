@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use clap::Parser;
 use meridian::cli::{
-    Cli, Command, run_demo, run_dev, run_monitor, run_routing, shutdown_on_signal,
+    Cli, Command, run_cluster, run_demo, run_dev, run_monitor, run_routing, shutdown_on_signal,
 };
 use meridian::config::Config;
 use meridian::observability::init_tracing;
@@ -19,6 +19,9 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Routing(args) => {
             return tokio::runtime::Runtime::new()?.block_on(run_routing(args));
+        }
+        Command::Cluster(args) => {
+            return tokio::runtime::Runtime::new()?.block_on(run_cluster(args));
         }
         Command::Demo(args) => {
             let runtime = tokio::runtime::Runtime::new()?;

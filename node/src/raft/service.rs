@@ -10,8 +10,8 @@ use super::HubRaft;
 use crate::domain::HubCommand;
 use meridian_proto::hub::hub_forward_server::HubForward;
 use meridian_proto::hub::{
-    ClientWriteRequest, ClientWriteResponse, InvokeMethodRequest, InvokeMethodResponse,
-    ReadIndexRequest, ReadIndexResponse,
+    ChangeMembershipRequest, ChangeMembershipResponse, ClientWriteRequest, ClientWriteResponse,
+    InvokeMethodRequest, InvokeMethodResponse, ReadIndexRequest, ReadIndexResponse,
 };
 use meridian_proto::raft::RaftPayload;
 use meridian_proto::raft::raft_service_server::RaftService;
@@ -81,8 +81,64 @@ impl HubForwardImpl {
     }
 }
 
+/// Applies a membership change on this node, which must be the leader: a new node is added as a
+/// learner (blocking until it caught up), then the voters are changed.
+pub async fn change_membership_locally(
+    raft: &HubRaft,
+    change: &meridian_control_plane::MembershipChange,
+) -> Result<(), crate::domain::HubError> {
+    use crate::domain::HubError;
+    use meridian_control_plane::MembershipChange;
+    use meridian_proto::ErrorCode;
+    let metrics = raft.metrics().borrow().clone();
+    if metrics.current_leader != Some(metrics.id) {
+        return Err(HubError::new(ErrorCode::ServiceUnavailable, NOT_LEADER));
+    }
+    let voters: std::collections::BTreeSet<u64> =
+        metrics.membership_config.membership().voter_ids().collect();
+    let next = meridian_control_plane::plan(&voters, change)
+        .map_err(|e| HubError::invalid(e.to_string()))?;
+    if let MembershipChange::Add { id, addr } = change
+        && !voters.contains(id)
+    {
+        raft.add_learner(*id, openraft::BasicNode::new(addr.clone()), true)
+            .await
+            .map_err(|e| HubError::new(ErrorCode::ServiceUnavailable, e.to_string()))?;
+    }
+    if next != voters {
+        raft.change_membership(next, false)
+            .await
+            .map_err(|e| HubError::new(ErrorCode::ServiceUnavailable, e.to_string()))?;
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl HubForward for HubForwardImpl {
+    async fn change_membership(
+        &self,
+        request: Request<ChangeMembershipRequest>,
+    ) -> Result<Response<ChangeMembershipResponse>, Status> {
+        let req = request.into_inner();
+        let change = if req.add_id != 0 {
+            meridian_control_plane::MembershipChange::Add {
+                id: req.add_id,
+                addr: req.add_addr,
+            }
+        } else {
+            meridian_control_plane::MembershipChange::Remove { id: req.remove_id }
+        };
+        match change_membership_locally(&self.raft, &change).await {
+            Ok(()) => Ok(Response::new(ChangeMembershipResponse {
+                error_json: Vec::new(),
+            })),
+            Err(e) if e.message == NOT_LEADER => Err(Status::failed_precondition(NOT_LEADER)),
+            Err(e) => Ok(Response::new(ChangeMembershipResponse {
+                error_json: serde_json::to_vec(&e).unwrap_or_default(),
+            })),
+        }
+    }
+
     async fn invoke_method(
         &self,
         request: Request<InvokeMethodRequest>,

@@ -229,6 +229,52 @@ pub fn start_dev_with_env(env: &[(&str, &str)]) -> Result<Cluster> {
 }
 
 impl Cluster {
+    /// Starts one more node (`id`) with the cluster's TLS and every existing node plus itself as
+    /// configured members; it does not initialize anything and waits to be added.
+    pub fn spawn_extra_node(&mut self, id: u64) -> Result<()> {
+        let ports = free_ports(4)?;
+        let (https, grpc, metrics, mqtt) = (ports[0], ports[1], ports[2], ports[3]);
+        let mut members: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("{{ id = {}, grpc_addr = \"{}\" }}", n.id, n.grpc))
+            .collect();
+        members.push(format!("{{ id = {id}, grpc_addr = \"127.0.0.1:{grpc}\" }}"));
+        let tls = self.dir.path().join("tls");
+        let data_dir = self.dir.path().join(format!("node{id}"));
+        let config_path = self.dir.path().join(format!("node{id}.toml"));
+        std::fs::write(
+            &config_path,
+            format!(
+                "[node]\nid = {id}\ndata_dir = \"{}\"\n\n[cluster]\ngrpc_listen = \"127.0.0.1:{grpc}\"\nmembers = [{}]\n\n[api]\nhttps_listen = \"127.0.0.1:{https}\"\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n\n[observability]\nmetrics_listen = \"127.0.0.1:{metrics}\"\n\n[mqtt]\ntls_listen = \"127.0.0.1:{mqtt}\"\n",
+                data_dir.display(),
+                members.join(", "),
+                tls.join("server.pem").display(),
+                tls.join("server.key").display(),
+            ),
+        )?;
+        let mut node = NodeProc {
+            id,
+            data_dir,
+            args: vec![
+                "node".into(),
+                "--config".into(),
+                config_path.display().to_string(),
+            ],
+            config_path,
+            https: SocketAddr::from(([127, 0, 0, 1], https)),
+            grpc: SocketAddr::from(([127, 0, 0, 1], grpc)),
+            metrics: SocketAddr::from(([127, 0, 0, 1], metrics)),
+            mqtt: SocketAddr::from(([127, 0, 0, 1], mqtt)),
+            child: None,
+            log: self.dir.path().join(format!("node{id}.log")),
+            env: Vec::new(),
+        };
+        node.spawn()?;
+        self.nodes.push(node);
+        Ok(())
+    }
+
     pub fn node(&mut self, id: u64) -> &mut NodeProc {
         let idx = self.nodes.iter().position(|n| n.id == id).unwrap_or(0);
         &mut self.nodes[idx]
