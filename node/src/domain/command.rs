@@ -165,6 +165,10 @@ pub enum HubCommand {
     ClearSession {
         /// MQTT client id.
         client_id: String,
+        /// When set, the session is cleared only if this node still holds the device's connection
+        /// (a node closing a connection another node took over must not clear the new session).
+        #[serde(default)]
+        node_id: Option<u64>,
     },
     /// Enqueues a cloud-to-device message.
     SendC2d {

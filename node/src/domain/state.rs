@@ -384,7 +384,16 @@ impl HubState {
                 let existed = self.sessions.insert(client_id, subscriptions).is_some();
                 Ok(HubResponse::Session { existed })
             }
-            HubCommand::ClearSession { client_id } => {
+            HubCommand::ClearSession { client_id, node_id } => {
+                if node_id.is_some()
+                    && self
+                        .connected_node(&client_id)
+                        .is_some_and(|n| Some(n) != node_id)
+                {
+                    return Ok(HubResponse::Session {
+                        existed: self.sessions.contains_key(&client_id),
+                    });
+                }
                 let existed = self.sessions.remove(&client_id).is_some();
                 Ok(HubResponse::Session { existed })
             }
@@ -907,6 +916,26 @@ impl HubState {
         }
     }
 
+    /// The node holding the live connection of `client_id` (`deviceId` or `deviceId/moduleId`).
+    pub fn connected_node(&self, client_id: &str) -> Option<u64> {
+        let (device, module) = match client_id.split_once('/') {
+            Some((d, m)) => (d, Some(m)),
+            None => (client_id, None),
+        };
+        let entry = self.devices.get(&DeviceId::new(device).ok()?)?;
+        match module {
+            None => entry.device.identity.connected_node,
+            Some(m) => {
+                entry
+                    .modules
+                    .get(&ModuleId::new(m).ok()?)?
+                    .module
+                    .identity
+                    .connected_node
+            }
+        }
+    }
+
     // ---- reads ----
 
     /// `GET /devices/{id}`.
@@ -1338,6 +1367,44 @@ mod tests {
                 })
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_node_that_lost_the_device_changes_neither_state_nor_session() {
+        let mut state = hub();
+        put(&mut state, "mover", IfMatch::Absent).expect("create");
+        let connect = |node: u64, connected: bool| HubCommand::SetConnectionState {
+            device_id: id("mover"),
+            module_id: None,
+            connected,
+            node_id: Some(node),
+            now: NOW.into(),
+        };
+        state.apply(connect(1, true)).expect("on node 1");
+        state.apply(connect(2, true)).expect("moved to node 2");
+        state
+            .apply(HubCommand::SetSession {
+                client_id: "mover".into(),
+                subscriptions: vec![("$iothub/methods/POST/#".into(), 1)],
+            })
+            .expect("session");
+        // node 1 closes its old connection late
+        state
+            .apply(HubCommand::ClearSession {
+                client_id: "mover".into(),
+                node_id: Some(1),
+            })
+            .expect("ignored");
+        state.apply(connect(1, false)).expect("ignored");
+        assert!(state.sessions.contains_key("mover"));
+        assert_eq!(state.connected_node("mover"), Some(2));
+        assert_eq!(
+            state.get_device(&id("mover")).expect("device")["connectionState"],
+            json!("Connected")
+        );
+        // node 2's own disconnect counts
+        state.apply(connect(2, false)).expect("disconnect");
+        assert_eq!(state.connected_node("mover"), None);
     }
 
     #[test]

@@ -190,6 +190,7 @@ pub async fn serve<S>(
         ctx.hub
             .write(HubCommand::ClearSession {
                 client_id: client_id.clone(),
+                node_id: None,
             })
             .await
             .map(|_| (false, Vec::new()))
@@ -946,6 +947,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 .hub
                 .write(HubCommand::ClearSession {
                     client_id: self.client_id.clone(),
+                    node_id: Some(self.ctx.node_id),
                 })
                 .await;
         }
