@@ -1536,18 +1536,7 @@ async fn complete_feedback(
     headers: HeaderMap,
     Path(lock): Path<String>,
 ) -> ApiResult {
-    s.authorize(
-        &headers,
-        &[Permission::ServiceConnect],
-        &["messages", "servicebound", "feedback"],
-    )
-    .await?;
-    s.hub
-        .write(HubCommand::CompleteFeedback {
-            lock_token: lock.trim_matches('"').to_string(),
-        })
-        .await?;
-    Ok(no_content())
+    settle_feedback(&s, &headers, &lock, true).await
 }
 
 async fn abandon_feedback(
@@ -1555,17 +1544,29 @@ async fn abandon_feedback(
     headers: HeaderMap,
     Path(lock): Path<String>,
 ) -> ApiResult {
+    settle_feedback(&s, &headers, &lock, false).await
+}
+
+/// Completes (deletes) or abandons (returns to the queue) locked feedback.
+async fn settle_feedback(
+    s: &ApiState,
+    headers: &HeaderMap,
+    lock: &str,
+    complete: bool,
+) -> ApiResult {
     s.authorize(
-        &headers,
+        headers,
         &[Permission::ServiceConnect],
         &["messages", "servicebound", "feedback"],
     )
     .await?;
-    s.hub
-        .write(HubCommand::AbandonFeedback {
-            lock_token: lock.trim_matches('"').to_string(),
-        })
-        .await?;
+    let lock_token = lock.trim_matches('"').to_string();
+    let command = if complete {
+        HubCommand::CompleteFeedback { lock_token }
+    } else {
+        HubCommand::AbandonFeedback { lock_token }
+    };
+    s.hub.write(command).await?;
     Ok(no_content())
 }
 

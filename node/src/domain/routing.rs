@@ -189,7 +189,54 @@ fn validate_name(kind: &str, name: &str) -> HubResult<()> {
     Ok(())
 }
 
+/// Replaces the item `same` finds, or appends `item` while fewer than `max` exist.
+fn upsert_limited<T: Clone>(
+    items: &mut Vec<T>,
+    item: &T,
+    same: impl Fn(&T) -> bool,
+    max: usize,
+    what: &str,
+) -> HubResult<()> {
+    match items.iter_mut().find(|x| same(x)) {
+        Some(existing) => *existing = item.clone(),
+        None => {
+            if items.len() >= max {
+                return Err(HubError::new(
+                    ErrorCode::IotHubQuotaExceeded,
+                    format!("the hub already has {max} {what}"),
+                ));
+            }
+            items.push(item.clone());
+        }
+    }
+    Ok(())
+}
+
+/// Removes the items `same` finds; `ResourceNotFound` when there were none.
+fn remove_matching<T>(items: &mut Vec<T>, same: impl Fn(&T) -> bool, what: &str) -> HubResult<()> {
+    let before = items.len();
+    items.retain(|x| !same(x));
+    if items.len() == before {
+        return Err(HubError::new(
+            ErrorCode::ResourceNotFound,
+            format!("no {what}"),
+        ));
+    }
+    Ok(())
+}
+
 impl RoutingConfig {
+    /// Fails unless every name is `events` or a custom endpoint.
+    fn check_endpoints(&self, names: &[String]) -> HubResult<()> {
+        match names
+            .iter()
+            .find(|e| *e != EVENTS && !self.endpoints.contains_key(*e))
+        {
+            Some(e) => Err(HubError::invalid(format!("endpoint {e} does not exist"))),
+            None => Ok(()),
+        }
+    }
+
     /// Adds or replaces a route after checking its condition parses and its endpoints exist.
     pub fn put_route(&mut self, route: Route, limits: &RoutingLimits) -> HubResult<Route> {
         validate_name("route", &route.name)?;
@@ -200,37 +247,24 @@ impl RoutingConfig {
         if route.endpoint_names.is_empty() {
             return Err(HubError::invalid("a route needs an endpoint"));
         }
-        for e in &route.endpoint_names {
-            if e != EVENTS && !self.endpoints.contains_key(e) {
-                return Err(HubError::invalid(format!("endpoint {e} does not exist")));
-            }
-        }
-        match self.routes.iter_mut().find(|r| r.name == route.name) {
-            Some(existing) => *existing = route.clone(),
-            None => {
-                if self.routes.len() >= limits.max_routes {
-                    return Err(HubError::new(
-                        ErrorCode::IotHubQuotaExceeded,
-                        format!("the hub already has {} routes", limits.max_routes),
-                    ));
-                }
-                self.routes.push(route.clone());
-            }
-        }
+        self.check_endpoints(&route.endpoint_names)?;
+        upsert_limited(
+            &mut self.routes,
+            &route,
+            |r| r.name == route.name,
+            limits.max_routes,
+            "routes",
+        )?;
         Ok(route)
     }
 
     /// Removes a route.
     pub fn delete_route(&mut self, name: &str) -> HubResult<()> {
-        let before = self.routes.len();
-        self.routes.retain(|r| r.name != name);
-        if self.routes.len() == before {
-            return Err(HubError::new(
-                ErrorCode::ResourceNotFound,
-                format!("no route named {name}"),
-            ));
-        }
-        Ok(())
+        remove_matching(
+            &mut self.routes,
+            |r| r.name == name,
+            &format!("route named {name}"),
+        )
     }
 
     /// Adds a custom endpoint (names are unique and `events` is reserved).
@@ -333,41 +367,24 @@ impl RoutingConfig {
         if enrichment.endpoint_names.is_empty() {
             return Err(HubError::invalid("an enrichment needs an endpoint"));
         }
-        for e in &enrichment.endpoint_names {
-            if e != EVENTS && !self.endpoints.contains_key(e) {
-                return Err(HubError::invalid(format!("endpoint {e} does not exist")));
-            }
-        }
-        match self
-            .enrichments
-            .iter_mut()
-            .find(|x| x.key == enrichment.key)
-        {
-            Some(existing) => *existing = enrichment.clone(),
-            None => {
-                if self.enrichments.len() >= limits.max_enrichments {
-                    return Err(HubError::new(
-                        ErrorCode::IotHubQuotaExceeded,
-                        format!("the hub already has {} enrichments", limits.max_enrichments),
-                    ));
-                }
-                self.enrichments.push(enrichment.clone());
-            }
-        }
+        self.check_endpoints(&enrichment.endpoint_names)?;
+        upsert_limited(
+            &mut self.enrichments,
+            &enrichment,
+            |x| x.key == enrichment.key,
+            limits.max_enrichments,
+            "enrichments",
+        )?;
         Ok(enrichment)
     }
 
     /// Removes an enrichment.
     pub fn delete_enrichment(&mut self, key: &str) -> HubResult<()> {
-        let before = self.enrichments.len();
-        self.enrichments.retain(|e| e.key != key);
-        if before == self.enrichments.len() {
-            return Err(HubError::new(
-                ErrorCode::ResourceNotFound,
-                format!("no enrichment {key}"),
-            ));
-        }
-        Ok(())
+        remove_matching(
+            &mut self.enrichments,
+            |e| e.key == key,
+            &format!("enrichment {key}"),
+        )
     }
 
     /// The enrichments that apply to stream `stream_id`.

@@ -125,6 +125,46 @@ pub struct Cluster {
     pub ca: PathBuf,
 }
 
+/// Writes node `id`'s config (ports: https, grpc, metrics, mqtt) and returns its unstarted process.
+fn configured_node(
+    dir: &Path,
+    id: u64,
+    [https, grpc, metrics, mqtt]: [u16; 4],
+    members: &str,
+    tls: &meridian::tls::TlsFiles,
+    env: &[(&str, &str)],
+) -> Result<NodeProc> {
+    let data_dir = dir.join(format!("node{id}"));
+    let config_path = dir.join(format!("node{id}.toml"));
+    let toml = format!(
+        "[node]\nid = {id}\ndata_dir = \"{data}\"\n\n[cluster]\ngrpc_listen = \"127.0.0.1:{grpc}\"\nmembers = [{members}]\n\n[api]\nhttps_listen = \"127.0.0.1:{https}\"\n\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n\n[observability]\nmetrics_listen = \"127.0.0.1:{metrics}\"\n\n[mqtt]\ntls_listen = \"127.0.0.1:{mqtt}\"\n",
+        data = data_dir.display(),
+        cert = tls.cert.display(),
+        key = tls.key.display(),
+    );
+    std::fs::write(&config_path, toml)?;
+    Ok(NodeProc {
+        id,
+        data_dir,
+        args: vec![
+            "node".into(),
+            "--config".into(),
+            config_path.display().to_string(),
+        ],
+        config_path,
+        https: SocketAddr::from(([127, 0, 0, 1], https)),
+        grpc: SocketAddr::from(([127, 0, 0, 1], grpc)),
+        metrics: SocketAddr::from(([127, 0, 0, 1], metrics)),
+        mqtt: SocketAddr::from(([127, 0, 0, 1], mqtt)),
+        child: None,
+        log: dir.join(format!("node{id}.log")),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    })
+}
+
 /// Starts `size` nodes; `env` adds `MERIDIAN_<SECTION>__<KEY>` overrides to every node.
 pub fn start_cluster(size: usize, env: &[(&str, &str)]) -> Result<Cluster> {
     let dir = tempfile::tempdir()?;
@@ -147,38 +187,17 @@ pub fn start_cluster(size: usize, env: &[(&str, &str)]) -> Result<Cluster> {
         .iter()
         .map(|(id, _, grpc, _, _)| format!("{{ id = {id}, grpc_addr = \"127.0.0.1:{grpc}\" }}"))
         .collect();
+    let members = members.join(", ");
     let mut nodes = Vec::new();
     for (id, https, grpc, metrics, mqtt) in specs {
-        let data_dir = dir.path().join(format!("node{id}"));
-        let config_path = dir.path().join(format!("node{id}.toml"));
-        let toml = format!(
-            "[node]\nid = {id}\ndata_dir = \"{data}\"\n\n[cluster]\ngrpc_listen = \"127.0.0.1:{grpc}\"\nmembers = [{members}]\n\n[api]\nhttps_listen = \"127.0.0.1:{https}\"\n\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n\n[observability]\nmetrics_listen = \"127.0.0.1:{metrics}\"\n\n[mqtt]\ntls_listen = \"127.0.0.1:{mqtt}\"\n",
-            data = data_dir.display(),
-            members = members.join(", "),
-            cert = tls.cert.display(),
-            key = tls.key.display(),
-        );
-        std::fs::write(&config_path, toml)?;
-        let mut node = NodeProc {
+        let mut node = configured_node(
+            dir.path(),
             id,
-            data_dir,
-            args: vec![
-                "node".into(),
-                "--config".into(),
-                config_path.display().to_string(),
-            ],
-            config_path,
-            https: SocketAddr::from(([127, 0, 0, 1], https)),
-            grpc: SocketAddr::from(([127, 0, 0, 1], grpc)),
-            metrics: SocketAddr::from(([127, 0, 0, 1], metrics)),
-            mqtt: SocketAddr::from(([127, 0, 0, 1], mqtt)),
-            child: None,
-            log: dir.path().join(format!("node{id}.log")),
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        };
+            [https, grpc, metrics, mqtt],
+            &members,
+            &tls,
+            env,
+        )?;
         node.spawn()?;
         nodes.push(node);
     }
@@ -245,36 +264,20 @@ impl Cluster {
             .map(|n| format!("{{ id = {}, grpc_addr = \"{}\" }}", n.id, n.grpc))
             .collect();
         members.push(format!("{{ id = {id}, grpc_addr = \"127.0.0.1:{grpc}\" }}"));
-        let tls = self.dir.path().join("tls");
-        let data_dir = self.dir.path().join(format!("node{id}"));
-        let config_path = self.dir.path().join(format!("node{id}.toml"));
-        std::fs::write(
-            &config_path,
-            format!(
-                "[node]\nid = {id}\ndata_dir = \"{}\"\n\n[cluster]\ngrpc_listen = \"127.0.0.1:{grpc}\"\nmembers = [{}]\n\n[api]\nhttps_listen = \"127.0.0.1:{https}\"\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n\n[observability]\nmetrics_listen = \"127.0.0.1:{metrics}\"\n\n[mqtt]\ntls_listen = \"127.0.0.1:{mqtt}\"\n",
-                data_dir.display(),
-                members.join(", "),
-                tls.join("server.pem").display(),
-                tls.join("server.key").display(),
-            ),
-        )?;
-        let mut node = NodeProc {
-            id,
-            data_dir,
-            args: vec![
-                "node".into(),
-                "--config".into(),
-                config_path.display().to_string(),
-            ],
-            config_path,
-            https: SocketAddr::from(([127, 0, 0, 1], https)),
-            grpc: SocketAddr::from(([127, 0, 0, 1], grpc)),
-            metrics: SocketAddr::from(([127, 0, 0, 1], metrics)),
-            mqtt: SocketAddr::from(([127, 0, 0, 1], mqtt)),
-            child: None,
-            log: self.dir.path().join(format!("node{id}.log")),
-            env: Vec::new(),
+        let tls_dir = self.dir.path().join("tls");
+        let tls = meridian::tls::TlsFiles {
+            cert: tls_dir.join("server.pem"),
+            key: tls_dir.join("server.key"),
+            ca_cert: Some(self.ca.clone()),
         };
+        let mut node = configured_node(
+            self.dir.path(),
+            id,
+            [https, grpc, metrics, mqtt],
+            &members.join(", "),
+            &tls,
+            &[],
+        )?;
         node.spawn()?;
         self.nodes.push(node);
         Ok(())
