@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/raft.proto",
         "proto/hub.proto",
         "proto/telemetry.proto",
+        "proto/partition.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

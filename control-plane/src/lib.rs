@@ -72,6 +72,43 @@ pub fn plan(
     Ok(next)
 }
 
+/// Rendezvous score of `node` for `partition`: a fixed 64-bit mix, the same on every node and
+/// release, so every node computes the same placement.
+fn score(partition: u32, node: u64) -> u64 {
+    let mut x = (u64::from(partition) << 32) ^ node.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    // splitmix64 finalizer
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+fn ranked(partition: u32, voters: &BTreeSet<u64>) -> Vec<u64> {
+    let mut nodes: Vec<u64> = voters.iter().copied().collect();
+    nodes.sort_by_key(|n| std::cmp::Reverse(score(partition, *n)));
+    nodes
+}
+
+/// The replicas of telemetry `partition` among `voters`: the `replication_factor` nodes with the
+/// highest rendezvous score (all voters when there are fewer). Rendezvous hashing spreads
+/// partitions evenly and, when a node joins or leaves, moves only the replicas it gains or loses.
+pub fn placement(
+    partition: u32,
+    voters: &BTreeSet<u64>,
+    replication_factor: usize,
+) -> BTreeSet<u64> {
+    ranked(partition, voters)
+        .into_iter()
+        .take(replication_factor.max(1))
+        .collect()
+}
+
+/// The replica that should lead `partition` when its group starts: the highest-ranked one.
+pub fn preferred_leader(partition: u32, voters: &BTreeSet<u64>) -> Option<u64> {
+    ranked(partition, voters).first().copied()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,5 +162,55 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn placement_is_sized_deterministic_and_spread() {
+        let voters: BTreeSet<u64> = (1..=5).collect();
+        let mut replicas_per_node = std::collections::BTreeMap::<u64, usize>::new();
+        let mut leaders_per_node = std::collections::BTreeMap::<u64, usize>::new();
+        for p in 0..400 {
+            let r = placement(p, &voters, 3);
+            assert_eq!(r.len(), 3);
+            assert_eq!(r, placement(p, &voters, 3));
+            let leader = preferred_leader(p, &voters).expect("leader");
+            assert!(r.contains(&leader));
+            *leaders_per_node.entry(leader).or_default() += 1;
+            for n in r {
+                *replicas_per_node.entry(n).or_default() += 1;
+            }
+        }
+        // 1200 replicas and 400 leaders over 5 nodes: each within 25% of the mean.
+        assert!(
+            replicas_per_node.values().all(|c| (180..=300).contains(c)),
+            "{replicas_per_node:?}"
+        );
+        assert!(
+            leaders_per_node.values().all(|c| (60..=100).contains(c)),
+            "{leaders_per_node:?}"
+        );
+        // Fewer voters than the factor: every voter.
+        let two: BTreeSet<u64> = [4, 9].into_iter().collect();
+        assert_eq!(placement(7, &two, 3), two);
+    }
+
+    #[test]
+    fn a_joining_node_moves_only_the_replicas_it_takes() {
+        let before: BTreeSet<u64> = (1..=3).collect();
+        let after: BTreeSet<u64> = (1..=4).collect();
+        let mut moved = 0;
+        for p in 0..300 {
+            let a = placement(p, &before, 3);
+            let b = placement(p, &after, 3);
+            let lost: Vec<_> = a.difference(&b).collect();
+            let gained: Vec<_> = b.difference(&a).collect();
+            assert!(lost.len() <= 1 && gained.len() == lost.len());
+            if let Some(g) = gained.first() {
+                assert_eq!(**g, 4, "only the new node gains replicas");
+                moved += 1;
+            }
+        }
+        // The new node takes about 3/4 of the partitions' one replica each.
+        assert!((180..=270).contains(&moved), "{moved}");
     }
 }

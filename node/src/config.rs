@@ -102,6 +102,9 @@ pub struct ClusterSection {
     /// How long a client request may wait for the cluster (leader election, forwarding) in ms
     /// (default 10000).
     pub request_timeout_ms: u64,
+    /// Replicas of each telemetry partition (default 3; fewer when the cluster has fewer voters).
+    /// An append is acknowledged once a majority of them stored it.
+    pub replication_factor: usize,
 }
 
 impl Default for ClusterSection {
@@ -116,6 +119,7 @@ impl Default for ClusterSection {
             snapshot_every_logs: 5000,
             max_in_snapshot_log_to_keep: 1000,
             request_timeout_ms: 10_000,
+            replication_factor: 3,
         }
     }
 }
@@ -283,6 +287,11 @@ impl Config {
         if ids.len() != c.members.len() {
             return Err(ConfigError::Invalid(
                 "cluster.members has duplicate ids".into(),
+            ));
+        }
+        if c.replication_factor == 0 || c.replication_factor > 7 {
+            return Err(ConfigError::Invalid(
+                "cluster.replication_factor must be 1 to 7".into(),
             ));
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {

@@ -10,6 +10,7 @@ pub mod domain;
 pub mod hub;
 pub mod mqtt;
 pub mod observability;
+pub mod partition;
 pub mod raft;
 pub mod server;
 pub mod telemetry_api;

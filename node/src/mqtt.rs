@@ -22,7 +22,6 @@ use crate::domain::events::HubEvent;
 use crate::domain::{HubError, HubResult};
 use crate::hub::Hub;
 use meridian_proto::ErrorCode;
-use meridian_storage::TelemetryLog;
 pub use session::{MethodReply, Outbound, Sessions};
 
 /// `[mqtt]`
@@ -67,8 +66,8 @@ impl Default for MqttSection {
 pub struct MqttContext {
     /// The hub.
     pub hub: Hub,
-    /// Telemetry partitions.
-    pub telemetry: TelemetryLog,
+    /// The replicated partition groups every telemetry append goes through.
+    pub partition_groups: crate::partition::Partitions,
     /// Live connections on this node.
     pub sessions: Sessions,
     /// Partition count.
@@ -164,7 +163,7 @@ impl MqttContext {
             .into_iter()
             .map(|stream| (stream * STREAM_STRIDE + partition, encoded.clone()))
             .collect();
-        if let Err(e) = self.telemetry.append_many(records).await {
+        if let Err(e) = self.partition_groups.append(records).await {
             tracing::warn!(device_id = %n.device_id, error = %e, "storing a routed notification failed");
         }
     }
@@ -207,8 +206,8 @@ impl MqttContext {
             body: body.to_string().into_bytes(),
         };
         if let Err(e) = self
-            .telemetry
-            .append(CONNECTION_EVENTS_PARTITION, message.encode())
+            .partition_groups
+            .append(vec![(CONNECTION_EVENTS_PARTITION, message.encode())])
             .await
         {
             tracing::warn!(device_id, error = %e, "recording connection event failed");

@@ -22,6 +22,7 @@ use crate::domain::state::HubSettings;
 use crate::hub::{Hub, ReadConsistency};
 use crate::mqtt::{MqttContext, Sessions};
 use crate::observability::metrics;
+use crate::partition::service::PartitionServiceImpl;
 use crate::raft::network::GrpcNetworkFactory;
 use crate::raft::service::{HubForwardImpl, RaftServiceImpl};
 use crate::raft::state_machine::HubStateMachine;
@@ -29,6 +30,7 @@ use crate::raft::{HubRaft, TypeConfig};
 use crate::telemetry_api::TelemetryReadImpl;
 use crate::tls::{self, TlsFiles};
 use meridian_proto::hub::hub_forward_server::HubForwardServer;
+use meridian_proto::partition::partition_service_server::PartitionServiceServer;
 use meridian_proto::raft::raft_service_server::RaftServiceServer;
 use meridian_proto::telemetry::telemetry_read_server::TelemetryReadServer;
 
@@ -78,6 +80,8 @@ pub struct Node {
     pub tls: TlsFiles,
     /// The hub host name clients use.
     pub host_name: String,
+    /// The node's telemetry partition groups.
+    pub partitions: crate::partition::Partitions,
     tasks: Vec<(&'static str, JoinHandle<()>)>,
 }
 
@@ -110,6 +114,7 @@ impl Node {
                 tracing::error!(task = name, error = %e, "task failed");
             }
         }
+        self.partitions.shutdown().await;
         if let Err(e) = self.hub.raft().shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
@@ -183,7 +188,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
     let raft: HubRaft = openraft::Raft::new(
         node_id,
         raft_config(&config)?,
-        GrpcNetworkFactory,
+        GrpcNetworkFactory::hub(),
         log_store,
         state_machine,
     )
@@ -195,6 +200,20 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
         events,
         Duration::from_millis(config.cluster.request_timeout_ms),
     );
+    let partitions = crate::partition::Partitions::open(
+        node_id,
+        &data_dir.join("partitions"),
+        telemetry.clone(),
+        &crate::partition::PartitionSettings {
+            partitions: config.mqtt.partitions,
+            replication_factor: config.cluster.replication_factor,
+            request_timeout: Duration::from_millis(config.cluster.request_timeout_ms),
+            raft: raft_config(&config)?,
+            advertise: config.cluster.advertise(),
+        },
+    )
+    .await
+    .map_err(StartError::Raft)?;
     let event_reader = crate::telemetry_api::EventReader::new(
         telemetry.clone(),
         config.mqtt.partitions,
@@ -202,7 +221,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
     );
     let mqtt = Arc::new(MqttContext {
         hub: hub.clone(),
-        telemetry: telemetry.clone(),
+        partition_groups: partitions.clone(),
         sessions: Sessions::default(),
         partitions: config.mqtt.partitions,
         max_packet_bytes: config.mqtt.max_packet_bytes,
@@ -219,6 +238,8 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
     let grpc_addr = grpc_listener.local_addr().map_err(io("grpc local addr"))?;
     {
         let raft = raft.clone();
+        let partitions_for_grpc = partitions.clone();
+        let telemetry_for_grpc = telemetry.clone();
         let reader_for_grpc = event_reader.clone();
         let mqtt_for_grpc = mqtt.clone();
         let mut shutdown = shutdown.clone();
@@ -228,7 +249,14 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
                 let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener)
                     .with_nodelay(Some(true));
                 let result = tonic::transport::Server::builder()
-                    .add_service(RaftServiceServer::new(RaftServiceImpl::new(raft.clone())))
+                    .add_service(RaftServiceServer::new(RaftServiceImpl::new(
+                        raft.clone(),
+                        partitions_for_grpc.clone(),
+                    )))
+                    .add_service(PartitionServiceServer::new(PartitionServiceImpl::new(
+                        partitions_for_grpc,
+                        telemetry_for_grpc,
+                    )))
                     .add_service(HubForwardServer::new(HubForwardImpl::new(
                         raft,
                         mqtt_for_grpc,
@@ -265,6 +293,20 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
             tracing::warn!(error = %e, "initialize raft group");
         }
     }
+
+    // ---- bootstrap the partition groups, then keep their placement ----
+    partitions
+        .bootstrap(
+            &members
+                .iter()
+                .map(|m| (m.id, m.grpc_addr.clone()))
+                .collect(),
+        )
+        .await;
+    tasks.push((
+        "partition-rebalance",
+        tokio::spawn(partitions.clone().rebalance(raft.clone(), shutdown.clone())),
+    ));
 
     // ---- create the hub once a leader exists ----
     {
@@ -435,7 +477,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
         "webhooks",
         tokio::spawn(crate::webhook::run(
             hub.clone(),
-            telemetry.clone(),
+            partitions.clone(),
             event_reader.clone(),
             webhook_health.clone(),
             shutdown.clone(),
@@ -505,6 +547,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
 
     Ok(Node {
         hub,
+        partitions,
         https_addr,
         grpc_addr,
         mqtt_addr,

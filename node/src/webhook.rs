@@ -19,8 +19,8 @@ use tokio::sync::watch;
 
 use crate::domain::routing::{Endpoint, STREAM_STRIDE};
 use crate::hub::{Hub, ReadConsistency};
+use crate::partition::Partitions;
 use crate::telemetry_api::EventReader;
-use meridian_storage::TelemetryLog;
 
 /// Default time a webhook may keep failing before it is dead.
 const DEFAULT_DEAD_AFTER: Duration = Duration::from_secs(3600);
@@ -157,7 +157,7 @@ async fn post_json(url: &str, ca_pem: Option<&str>, body: Bytes) -> Result<u16, 
 /// Starts and stops webhook workers as the routing configuration changes, until shutdown.
 pub async fn run(
     hub: Hub,
-    log: TelemetryLog,
+    partitions: Partitions,
     reader: EventReader,
     health: WebhookHealth,
     mut shutdown: watch::Receiver<bool>,
@@ -187,7 +187,7 @@ pub async fn run(
                 if endpoint.kind == "file" {
                     tokio::spawn(write_files(
                         hub.clone(),
-                        log.clone(),
+                        partitions.clone(),
                         reader.clone(),
                         health.clone(),
                         endpoint.name,
@@ -195,7 +195,7 @@ pub async fn run(
                 } else {
                     tokio::spawn(deliver(
                         hub.clone(),
-                        log.clone(),
+                        partitions.clone(),
                         reader.clone(),
                         health.clone(),
                         endpoint.name,
@@ -218,7 +218,7 @@ pub async fn run(
 /// Delivers one webhook endpoint's stream forever (until aborted).
 async fn deliver(
     hub: Hub,
-    log: TelemetryLog,
+    partitions: Partitions,
     reader: EventReader,
     health: WebhookHealth,
     name: String,
@@ -245,8 +245,13 @@ async fn deliver(
         let mut idle = true;
         for partition in 0..reader.partitions() {
             let key = endpoint.stream_id * STREAM_STRIDE + partition;
+            // The partition's leader delivers; its cursor is replicated in the partition group,
+            // so the next leader resumes where this one stopped.
+            if !partitions.is_leader(partition) {
+                continue;
+            }
             let cursor_name = format!("webhook/{name}/{key}");
-            let next = log.cursor(&cursor_name).unwrap_or(0);
+            let next = partitions.cursor(partition, &cursor_name);
             let Ok(events) = reader.read(key, next, 100) else {
                 continue;
             };
@@ -298,7 +303,10 @@ async fn deliver(
                         }
                     }
                 }
-                if let Err(e) = log.set_cursor(&cursor_name, event.offset + 1) {
+                if let Err(e) = partitions
+                    .set_cursor(partition, &cursor_name, event.offset + 1)
+                    .await
+                {
                     tracing::warn!(endpoint = name, error = %e, "saving webhook cursor");
                 }
             }
@@ -318,7 +326,7 @@ const DEFAULT_BATCH_SECS: u64 = 300;
 /// moves past its records (at least once).
 async fn write_files(
     hub: Hub,
-    log: TelemetryLog,
+    partitions: Partitions,
     reader: EventReader,
     health: WebhookHealth,
     name: String,
@@ -342,8 +350,13 @@ async fn write_files(
         let dir = std::path::PathBuf::from(endpoint.directory.clone().unwrap_or_default());
         for partition in 0..reader.partitions() {
             let key = endpoint.stream_id * STREAM_STRIDE + partition;
+            // The partition's leader delivers; its cursor is replicated in the partition group,
+            // so the next leader resumes where this one stopped.
+            if !partitions.is_leader(partition) {
+                continue;
+            }
             let cursor_name = format!("file/{name}/{key}");
-            let next = log.cursor(&cursor_name).unwrap_or(0);
+            let next = partitions.cursor(partition, &cursor_name);
             let Ok(events) = reader.read(key, next, 100_000) else {
                 continue;
             };
@@ -379,7 +392,10 @@ async fn write_files(
                         h.delivered += count;
                         h.status = HealthStatus::Healthy;
                     });
-                    if let Err(e) = log.set_cursor(&cursor_name, last.offset + 1) {
+                    if let Err(e) = partitions
+                        .set_cursor(partition, &cursor_name, last.offset + 1)
+                        .await
+                    {
                         tracing::warn!(endpoint = name, error = %e, "saving file cursor");
                     }
                 }

@@ -3,6 +3,8 @@
 //! * [`raft`]: the node-to-node Raft transport (tonic/prost), generated from `proto/raft.proto`.
 //! * [`hub`]: forwarding of writes and read-index requests to the Raft leader (`proto/hub.proto`).
 //! * [`telemetry`]: reading a node's telemetry partitions (`proto/telemetry.proto`).
+//! * [`partition`]: appends forwarded to a partition group's leader, raw record reads for replicas
+//!   that install a snapshot (`proto/partition.proto`).
 //! * [`error`]: the one error-code table that maps every hub error to Azure IoT Hub's HTTP status
 //!   and numeric error code, to a gRPC code and to MQTT behaviour.
 //!
@@ -26,6 +28,12 @@ pub mod hub {
 pub mod telemetry {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("meridian.telemetry.v1");
+}
+
+/// Telemetry partition groups: appends forwarded to a partition's leader, raw reads for replicas.
+pub mod partition {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("meridian.partition.v1");
 }
 
 pub use error::ErrorCode;

@@ -206,6 +206,41 @@ impl TelemetryLog {
         Ok(())
     }
 
+    /// Writes records at offsets chosen by the caller, together with a marker value under `marker`
+    /// in the same atomic batch. Used by a replicated partition's state machine, which derives
+    /// offsets from the Raft log; not synced, because the Raft log already holds the records
+    /// durably and RocksDB keeps unsynced batches in order, so after a crash the marker and the
+    /// records it covers are either both there or both gone (and the log re-applies them).
+    pub fn write_at(
+        &self,
+        records: &[(u32, u64, &[u8])],
+        marker: &str,
+        value: &[u8],
+    ) -> Result<()> {
+        let db = &self.inner.db;
+        let cf = crate::cf(db, CF_TELEMETRY)?;
+        let cursors = crate::cf(db, CF_CURSORS)?;
+        let mut batch = WriteBatch::default();
+        for (partition, offset, data) in records {
+            batch.put_cf(cf, key(*partition, *offset), data);
+        }
+        batch.put_cf(cursors, marker.as_bytes(), value);
+        db.write(batch)?;
+        Ok(())
+    }
+
+    /// A marker written by [`TelemetryLog::write_at`], if any.
+    pub fn marker(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let cf = crate::cf(&self.inner.db, CF_CURSORS)?;
+        Ok(self.inner.db.get_cf(cf, name.as_bytes())?)
+    }
+
+    /// Makes every write so far durable (fsync of the WAL).
+    pub fn sync(&self) -> Result<()> {
+        self.inner.db.flush_wal(true)?;
+        Ok(())
+    }
+
     /// The next offset to be written in `partition` (0 when empty).
     pub fn end_offset(&self, partition: u32) -> Result<u64> {
         last_offset(&self.inner.db, partition).map(|o| o.map_or(0, |o| o + 1))
@@ -310,5 +345,24 @@ mod tests {
         assert_eq!(log.append(1, b"after".to_vec()).await.expect("append"), 50);
         assert_eq!(log.read(1, 50, 10).expect("read")[0].data, b"after");
         assert!(log.read(7, 0, 10).expect("read").is_empty());
+    }
+
+    #[test]
+    fn write_at_stores_records_and_marker_together() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let log = TelemetryLog::open(dir.path(), 1 << 30).expect("open");
+            assert_eq!(log.marker("m").expect("marker"), None);
+            let records: [(u32, u64, &[u8]); 2] = [(3, 0, b"a"), (3, 1, b"b")];
+            log.write_at(&records, "m", b"v1").expect("write");
+            log.sync().expect("sync");
+        }
+        let log = TelemetryLog::open(dir.path(), 1 << 30).expect("reopen");
+        assert_eq!(
+            log.marker("m").expect("marker").as_deref(),
+            Some(&b"v1"[..])
+        );
+        assert_eq!(log.end_offset(3).expect("end"), 2);
+        assert_eq!(log.read(3, 1, 10).expect("read")[0].data, b"b");
     }
 }

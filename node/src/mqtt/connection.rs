@@ -632,10 +632,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             })
             .collect();
         self.ctx
-            .telemetry
-            .append_many(records)
+            .partition_groups
+            .append(records)
             .await
-            .map(|_| ())
             .map_err(|e| {
                 tracing::error!(client_id = self.client_id, error = %e, "telemetry append failed; closing without ack");
                 Close::ByHub

@@ -15,20 +15,47 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
 
-use super::{NodeId, TypeConfig};
+use super::NodeId;
 use meridian_proto::raft::RaftPayload;
 use meridian_proto::raft::raft_service_client::RaftServiceClient;
+use openraft::RaftTypeConfig;
 
-/// Creates one connection per peer, lazily dialled.
+/// Creates one connection per peer, lazily dialled, for one Raft group: [`HUB_GROUP`] or a
+/// telemetry partition (`partition + 1`). Every group shares the peer's one `RaftService`.
 #[derive(Clone, Default)]
-pub struct GrpcNetworkFactory;
+pub struct GrpcNetworkFactory {
+    group: u32,
+}
 
-impl RaftNetworkFactory<TypeConfig> for GrpcNetworkFactory {
+/// The hub group's number in [`RaftPayload::group`].
+pub const HUB_GROUP: u32 = 0;
+
+impl GrpcNetworkFactory {
+    /// A factory for the hub group.
+    pub fn hub() -> Self {
+        Self { group: HUB_GROUP }
+    }
+
+    /// A factory for the Raft group of telemetry partition `partition`.
+    pub fn partition(partition: u32) -> Self {
+        Self {
+            group: partition + 1,
+        }
+    }
+}
+
+impl<C> RaftNetworkFactory<C> for GrpcNetworkFactory
+where
+    C: RaftTypeConfig<NodeId = NodeId, Node = BasicNode>,
+    AppendEntriesRequest<C>: Serialize,
+    InstallSnapshotRequest<C>: Serialize,
+{
     type Network = GrpcNetwork;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
         GrpcNetwork {
             target,
+            group: self.group,
             client: channel(&node.addr).map(RaftServiceClient::new),
             addr: node.addr.clone(),
         }
@@ -47,6 +74,7 @@ pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
 /// A connection to one peer.
 pub struct GrpcNetwork {
     target: NodeId,
+    group: u32,
     addr: String,
     client: Result<RaftServiceClient<Channel>, tonic::transport::Error>,
 }
@@ -83,7 +111,10 @@ impl GrpcNetwork {
         };
         let json =
             serde_json::to_vec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let payload = RaftPayload { json };
+        let payload = RaftPayload {
+            json,
+            group: self.group,
+        };
         let mut client = client;
         let fut = async move {
             match rpc {
@@ -112,10 +143,15 @@ impl GrpcNetwork {
     }
 }
 
-impl RaftNetwork<TypeConfig> for GrpcNetwork {
+impl<C> RaftNetwork<C> for GrpcNetwork
+where
+    C: RaftTypeConfig<NodeId = NodeId, Node = BasicNode>,
+    AppendEntriesRequest<C>: Serialize,
+    InstallSnapshotRequest<C>: Serialize,
+{
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        rpc: AppendEntriesRequest<C>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         self.call(Rpc::AppendEntries, &rpc, &option).await
@@ -123,7 +159,7 @@ impl RaftNetwork<TypeConfig> for GrpcNetwork {
 
     async fn install_snapshot(
         &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
+        rpc: InstallSnapshotRequest<C>,
         option: RPCOption,
     ) -> Result<
         InstallSnapshotResponse<NodeId>,

@@ -16,15 +16,22 @@ use meridian_proto::hub::{
 use meridian_proto::raft::RaftPayload;
 use meridian_proto::raft::raft_service_server::RaftService;
 
-/// Serves openraft's RPCs from peers.
+/// Serves openraft's RPCs from peers, for the hub group and every partition group.
 pub struct RaftServiceImpl {
     raft: HubRaft,
+    partitions: crate::partition::Partitions,
 }
 
 impl RaftServiceImpl {
-    /// Wraps the local Raft node.
-    pub fn new(raft: HubRaft) -> Self {
-        Self { raft }
+    /// Wraps the local Raft nodes.
+    pub fn new(raft: HubRaft, partitions: crate::partition::Partitions) -> Self {
+        Self { raft, partitions }
+    }
+
+    fn partition(&self, group: u32) -> Result<&crate::partition::PartitionRaft, Status> {
+        self.partitions
+            .raft(group - 1)
+            .ok_or_else(|| Status::not_found(format!("no raft group {group}")))
     }
 }
 
@@ -35,7 +42,7 @@ fn decode<T: serde::de::DeserializeOwned>(payload: &RaftPayload) -> Result<T, St
 
 fn encode<T: Serialize>(value: &T) -> Result<Response<RaftPayload>, Status> {
     serde_json::to_vec(value)
-        .map(|json| Response::new(RaftPayload { json }))
+        .map(|json| Response::new(RaftPayload { json, group: 0 }))
         .map_err(|e| Status::internal(format!("encode raft reply: {e}")))
 }
 
@@ -45,21 +52,43 @@ impl RaftService for RaftServiceImpl {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let req = decode(request.get_ref())?;
-        encode(&self.raft.append_entries(req).await)
+        let payload = request.get_ref();
+        if payload.group == super::network::HUB_GROUP {
+            encode(&self.raft.append_entries(decode(payload)?).await)
+        } else {
+            encode(
+                &self
+                    .partition(payload.group)?
+                    .append_entries(decode(payload)?)
+                    .await,
+            )
+        }
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let req = decode(request.get_ref())?;
-        encode(&self.raft.vote(req).await)
+        let payload = request.get_ref();
+        if payload.group == super::network::HUB_GROUP {
+            encode(&self.raft.vote(decode(payload)?).await)
+        } else {
+            encode(&self.partition(payload.group)?.vote(decode(payload)?).await)
+        }
     }
 
     async fn install_snapshot(
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let req = decode(request.get_ref())?;
-        encode(&self.raft.install_snapshot(req).await)
+        let payload = request.get_ref();
+        if payload.group == super::network::HUB_GROUP {
+            encode(&self.raft.install_snapshot(decode(payload)?).await)
+        } else {
+            encode(
+                &self
+                    .partition(payload.group)?
+                    .install_snapshot(decode(payload)?)
+                    .await,
+            )
+        }
     }
 }
 

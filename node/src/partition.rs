@@ -1,0 +1,539 @@
+//! Replicated telemetry partitions: one openraft group per partition (docs/adr/007).
+//!
+//! Each partition's records (every stream key `stream * 1024 + partition`) are proposed as
+//! [`PartitionCommand::Append`] to that partition's Raft group, whose voters are
+//! `replication_factor` nodes chosen by [`meridian_control_plane::placement`]. A device's PUBACK is
+//! sent only after the entry is committed (fsync'd by a quorum) and applied on the leader. The
+//! state machine writes the records into the node's [`TelemetryLog`] at offsets derived from the
+//! log, so every replica holds the same offsets and a consumer checkpoint stays valid whichever
+//! replica leads. Reads see only applied (committed) records.
+//!
+//! Any node accepts an append: it batches appends per partition and proposes locally when it leads
+//! the partition, or forwards the batch over `PartitionService.Append` to the leader.
+
+pub mod service;
+pub mod state_machine;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Cursor;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::BasicNode;
+use openraft::error::{ClientWriteError, RaftError};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tonic::transport::Channel;
+
+use crate::domain::HubError;
+use crate::raft::HubRaft;
+use crate::raft::network::{GrpcNetworkFactory, channel};
+use meridian_proto::ErrorCode;
+use meridian_proto::partition::partition_service_client::PartitionServiceClient;
+use meridian_proto::partition::{AppendRequest, KeyedRecord};
+use meridian_storage::TelemetryLog;
+pub use state_machine::PartitionStateMachine;
+
+/// Raft node id (shared with the hub group).
+pub type NodeId = u64;
+
+/// One record for one stream key of a partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Stream key: `stream * STREAM_STRIDE + partition` (or the connection-events key).
+    pub key: u32,
+    /// The encoded telemetry message.
+    #[serde(with = "base64_bytes")]
+    pub data: Vec<u8>,
+}
+
+/// A command of a partition's Raft group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PartitionCommand {
+    /// Appends records (all or none); offsets are the next ones of each key, in order.
+    Append {
+        /// The records.
+        records: Vec<Record>,
+    },
+    /// Moves an outbound endpoint's delivery cursor, so the next leader resumes where this one
+    /// stopped (webhooks and file endpoints are delivered by the partition's leader).
+    SetCursor {
+        /// Cursor name (`webhook/{endpoint}/{key}`).
+        name: String,
+        /// Next offset to deliver.
+        next: u64,
+    },
+}
+
+openraft::declare_raft_types!(
+    /// openraft type configuration of a telemetry partition group.
+    pub PartitionTypeConfig:
+        D = PartitionCommand,
+        R = (),
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<PartitionTypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// A partition group's Raft handle.
+pub type PartitionRaft = openraft::Raft<PartitionTypeConfig>;
+
+mod base64_bytes {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        STANDARD.decode(text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Records proposed in one Raft entry at most.
+const MAX_BATCH_RECORDS: usize = 2048;
+/// Batches of one partition in flight at once (proposed or forwarded, awaiting commit).
+const MAX_IN_FLIGHT: usize = 8;
+/// How often placement and preferred leaders are checked.
+const REBALANCE_EVERY: Duration = Duration::from_secs(1);
+
+/// The partition (Raft group) a stream key belongs to.
+pub fn partition_of_key(key: u32) -> u32 {
+    if key == crate::mqtt::CONNECTION_EVENTS_PARTITION {
+        0
+    } else {
+        key % crate::domain::routing::STREAM_STRIDE
+    }
+}
+
+struct Pending {
+    records: Vec<Record>,
+    reply: oneshot::Sender<Result<(), HubError>>,
+}
+
+struct Group {
+    raft: PartitionRaft,
+    cursors: state_machine::SharedCursors,
+    queue: mpsc::Sender<Pending>,
+}
+
+struct Inner {
+    node_id: NodeId,
+    groups: Vec<Group>,
+    replication_factor: usize,
+    request_timeout: Duration,
+    clients: std::sync::Mutex<HashMap<String, PartitionServiceClient<Channel>>>,
+}
+
+/// Settings of the partition groups.
+#[derive(Debug, Clone)]
+pub struct PartitionSettings {
+    /// Partition count (fixed per hub).
+    pub partitions: u32,
+    /// Replicas per partition (capped by the number of voters).
+    pub replication_factor: usize,
+    /// How long an append may wait for a leader.
+    pub request_timeout: Duration,
+    /// openraft timing (shared with the hub group).
+    pub raft: Arc<openraft::Config>,
+    /// This node's gRPC address, named in snapshots as where to fetch their records.
+    pub advertise: String,
+}
+
+/// The node's partition groups. Cheap to clone.
+#[derive(Clone)]
+pub struct Partitions {
+    inner: Arc<Inner>,
+}
+
+impl Partitions {
+    /// Opens every partition group's log and state machine under `dir` and starts its Raft node
+    /// and append batcher. Must run inside the Tokio runtime.
+    pub async fn open(
+        node_id: NodeId,
+        dir: &Path,
+        log: TelemetryLog,
+        settings: &PartitionSettings,
+    ) -> Result<Self, String> {
+        let mut groups = Vec::new();
+        let mut queues = Vec::new();
+        for p in 0..settings.partitions {
+            let (log_store, snapshots) =
+                meridian_storage::open::<PartitionTypeConfig>(&dir.join(format!("p{p}")))
+                    .map_err(|e| format!("open partition {p} log: {e}"))?;
+            let sm =
+                PartitionStateMachine::open(p, log.clone(), snapshots, settings.advertise.clone())
+                    .map_err(|e| format!("open partition {p} state machine: {e}"))?;
+            let cursors = sm.cursors();
+            let raft = openraft::Raft::new(
+                node_id,
+                settings.raft.clone(),
+                GrpcNetworkFactory::partition(p),
+                log_store,
+                sm,
+            )
+            .await
+            .map_err(|e| format!("start partition {p} raft: {e}"))?;
+            let (tx, rx) = mpsc::channel(4096);
+            groups.push(Group {
+                raft,
+                cursors,
+                queue: tx,
+            });
+            queues.push(rx);
+        }
+        let partitions = Self {
+            inner: Arc::new(Inner {
+                node_id,
+                groups,
+                replication_factor: settings.replication_factor.max(1),
+                request_timeout: settings.request_timeout,
+                clients: std::sync::Mutex::new(HashMap::new()),
+            }),
+        };
+        for (p, rx) in queues.into_iter().enumerate() {
+            tokio::spawn(batch_appends(partitions.clone(), p as u32, rx));
+        }
+        Ok(partitions)
+    }
+
+    /// Partition count.
+    pub fn count(&self) -> u32 {
+        self.inner.groups.len() as u32
+    }
+
+    /// The Raft handle of `partition`.
+    pub fn raft(&self, partition: u32) -> Option<&PartitionRaft> {
+        self.inner.groups.get(partition as usize).map(|g| &g.raft)
+    }
+
+    /// Whether this node leads `partition` now.
+    pub fn is_leader(&self, partition: u32) -> bool {
+        self.raft(partition).is_some_and(|r| {
+            let m = r.metrics().borrow().clone();
+            m.current_leader == Some(m.id)
+        })
+    }
+
+    /// Whether this node is a voter of `partition` (so its local log holds the partition).
+    pub fn is_replica(&self, partition: u32) -> bool {
+        self.raft(partition).is_some_and(|r| {
+            let m = r.metrics().borrow().clone();
+            m.membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == self.inner.node_id)
+        })
+    }
+
+    /// The current leader of `partition` and its gRPC address, when known.
+    pub fn leader(&self, partition: u32) -> Option<(NodeId, String)> {
+        let raft = self.raft(partition)?;
+        let m = raft.metrics().borrow().clone();
+        let leader = m.current_leader?;
+        let node = m.membership_config.membership().get_node(&leader)?;
+        Some((leader, node.addr.clone()))
+    }
+
+    /// A delivery cursor of `partition`'s group (replicated), 0 when never set.
+    pub fn cursor(&self, partition: u32, name: &str) -> u64 {
+        self.inner
+            .groups
+            .get(partition as usize)
+            .and_then(|g| g.cursors.read().ok().and_then(|c| c.get(name).copied()))
+            .unwrap_or(0)
+    }
+
+    /// Moves a delivery cursor through `partition`'s group (this node must lead it).
+    pub async fn set_cursor(&self, partition: u32, name: &str, next: u64) -> Result<(), HubError> {
+        let raft = self
+            .raft(partition)
+            .ok_or_else(|| HubError::invalid(format!("no partition {partition}")))?;
+        raft.client_write(PartitionCommand::SetCursor {
+            name: name.to_string(),
+            next,
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| HubError::new(ErrorCode::ServiceUnavailable, e.to_string()))
+    }
+
+    /// Appends `records` (stream keys of one partition) and returns once a quorum of the
+    /// partition's replicas stored them durably. On error nothing may be assumed either way: the
+    /// device gets no PUBACK and sends again (a duplicate keeps its message id).
+    pub async fn append(&self, records: Vec<(u32, Vec<u8>)>) -> Result<(), HubError> {
+        let Some((first, _)) = records.first() else {
+            return Ok(());
+        };
+        let partition = partition_of_key(*first);
+        if records
+            .iter()
+            .any(|(k, _)| partition_of_key(*k) != partition)
+        {
+            return Err(HubError::invalid("records of one append span partitions"));
+        }
+        let group = self
+            .inner
+            .groups
+            .get(partition as usize)
+            .ok_or_else(|| HubError::invalid(format!("no partition {partition}")))?;
+        let (reply, rx) = oneshot::channel();
+        let records = records
+            .into_iter()
+            .map(|(key, data)| Record { key, data })
+            .collect();
+        group
+            .queue
+            .send(Pending { records, reply })
+            .await
+            .map_err(|_| HubError::new(ErrorCode::ServiceUnavailable, "partition stopped"))?;
+        rx.await
+            .map_err(|_| HubError::new(ErrorCode::ServiceUnavailable, "partition stopped"))?
+    }
+
+    /// Proposes on this node (which must lead the partition). `Err(None)` means "not the leader":
+    /// nothing was proposed.
+    pub(crate) async fn propose_locally(
+        &self,
+        partition: u32,
+        records: Vec<Record>,
+    ) -> Result<(), Option<HubError>> {
+        let raft = self
+            .raft(partition)
+            .ok_or_else(|| Some(HubError::invalid(format!("no partition {partition}"))))?;
+        match raft
+            .client_write(PartitionCommand::Append { records })
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(None),
+            Err(e) => Err(Some(HubError::new(
+                ErrorCode::ServiceUnavailable,
+                e.to_string(),
+            ))),
+        }
+    }
+
+    fn client(&self, addr: &str) -> Result<PartitionServiceClient<Channel>, HubError> {
+        let mut clients = self
+            .inner
+            .clients
+            .lock()
+            .map_err(|_| HubError::new(ErrorCode::ServerError, "client cache poisoned"))?;
+        if let Some(c) = clients.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = PartitionServiceClient::new(
+            channel(addr).map_err(|e| HubError::new(ErrorCode::ServerError, e.to_string()))?,
+        );
+        clients.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Proposes a batch on the partition's leader, wherever it is, retrying while there is none
+    /// or while a peer answers that it is not the leader (nothing was proposed then).
+    async fn submit(&self, partition: u32, records: Vec<Record>) -> Result<(), HubError> {
+        let deadline = Instant::now() + self.inner.request_timeout;
+        loop {
+            match self.leader(partition) {
+                Some((leader, _)) if leader == self.inner.node_id => {
+                    match self.propose_locally(partition, records.clone()).await {
+                        Ok(()) => return Ok(()),
+                        Err(Some(e)) => return Err(e),
+                        Err(None) => {}
+                    }
+                }
+                Some((_, addr)) => {
+                    let mut client = self.client(&addr)?;
+                    let request = AppendRequest {
+                        partition,
+                        records: records
+                            .iter()
+                            .map(|r| KeyedRecord {
+                                key: r.key,
+                                data: r.data.clone(),
+                            })
+                            .collect(),
+                    };
+                    let call = tokio::time::timeout(
+                        deadline.saturating_duration_since(Instant::now()),
+                        client.append(request),
+                    )
+                    .await;
+                    match call {
+                        Ok(Ok(_)) => return Ok(()),
+                        Ok(Err(status))
+                            if status.code() == tonic::Code::FailedPrecondition
+                                || is_connect_error(&status) => {}
+                        Ok(Err(status)) => {
+                            return Err(HubError::new(
+                                ErrorCode::ServiceUnavailable,
+                                format!("partition {partition} leader: {}", status.message()),
+                            ));
+                        }
+                        Err(_) => {
+                            return Err(HubError::new(
+                                ErrorCode::ServiceUnavailable,
+                                format!("partition {partition}: no answer from the leader"),
+                            ));
+                        }
+                    }
+                }
+                None => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(HubError::new(
+                    ErrorCode::ServiceUnavailable,
+                    format!("partition {partition} has no reachable leader"),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Initializes the never-initialized partition groups whose preferred leader (placement over
+    /// `members`) is this node. One node initializes each group, and it becomes its first
+    /// candidate, so partition leaders start spread over the nodes.
+    pub async fn bootstrap(&self, members: &BTreeMap<NodeId, String>) {
+        let voters: BTreeSet<NodeId> = members.keys().copied().collect();
+        for (p, group) in self.inner.groups.iter().enumerate() {
+            let preferred = meridian_control_plane::preferred_leader(p as u32, &voters);
+            if preferred != Some(self.inner.node_id)
+                || group.raft.is_initialized().await.unwrap_or(true)
+            {
+                continue;
+            }
+            let replicas =
+                meridian_control_plane::placement(p as u32, &voters, self.inner.replication_factor);
+            let nodes: BTreeMap<NodeId, BasicNode> = replicas
+                .iter()
+                .filter_map(|id| members.get(id).map(|a| (*id, BasicNode::new(a.clone()))))
+                .collect();
+            if let Err(e) = group.raft.initialize(nodes).await {
+                tracing::warn!(partition = p, error = %e, "initialize partition group");
+            }
+        }
+    }
+
+    /// Keeps each partition's voters equal to the placement over the hub's voters (the hub group
+    /// is the authority for who is in the cluster). Runs on every node; each changes only the
+    /// partitions it leads.
+    pub async fn rebalance(self, hub: HubRaft, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(REBALANCE_EVERY) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            let hub_metrics = hub.metrics().borrow().clone();
+            let membership = hub_metrics.membership_config.membership().clone();
+            let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+            let addrs: BTreeMap<NodeId, String> = membership
+                .nodes()
+                .map(|(id, n)| (*id, n.addr.clone()))
+                .collect();
+            if voters.is_empty() {
+                continue;
+            }
+            for p in 0..self.count() {
+                let desired =
+                    meridian_control_plane::placement(p, &voters, self.inner.replication_factor);
+                if let Err(e) = self.reconcile(p, &desired, &addrs).await {
+                    tracing::warn!(partition = p, error = %e, "partition rebalance");
+                }
+            }
+        }
+    }
+
+    async fn reconcile(
+        &self,
+        p: u32,
+        desired: &BTreeSet<NodeId>,
+        addrs: &BTreeMap<NodeId, String>,
+    ) -> Result<(), String> {
+        let Some(raft) = self.raft(p) else {
+            return Ok(());
+        };
+        let m = raft.metrics().borrow().clone();
+        let current: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+        let leads = m.current_leader == Some(m.id);
+        if leads && &current != desired {
+            for id in desired.difference(&current) {
+                let Some(addr) = addrs.get(id) else {
+                    return Err(format!("no address for node {id}"));
+                };
+                tracing::info!(partition = p, node = id, "adding partition replica");
+                tokio::time::timeout(
+                    Duration::from_secs(60),
+                    raft.add_learner(*id, BasicNode::new(addr.clone()), true),
+                )
+                .await
+                .map_err(|_| format!("node {id} did not catch up in 60 s"))?
+                .map_err(|e| e.to_string())?;
+            }
+            tracing::info!(partition = p, ?desired, "changing partition voters");
+            raft.change_membership(desired.clone(), false)
+                .await
+                .map_err(|e| e.to_string())?;
+            return Ok(());
+        }
+        Ok(())
+    }
+
+    /// Stops every partition's Raft node.
+    pub async fn shutdown(&self) {
+        for (p, g) in self.inner.groups.iter().enumerate() {
+            if let Err(e) = g.raft.shutdown().await {
+                tracing::warn!(partition = p, error = %e, "partition raft shutdown");
+            }
+        }
+    }
+}
+
+fn is_connect_error(status: &tonic::Status) -> bool {
+    // tonic reports a refused connection as Unavailable before anything was sent.
+    status.code() == tonic::Code::Unavailable
+        && (status.message().contains("connect") || status.message().contains("Connection refused"))
+}
+
+/// Collects appends of one partition into batches and proposes them, up to [`MAX_IN_FLIGHT`]
+/// batches at once. Each connection waits for its own append, so a device's messages stay in
+/// order; batching only merges different devices' messages.
+async fn batch_appends(partitions: Partitions, partition: u32, mut rx: mpsc::Receiver<Pending>) {
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let mut pending = vec![first];
+        let mut count = pending[0].records.len();
+        while count < MAX_BATCH_RECORDS {
+            match rx.try_recv() {
+                Ok(p) => {
+                    count += p.records.len();
+                    pending.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let partitions = partitions.clone();
+        tokio::spawn(async move {
+            let mut records = Vec::with_capacity(count);
+            let mut replies = Vec::with_capacity(pending.len());
+            for p in pending {
+                records.extend(p.records);
+                replies.push(p.reply);
+            }
+            let result = partitions.submit(partition, records).await;
+            drop(permit);
+            for reply in replies {
+                let _ = reply.send(result.clone());
+            }
+        });
+    }
+}

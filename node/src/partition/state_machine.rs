@@ -1,0 +1,430 @@
+//! The state machine of a telemetry partition group: applied records live in the node's
+//! [`TelemetryLog`], at offsets derived from the Raft log.
+//!
+//! The applied position, membership, per-key next offsets and delivery cursors form a small
+//! [`Applied`] marker written in the same RocksDB batch as the records it covers, so after a crash
+//! the state machine resumes exactly where its data ends and openraft re-applies the rest.
+//!
+//! Snapshots do not copy telemetry: a snapshot is the marker plus the address of the node that
+//! built it. A replica installing it fetches the records it lacks from that node (or another
+//! member) over `PartitionService.ReadRaw`, so snapshots stay small however much is retained.
+
+// openraft's trait methods fix the error type (`StorageError`, ~224 bytes).
+#![allow(clippy::result_large_err)]
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftSnapshotBuilder,
+    SnapshotMeta, StorageError, StorageIOError, StoredMembership,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{NodeId, PartitionCommand, PartitionTypeConfig};
+use meridian_proto::partition::ReadRawRequest;
+use meridian_proto::partition::partition_service_client::PartitionServiceClient;
+use meridian_storage::{SnapshotStore, StoredSnapshot, TelemetryLog};
+
+type Membership = StoredMembership<NodeId, openraft::BasicNode>;
+
+/// Delivery cursors of a partition, readable outside the state machine.
+pub type SharedCursors = Arc<RwLock<BTreeMap<String, u64>>>;
+
+/// What the state machine has applied.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Applied {
+    /// Last applied log id.
+    pub last_applied: Option<LogId<NodeId>>,
+    /// Last applied membership.
+    pub membership: Membership,
+    /// Next offset of every stream key written so far.
+    pub ends: BTreeMap<u32, u64>,
+    /// Outbound delivery cursors.
+    pub cursors: BTreeMap<String, u64>,
+}
+
+/// A snapshot's body.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotRef {
+    applied: Applied,
+    /// gRPC address of the node that built the snapshot (it holds the records).
+    source: String,
+}
+
+/// openraft state machine of one telemetry partition.
+pub struct PartitionStateMachine {
+    partition: u32,
+    log: TelemetryLog,
+    applied: Applied,
+    cursors: SharedCursors,
+    snapshots: SnapshotStore<PartitionTypeConfig>,
+    advertise: String,
+    snapshot_seq: u64,
+}
+
+fn io_err(
+    subject: ErrorSubject<NodeId>,
+    verb: ErrorVerb,
+    e: impl std::fmt::Display,
+) -> StorageError<NodeId> {
+    StorageError::IO {
+        source: StorageIOError::new(subject, verb, AnyError::error(e.to_string())),
+    }
+}
+
+fn marker_name(partition: u32) -> String {
+    format!("partition-sm/{partition}")
+}
+
+impl PartitionStateMachine {
+    /// Opens partition `partition`'s state machine over `log`, resuming from its marker.
+    pub fn open(
+        partition: u32,
+        log: TelemetryLog,
+        snapshots: SnapshotStore<PartitionTypeConfig>,
+        advertise: String,
+    ) -> Result<Self, StorageError<NodeId>> {
+        let applied = match log
+            .marker(&marker_name(partition))
+            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?
+        {
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?,
+            None => Applied::default(),
+        };
+        Ok(Self {
+            partition,
+            cursors: Arc::new(RwLock::new(applied.cursors.clone())),
+            log,
+            applied,
+            snapshots,
+            advertise,
+            snapshot_seq: 0,
+        })
+    }
+
+    /// The delivery cursors, shared with the node.
+    pub fn cursors(&self) -> SharedCursors {
+        self.cursors.clone()
+    }
+
+    fn write(&mut self, records: &[(u32, u64, &[u8])]) -> Result<(), StorageError<NodeId>> {
+        let marker = serde_json::to_vec(&self.applied)
+            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+        self.log
+            .write_at(records, &marker_name(self.partition), &marker)
+            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+        if let Ok(mut c) = self.cursors.write() {
+            c.clone_from(&self.applied.cursors);
+        }
+        Ok(())
+    }
+
+    /// Fetches `[from, to)` of `key` from a replica that has it, trying `sources` in turn.
+    async fn fetch(
+        &self,
+        sources: &[String],
+        key: u32,
+        mut from: u64,
+        to: u64,
+    ) -> Result<(), String> {
+        let mut last_error = String::from("no source");
+        for attempt in 0..20 {
+            let source = &sources[attempt % sources.len().max(1)];
+            let Ok(ch) = crate::raft::network::channel(source) else {
+                continue;
+            };
+            let mut client = PartitionServiceClient::new(ch);
+            loop {
+                if from >= to {
+                    return Ok(());
+                }
+                let reply = client
+                    .read_raw(ReadRawRequest {
+                        key,
+                        from_offset: from,
+                        to_offset: to,
+                        max_records: 1000,
+                    })
+                    .await;
+                match reply {
+                    Ok(r) => {
+                        let records = r.into_inner().records;
+                        let Some(last) = records.last() else {
+                            // The source dropped them already (retention): nothing to copy.
+                            return Ok(());
+                        };
+                        let next = last.offset + 1;
+                        let rows: Vec<(u32, u64, &[u8])> = records
+                            .iter()
+                            .map(|r| (key, r.offset, r.data.as_slice()))
+                            .collect();
+                        // Records only; the marker moves once the whole snapshot is in.
+                        self.log
+                            .write_at(&rows, &format!("partition-fetch/{}", self.partition), b"")
+                            .map_err(|e| e.to_string())?;
+                        from = next;
+                    }
+                    Err(status) => {
+                        last_error = format!("{source}: {}", status.message());
+                        break;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        Err(last_error)
+    }
+}
+
+/// Builds a snapshot: makes the applied records durable, then records the marker.
+pub struct PartitionSnapshotBuilder {
+    log: TelemetryLog,
+    body: Vec<u8>,
+    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    snapshots: SnapshotStore<PartitionTypeConfig>,
+}
+
+impl RaftSnapshotBuilder<PartitionTypeConfig> for PartitionSnapshotBuilder {
+    async fn build_snapshot(
+        &mut self,
+    ) -> Result<Snapshot<PartitionTypeConfig>, StorageError<NodeId>> {
+        // The log behind the snapshot may be purged next, so what it covers must be on disk.
+        self.log
+            .sync()
+            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+        let stored = StoredSnapshot {
+            meta: self.meta.clone(),
+            data: self.body.clone(),
+        };
+        self.snapshots.save(&stored).map_err(|e| {
+            io_err(
+                ErrorSubject::Snapshot(Some(self.meta.signature())),
+                ErrorVerb::Write,
+                e,
+            )
+        })?;
+        Ok(Snapshot {
+            meta: self.meta.clone(),
+            snapshot: Box::new(Cursor::new(self.body.clone())),
+        })
+    }
+}
+
+impl RaftStateMachine<PartitionTypeConfig> for PartitionStateMachine {
+    type SnapshotBuilder = PartitionSnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, Membership), StorageError<NodeId>> {
+        Ok((self.applied.last_applied, self.applied.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<()>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = openraft::Entry<PartitionTypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut payloads = Vec::new();
+        let mut out = Vec::new();
+        for entry in entries {
+            self.applied.last_applied = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => {}
+                EntryPayload::Normal(PartitionCommand::Append { records }) => {
+                    for r in records {
+                        let next = self.applied.ends.entry(r.key).or_insert(0);
+                        payloads.push((r.key, *next, r.data));
+                        *next += 1;
+                    }
+                }
+                EntryPayload::Normal(PartitionCommand::SetCursor { name, next }) => {
+                    let cursor = self.applied.cursors.entry(name).or_insert(0);
+                    // Cursors only move forward: a stale leader's late update changes nothing.
+                    *cursor = (*cursor).max(next);
+                }
+                EntryPayload::Membership(m) => {
+                    self.applied.membership = StoredMembership::new(Some(entry.log_id), m);
+                }
+            }
+            out.push(());
+        }
+        let rows: Vec<(u32, u64, &[u8])> = payloads
+            .iter()
+            .map(|(k, o, d)| (*k, *o, d.as_slice()))
+            .collect();
+        self.write(&rows)?;
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.snapshot_seq += 1;
+        let body = serde_json::to_vec(&SnapshotRef {
+            applied: self.applied.clone(),
+            source: self.advertise.clone(),
+        })
+        .unwrap_or_default();
+        let snapshot_id = match &self.applied.last_applied {
+            Some(l) => format!(
+                "p{}-{}-{}-{}",
+                self.partition, l.leader_id, l.index, self.snapshot_seq
+            ),
+            None => format!("p{}--{}", self.partition, self.snapshot_seq),
+        };
+        PartitionSnapshotBuilder {
+            log: self.log.clone(),
+            body,
+            meta: SnapshotMeta {
+                last_log_id: self.applied.last_applied,
+                last_membership: self.applied.membership.clone(),
+                snapshot_id,
+            },
+            snapshots: self.snapshots.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let subject = ErrorSubject::Snapshot(Some(meta.signature()));
+        let data = snapshot.into_inner();
+        let body: SnapshotRef = serde_json::from_slice(&data)
+            .map_err(|e| io_err(subject.clone(), ErrorVerb::Read, e))?;
+        // The builder first, then every other member, as sources of the records.
+        let mut sources = vec![body.source.clone()];
+        sources.extend(
+            meta.last_membership
+                .membership()
+                .nodes()
+                .map(|(_, n)| n.addr.clone())
+                .filter(|a| *a != body.source && *a != self.advertise),
+        );
+        for (key, end) in &body.applied.ends {
+            let have = self.applied.ends.get(key).copied().unwrap_or(0);
+            if have < *end {
+                self.fetch(&sources, *key, have, *end)
+                    .await
+                    .map_err(|e| io_err(subject.clone(), ErrorVerb::Read, e))?;
+            }
+        }
+        self.applied = body.applied;
+        self.write(&[])?;
+        self.log
+            .sync()
+            .map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
+        self.snapshots
+            .save(&StoredSnapshot {
+                meta: meta.clone(),
+                data,
+            })
+            .map_err(|e| io_err(subject, ErrorVerb::Write, e))?;
+        tracing::info!(partition = self.partition, snapshot_id = %meta.snapshot_id, "installed partition snapshot");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<PartitionTypeConfig>>, StorageError<NodeId>> {
+        let stored = self
+            .snapshots
+            .load()
+            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+        Ok(stored.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::partition::Record;
+    use openraft::{CommittedLeaderId, Entry};
+
+    fn entry(index: u64, command: PartitionCommand) -> Entry<PartitionTypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(command),
+        }
+    }
+
+    fn append(keys: &[u32]) -> PartitionCommand {
+        PartitionCommand::Append {
+            records: keys
+                .iter()
+                .map(|k| Record {
+                    key: *k,
+                    data: format!("r{k}").into_bytes(),
+                })
+                .collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn offsets_follow_the_log_and_resume_after_reopen() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let log = TelemetryLog::open(&dir.path().join("t"), 1 << 30)?;
+        {
+            let (_l, snaps) = meridian_storage::open::<PartitionTypeConfig>(&dir.path().join("r"))?;
+            let mut sm = PartitionStateMachine::open(2, log.clone(), snaps, "a:1".into())?;
+            sm.apply([entry(1, append(&[2, 1026, 2])), entry(2, append(&[2]))])
+                .await?;
+            sm.apply([entry(
+                3,
+                PartitionCommand::SetCursor {
+                    name: "webhook/w/1026".into(),
+                    next: 1,
+                },
+            )])
+            .await?;
+            assert_eq!(
+                sm.cursors()
+                    .read()
+                    .map(|c| c.get("webhook/w/1026").copied())
+                    .ok()
+                    .flatten(),
+                Some(1)
+            );
+        }
+        let offsets: Vec<u64> = log.read(2, 0, 10)?.iter().map(|r| r.offset).collect();
+        assert_eq!(offsets, vec![0, 1, 2]);
+        assert_eq!(log.end_offset(1026)?, 1);
+        let (_l, snaps) = meridian_storage::open::<PartitionTypeConfig>(&dir.path().join("r"))?;
+        let mut sm = PartitionStateMachine::open(2, log.clone(), snaps, "a:1".into())?;
+        let (applied, _) = sm.applied_state().await?;
+        assert_eq!(applied.map(|l| l.index), Some(3));
+        sm.apply([entry(4, append(&[2]))]).await?;
+        assert_eq!(log.read(2, 3, 10)?[0].data, b"r2");
+        // A stale cursor update never moves a cursor back.
+        sm.apply([entry(
+            5,
+            PartitionCommand::SetCursor {
+                name: "webhook/w/1026".into(),
+                next: 0,
+            },
+        )])
+        .await?;
+        assert_eq!(
+            sm.cursors()
+                .read()
+                .map(|c| c.get("webhook/w/1026").copied())
+                .ok()
+                .flatten(),
+            Some(1)
+        );
+        Ok(())
+    }
+}
