@@ -89,6 +89,10 @@ pub struct Metrics {
     pub raft_is_leader: IntGauge,
     /// `meridian_registry_devices` (devices in the registry, as applied locally).
     pub registry_devices: IntGauge,
+    /// `meridian_partition_is_leader{partition}` (1 when this node leads the partition's group).
+    pub partition_is_leader: prometheus::IntGaugeVec,
+    /// `meridian_partition_is_replica{partition}` (1 when this node is a voter of the group).
+    pub partition_is_replica: prometheus::IntGaugeVec,
 }
 
 impl Metrics {
@@ -128,6 +132,22 @@ impl Metrics {
         registry.register(Box::new(raft_last_applied.clone()))?;
         registry.register(Box::new(raft_is_leader.clone()))?;
         registry.register(Box::new(registry_devices.clone()))?;
+        let partition_is_leader = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new(
+                "meridian_partition_is_leader",
+                "1 when this node leads the telemetry partition's Raft group",
+            ),
+            &["partition"],
+        )?;
+        let partition_is_replica = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new(
+                "meridian_partition_is_replica",
+                "1 when this node is a voter of the telemetry partition's Raft group",
+            ),
+            &["partition"],
+        )?;
+        registry.register(Box::new(partition_is_leader.clone()))?;
+        registry.register(Box::new(partition_is_replica.clone()))?;
         Ok(Self {
             registry,
             api_requests,
@@ -136,6 +156,8 @@ impl Metrics {
             raft_last_applied,
             raft_is_leader,
             registry_devices,
+            partition_is_leader,
+            partition_is_replica,
         })
     }
 

@@ -441,6 +441,16 @@ impl Partitions {
                 continue;
             }
             for p in 0..self.count() {
+                let label = p.to_string();
+                let gauges = crate::observability::metrics();
+                gauges
+                    .partition_is_leader
+                    .with_label_values(&[label.as_str()])
+                    .set(i64::from(self.is_leader(p)));
+                gauges
+                    .partition_is_replica
+                    .with_label_values(&[label.as_str()])
+                    .set(i64::from(self.is_replica(p)));
                 let desired =
                     meridian_control_plane::placement(p, &voters, self.inner.replication_factor);
                 if let Err(e) = self.reconcile(p, &desired, &addrs).await {

@@ -151,6 +151,11 @@ fn new_hub_settings(config: &Config) -> HubSettings {
         max_devices: config.hub.max_devices,
         max_modules_per_device: config.hub.max_modules_per_device,
         routing_limits: config.hub.routing_limits.clone(),
+        initial_members: config
+            .members()
+            .into_iter()
+            .map(|m| (m.id, m.grpc_addr))
+            .collect(),
     }
 }
 
@@ -294,15 +299,32 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
         }
     }
 
-    // ---- bootstrap the partition groups, then keep their placement ----
-    partitions
-        .bootstrap(
-            &members
-                .iter()
-                .map(|m| (m.id, m.grpc_addr.clone()))
-                .collect(),
-        )
-        .await;
+    // ---- bootstrap the partition groups (once the hub exists), then keep their placement ----
+    {
+        let (hub, partitions, mut shutdown) = (hub.clone(), partitions.clone(), shutdown.clone());
+        tasks.push((
+            "partition-bootstrap",
+            tokio::spawn(async move {
+                loop {
+                    let initial = hub
+                        .read(ReadConsistency::Stale, |s| {
+                            Ok(s.settings.as_ref().map(|s| s.initial_members.clone()))
+                        })
+                        .await
+                        .ok()
+                        .flatten();
+                    if let Some(members) = initial {
+                        partitions.bootstrap(&members).await;
+                        return;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                        _ = shutdown.wait_for(|s| *s) => return,
+                    }
+                }
+            }),
+        ));
+    }
     tasks.push((
         "partition-rebalance",
         tokio::spawn(partitions.clone().rebalance(raft.clone(), shutdown.clone())),

@@ -34,6 +34,11 @@ pub struct HubSettings {
     /// Routing and consumer-group limits.
     #[serde(default)]
     pub routing_limits: super::routing::RoutingLimits,
+    /// The voters (id → gRPC address) the hub was created with. Telemetry partition groups are
+    /// initialized over exactly these, once, by each partition's preferred node; a node that
+    /// joins later is never among them, so it never initializes a second group.
+    #[serde(default)]
+    pub initial_members: BTreeMap<u64, String>,
 }
 
 /// A device with its twin and modules.
@@ -1112,6 +1117,7 @@ mod tests {
             .map(|p| (p.key_name.clone(), p))
             .collect();
         let settings = HubSettings {
+            initial_members: BTreeMap::new(),
             policies,
             twin_limits: TwinLimits::default(),
             max_devices: 3,

@@ -295,6 +295,7 @@ mod tests {
             let (_log, snapshots) = meridian_storage::open::<TypeConfig>(dir.path())?;
             let mut sm = HubStateMachine::open(snapshots)?;
             let settings = crate::domain::state::HubSettings {
+                initial_members: Default::default(),
                 policies: Default::default(),
                 twin_limits: Default::default(),
                 max_devices: 10,

@@ -339,6 +339,22 @@ impl Cluster {
 
     /// Waits until every running node serves metrics and has applied the hub's creation, and
     /// exactly one of them leads.
+    /// The leader of each telemetry partition (from the nodes' metrics), `None` while unknown.
+    pub async fn partition_leaders(&self, partitions: u32) -> Vec<Option<u64>> {
+        let mut out = Vec::new();
+        for p in 0..partitions {
+            let mut leader = None;
+            for n in self.nodes.iter().filter(|n| n.is_running()) {
+                let name = format!("meridian_partition_is_leader{{partition=\"{p}\"}}");
+                if n.metric(&name).await == Some(1.0) {
+                    leader = Some(n.id);
+                }
+            }
+            out.push(leader);
+        }
+        out
+    }
+
     pub async fn wait_leader(&self, timeout: Duration) -> Result<u64> {
         let deadline = Instant::now() + timeout;
         loop {
