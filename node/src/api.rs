@@ -141,6 +141,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/devices/query", post(query_hub))
         .route("/meridian/cluster/nodes", get(cluster_nodes).post(add_node))
         .route("/meridian/cluster/nodes/{id}", delete(remove_node))
+        .route("/meridian/cluster/partitions", get(cluster_partitions))
         .route("/meridian/routing", get(get_routing))
         .route("/meridian/routing/fallback", put(set_fallback))
         .route(
@@ -735,6 +736,35 @@ async fn cluster_nodes(State(s): State<ApiState>, headers: HeaderMap) -> ApiResu
         "term": m.current_term,
         "answeredBy": m.id,
         "lastApplied": m.last_applied.map(|l| l.index),
+    })))
+}
+
+/// Telemetry partition placement as this node sees it: per partition the leader, the voters and
+/// learners, and whether this node leads it (a leader's view is authoritative; a node removed
+/// from a group may keep a stale view of it).
+async fn cluster_partitions(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    authorize_owner(&s, &headers).await?;
+    let groups = &s.mqtt.partition_groups;
+    let partitions: Vec<Value> = (0..groups.count())
+        .filter_map(|p| {
+            let m = groups.raft(p)?.metrics().borrow().clone();
+            let membership = m.membership_config.membership();
+            let voters: Vec<u64> = membership.voter_ids().collect();
+            let learners: Vec<u64> = membership.learner_ids().collect();
+            Some(json!({
+                "partition": p,
+                "leader": m.current_leader,
+                "term": m.current_term,
+                "voters": voters,
+                "learners": learners,
+                "isLeader": m.current_leader == Some(m.id),
+                "lastApplied": m.last_applied.map(|l| l.index),
+            }))
+        })
+        .collect();
+    Ok(ok_json(json!({
+        "answeredBy": s.mqtt.node_id,
+        "partitions": partitions,
     })))
 }
 

@@ -1,14 +1,20 @@
-//! Membership through the control plane: add a 4th node with `meridian cluster add` (sent to a
-//! follower, forwarded to the leader), it catches up and serves reads; then remove node 1 and kill
-//! it, and the cluster keeps taking writes.
+//! Membership through the control plane, under telemetry load: add a 4th node with `meridian
+//! cluster add` (sent to a follower, forwarded to the leader), it catches up, serves reads and
+//! takes over partition replicas; then remove node 1 and kill it: partitions move off it, the
+//! cluster keeps taking writes, and no acknowledged message is lost.
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
-use common::start_cluster;
+use anyhow::{Context, Result, bail};
+use common::load::{Acked, check_acked, progress, read_all, run_device, wait_converged};
+use common::{Cluster, create_device, start_cluster};
+use meridian::client::ServiceClient;
 use serde_json::{Value, json};
 
 fn voters(listing: &Value) -> BTreeSet<u64> {
@@ -23,9 +29,60 @@ fn voters(listing: &Value) -> BTreeSet<u64> {
         .unwrap_or_default()
 }
 
+/// Per partition, its voters as its leader reports them (`/meridian/cluster/partitions`).
+async fn replicas(cluster: &Cluster, base: &ServiceClient, partitions: u32) -> Vec<BTreeSet<u64>> {
+    let mut out = vec![BTreeSet::new(); partitions as usize];
+    for n in cluster.nodes.iter().filter(|n| n.is_running()) {
+        let Ok(mut c) = base.with_addr(n.https).connect().await else {
+            continue;
+        };
+        let Ok(r) = c.json("GET", "/meridian/cluster/partitions", None).await else {
+            continue;
+        };
+        for p in r.json()["partitions"].as_array().into_iter().flatten() {
+            let i = p["partition"].as_u64().unwrap_or(u64::MAX) as usize;
+            if p["isLeader"] == json!(true) && i < out.len() {
+                out[i] = p["voters"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_u64)
+                    .collect();
+            }
+        }
+    }
+    out
+}
+
+async fn wait_replicas(
+    cluster: &Cluster,
+    base: &ServiceClient,
+    ok: impl Fn(&[BTreeSet<u64>]) -> bool,
+    timeout: Duration,
+) -> Result<Vec<BTreeSet<u64>>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let r = replicas(cluster, base, 4).await;
+        if ok(&r) {
+            return Ok(r);
+        }
+        if Instant::now() > deadline {
+            bail!("partition replicas stuck at {r:?}:\n{}", cluster.logs());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_a_fourth_node_then_remove_the_first() -> Result<()> {
-    let mut cluster = start_cluster(3, &[])?;
+    // Small snapshots, so the new node gets partitions through snapshot + record fetch.
+    let mut cluster = start_cluster(
+        3,
+        &[
+            ("MERIDIAN_CLUSTER__SNAPSHOT_EVERY_LOGS", "50"),
+            ("MERIDIAN_CLUSTER__MAX_IN_SNAPSHOT_LOG_TO_KEEP", "5"),
+        ],
+    )?;
     let leader = cluster.wait_leader(Duration::from_secs(30)).await?;
     let creds = cluster.credentials(Duration::from_secs(60)).await?;
     let base = cluster.client(1).await?;
@@ -36,6 +93,30 @@ async fn add_a_fourth_node_then_remove_the_first() -> Result<()> {
             .status,
         200
     );
+
+    // Telemetry load from 30 devices through nodes 1-3 for the whole test.
+    let mut keys = Vec::new();
+    for i in 0..30 {
+        let id = format!("mt-{i}");
+        keys.push((id.clone(), create_device(&mut n1, &id).await?));
+    }
+    let mqtt: Vec<SocketAddr> = cluster.nodes.iter().map(|n| n.mqtt).collect();
+    let acked: Acked = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut devices = Vec::new();
+    for (id, key) in keys {
+        devices.push(tokio::spawn(run_device(
+            id,
+            key,
+            mqtt.clone(),
+            cluster.ca.clone(),
+            acked.clone(),
+            stop.clone(),
+        )));
+    }
+    progress(&acked, 1500, Duration::from_secs(60))
+        .await
+        .with_context(|| cluster.logs())?;
 
     cluster.spawn_extra_node(4)?;
     let grpc4 = cluster.node(4).grpc.to_string();
@@ -81,12 +162,68 @@ async fn add_a_fourth_node_then_remove_the_first() -> Result<()> {
         .await?
         .json();
     assert_eq!(voters(&listing), BTreeSet::from([1, 2, 3, 4]), "{listing}");
+    // Partitions rebalance onto node 4: 3 replicas each, node 4 among some of them.
+    let placed = wait_replicas(
+        &cluster,
+        &base,
+        |r| r.iter().all(|s| s.len() == 3) && r.iter().any(|s| s.contains(&4)),
+        Duration::from_secs(60),
+    )
+    .await?;
+    println!("partition replicas with 4 nodes: {placed:?}");
+    // Node 4 joined behind purged logs: it installed snapshots and fetched their records.
+    assert!(
+        cluster
+            .node(4)
+            .log_tail(100_000)
+            .contains("installed partition snapshot"),
+        "node 4 did not install a partition snapshot:\n{}",
+        cluster.node(4).log_tail(50)
+    );
+    progress(&acked, 500, Duration::from_secs(30))
+        .await
+        .with_context(|| cluster.logs())?;
 
     // Remove node 1 (through node 3), then stop it: writes go on.
     let mut n3 = base.with_addr(cluster.node(3).https).connect().await?;
     let r = n3.json("DELETE", "/meridian/cluster/nodes/1", None).await?;
     assert_eq!(r.status, 204, "{:?}", r.json());
+    let placed = wait_replicas(
+        &cluster,
+        &base,
+        |r| r.iter().all(|s| *s == BTreeSet::from([2, 3, 4])),
+        Duration::from_secs(60),
+    )
+    .await?;
+    println!("partition replicas after removing node 1: {placed:?}");
     cluster.node(1).kill9();
+    progress(&acked, 500, Duration::from_secs(30))
+        .await
+        .with_context(|| cluster.logs())?;
+    stop.store(true, Ordering::Relaxed);
+    for d in devices {
+        d.await??;
+    }
+    let acked: BTreeMap<String, Vec<u64>> = acked.lock().map(|a| a.clone()).unwrap_or_default();
+    let grpcs: Vec<SocketAddr> = cluster
+        .nodes
+        .iter()
+        .filter(|n| n.id != 1)
+        .map(|n| n.grpc)
+        .collect();
+    wait_converged(&grpcs, Duration::from_secs(60))
+        .await
+        .with_context(|| cluster.logs())?;
+    let mut stored = Vec::new();
+    for g in &grpcs {
+        stored.push(read_all(*g).await?);
+    }
+    assert!(stored.iter().all(|s| *s == stored[0]), "replicas differ");
+    let (count, duplicates) = check_acked(&acked, &stored[0])?;
+    println!(
+        "acked {}, stored {count} on each of nodes 2-4, duplicates {duplicates}, lost 0",
+        acked.values().map(Vec::len).sum::<usize>()
+    );
     let mut n4c = n4.connect().await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
