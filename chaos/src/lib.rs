@@ -4,4 +4,9 @@
 //! * `registry-bench` (`src/bin/registry_bench.rs`): registry creates/s and latency on a 3-node
 //!   loopback cluster, side by side with etcd 3.4, and leader-failover time.
 //!
+//! * `partition-bench` (`src/bin/partition_bench.rs`): acked telemetry msg/s by partition
+//!   replication factor on a loopback cluster, and node-loss recovery time.
+//!
 //! Nothing depends on this crate.
+
+pub mod proc;

@@ -5,9 +5,8 @@
 //!
 //! `cargo run --release -p meridian-chaos --bin registry-bench -- --help`
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -15,6 +14,7 @@ use base64::Engine;
 use bytes::Bytes;
 use clap::Parser;
 use meridian::client::{Authorization, ServiceClient};
+use meridian_chaos::proc::{Proc, free_ports, metric, percentile};
 use serde_json::{Value, json};
 
 #[derive(Debug, Parser)]
@@ -39,63 +39,6 @@ struct Args {
     no_etcd: bool,
 }
 
-/// `n` distinct free loopback ports, all held at once so none is handed out twice.
-fn free_ports(n: usize) -> Result<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
-}
-
-struct Proc {
-    child: Option<Child>,
-    cmd: Vec<String>,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn start(cmd: Vec<String>, log: PathBuf) -> Result<Self> {
-        let mut p = Self {
-            child: None,
-            cmd,
-            log,
-        };
-        p.spawn()?;
-        Ok(p)
-    }
-    fn spawn(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
-        let child = Command::new(&self.cmd[0])
-            .args(&self.cmd[1..])
-            .env("MERIDIAN_OBSERVABILITY__LOG_FILTER", "warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("spawn {}", self.cmd[0]))?;
-        self.child = Some(child);
-        Ok(())
-    }
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
 struct Stats {
     ops: usize,
     errors: usize,
@@ -108,14 +51,6 @@ impl Stats {
     fn rate(&self) -> f64 {
         self.ops as f64 / self.elapsed.as_secs_f64()
     }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
 }
 
 /// One request a client sends for device `id`: (method, path, body).
@@ -248,18 +183,6 @@ struct MeridianCluster {
     client: ServiceClient,
 }
 
-async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.ok()?;
-    buf.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 async fn start_meridian(
     bin: &Path,
     dir: &Path,
@@ -327,7 +250,7 @@ async fn start_meridian(
 
 async fn leader(cluster: &MeridianCluster) -> Option<usize> {
     for (i, (_, p, _, m)) in cluster.nodes.iter().enumerate() {
-        if p.child.is_some() && metric(*m, "meridian_raft_is_leader").await == Some(1.0) {
+        if p.is_running() && metric(*m, "meridian_raft_is_leader").await == Some(1.0) {
             return Some(i);
         }
     }
