@@ -96,6 +96,9 @@ mod base64_bytes {
     }
 }
 
+/// Marker before the leader's address in a "not leader" answer.
+pub const LEADER_HINT: &str = "leader=";
+
 /// Records proposed in one Raft entry at most.
 const MAX_BATCH_RECORDS: usize = 2048;
 /// Batches of one partition in flight at once (proposed or forwarded, awaiting commit).
@@ -129,6 +132,16 @@ struct Inner {
     replication_factor: usize,
     request_timeout: Duration,
     clients: std::sync::Mutex<HashMap<String, PartitionServiceClient<Channel>>>,
+    /// Where to send appends of partitions this node does not replicate (it has no leader for
+    /// them): the last leader a peer named, else the placement's nodes in turn.
+    routes: std::sync::Mutex<HashMap<u32, Route>>,
+}
+
+#[derive(Default)]
+struct Route {
+    leader_hint: Option<String>,
+    placement: Vec<String>,
+    next: usize,
 }
 
 /// Settings of the partition groups.
@@ -195,6 +208,7 @@ impl Partitions {
                 replication_factor: settings.replication_factor.max(1),
                 request_timeout: settings.request_timeout,
                 clients: std::sync::Mutex::new(HashMap::new()),
+                routes: std::sync::Mutex::new(HashMap::new()),
             }),
         };
         for (p, rx) in queues.into_iter().enumerate() {
@@ -336,12 +350,41 @@ impl Partitions {
         Ok(c)
     }
 
+    /// The node to send `partition`'s appends to when this node knows no leader for it.
+    fn routed(&self, partition: u32) -> Option<(NodeId, String)> {
+        let mut routes = self.inner.routes.lock().ok()?;
+        let route = routes.get_mut(&partition)?;
+        if let Some(hint) = &route.leader_hint {
+            return Some((0, hint.clone()));
+        }
+        let n = route.placement.len();
+        (n > 0).then(|| {
+            route.next = (route.next + 1) % n;
+            (0, route.placement[route.next].clone())
+        })
+    }
+
+    fn note_leader_hint(&self, partition: u32, message: &str) {
+        if let Ok(mut routes) = self.inner.routes.lock() {
+            let route = routes.entry(partition).or_default();
+            route.leader_hint = message
+                .split_once(LEADER_HINT)
+                .map(|(_, addr)| addr.trim().to_string())
+                .filter(|a| !a.is_empty());
+        }
+    }
+
     /// Proposes a batch on the partition's leader, wherever it is, retrying while there is none
     /// or while a peer answers that it is not the leader (nothing was proposed then).
     async fn submit(&self, partition: u32, records: Vec<Record>) -> Result<(), HubError> {
         let deadline = Instant::now() + self.inner.request_timeout;
         loop {
-            match self.leader(partition) {
+            let target = if self.is_replica(partition) {
+                self.leader(partition)
+            } else {
+                self.routed(partition)
+            };
+            match target {
                 Some((leader, _)) if leader == self.inner.node_id => {
                     match self.propose_locally(partition, records.clone()).await {
                         Ok(()) => return Ok(()),
@@ -368,9 +411,12 @@ impl Partitions {
                     .await;
                     match call {
                         Ok(Ok(_)) => return Ok(()),
-                        Ok(Err(status))
-                            if status.code() == tonic::Code::FailedPrecondition
-                                || is_connect_error(&status) => {}
+                        Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
+                            self.note_leader_hint(partition, status.message());
+                        }
+                        Ok(Err(status)) if is_connect_error(&status) => {
+                            self.note_leader_hint(partition, "");
+                        }
                         Ok(Err(status)) => {
                             return Err(HubError::new(
                                 ErrorCode::ServiceUnavailable,
@@ -441,6 +487,16 @@ impl Partitions {
                 continue;
             }
             for p in 0..self.count() {
+                if let Ok(mut routes) = self.inner.routes.lock() {
+                    routes.entry(p).or_default().placement = meridian_control_plane::placement(
+                        p,
+                        &voters,
+                        self.inner.replication_factor,
+                    )
+                    .iter()
+                    .filter_map(|id| addrs.get(id).cloned())
+                    .collect();
+                }
                 let label = p.to_string();
                 let gauges = crate::observability::metrics();
                 gauges

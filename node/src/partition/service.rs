@@ -44,9 +44,16 @@ impl PartitionService for PartitionServiceImpl {
             .await
         {
             Ok(()) => Ok(Response::new(AppendResponse {})),
-            Err(None) => Err(Status::failed_precondition(
+            // Name the leader, if known, so a node outside the group can go there directly.
+            Err(None) => Err(Status::failed_precondition(format!(
+                "{}; {}{}",
                 crate::raft::service::NOT_LEADER,
-            )),
+                super::LEADER_HINT,
+                self.partitions
+                    .leader(req.partition)
+                    .map(|(_, addr)| addr)
+                    .unwrap_or_default()
+            ))),
             Err(Some(e)) => Err(Status::new(e.code.grpc_code(), e.message)),
         }
     }
