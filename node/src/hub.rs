@@ -155,12 +155,34 @@ impl Hub {
             command = command.name(),
             "forwarding write to leader"
         );
-        let reply = tokio::time::timeout(
+        // When this node learns of another leader while waiting, the old leader can no longer
+        // answer in time (it is deposed or cut off): give up early. The outcome is unknown, so
+        // the caller gets 503 and decides whether to retry, instead of waiting out the timeout.
+        let mut metrics = self.inner.raft.metrics();
+        let leader_changed = async move {
+            loop {
+                let current = metrics.borrow_and_update().current_leader;
+                if current.is_some() && current != leader_id {
+                    return;
+                }
+                if metrics.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        let call = tokio::time::timeout(
             self.inner.request_timeout,
             client.client_write(ClientWriteRequest { command_json }),
-        )
-        .await
-        .map_err(|_| tonic::Status::deadline_exceeded("forwarded write timed out"))??;
+        );
+        let reply = tokio::select! {
+            reply = call => reply
+                .map_err(|_| tonic::Status::deadline_exceeded("forwarded write timed out"))??,
+            () = leader_changed => {
+                return Err(tonic::Status::aborted(
+                    "the leader changed while the write was forwarded; outcome unknown",
+                ));
+            }
+        };
         serde_json::from_slice(&reply.get_ref().response_json)
             .map_err(|e| tonic::Status::internal(format!("decode response: {e}")))
     }

@@ -334,6 +334,27 @@ impl Partitions {
         }
     }
 
+    /// Resolves when this node, as a replica of `partition`, knows a leader other than `from`;
+    /// never on a node outside the group.
+    async fn leader_changed_from(&self, partition: u32, from: NodeId) {
+        let Some(mut metrics) = self
+            .raft(partition)
+            .filter(|_| self.is_replica(partition) && from != 0)
+            .map(|r| r.metrics())
+        else {
+            return std::future::pending().await;
+        };
+        loop {
+            let current = metrics.borrow_and_update().current_leader;
+            if current.is_some() && current != Some(from) {
+                return;
+            }
+            if metrics.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
     fn client(&self, addr: &str) -> Result<PartitionServiceClient<Channel>, HubError> {
         let mut clients = self
             .inner
@@ -392,7 +413,7 @@ impl Partitions {
                         Err(None) => {}
                     }
                 }
-                Some((_, addr)) => {
+                Some((target_leader, addr)) => {
                     let mut client = self.client(&addr)?;
                     let request = AppendRequest {
                         partition,
@@ -407,8 +428,20 @@ impl Partitions {
                     let call = tokio::time::timeout(
                         deadline.saturating_duration_since(Instant::now()),
                         client.append(request),
-                    )
-                    .await;
+                    );
+                    // A replica that learns of a new leader stops waiting for the old one (cut
+                    // off or deposed): the outcome is unknown, so the device gets no PUBACK and
+                    // resends, instead of waiting out the timeout.
+                    let leader_changed = self.leader_changed_from(partition, target_leader);
+                    let call = tokio::select! {
+                        call = call => call,
+                        () = leader_changed => {
+                            return Err(HubError::new(
+                                ErrorCode::ServiceUnavailable,
+                                format!("partition {partition}: leader changed during the append"),
+                            ));
+                        }
+                    };
                     match call {
                         Ok(Ok(_)) => return Ok(()),
                         Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {

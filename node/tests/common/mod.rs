@@ -5,8 +5,9 @@
 #![allow(dead_code)]
 
 pub mod load;
+pub mod netns;
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -46,6 +47,8 @@ pub struct NodeProc {
     log: PathBuf,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    /// Network namespace the process runs in (`ip netns exec`), if any.
+    netns: Option<String>,
 }
 
 impl NodeProc {
@@ -54,7 +57,15 @@ impl NodeProc {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let child = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns.as_str(), env!("CARGO_BIN_EXE_meridian")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_meridian")),
+        };
+        let child = command
             .args(&self.args)
             .env("MERIDIAN_OBSERVABILITY__LOG_FILTER", "info,openraft=warn")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -131,6 +142,19 @@ pub struct Cluster {
 fn configured_node(
     dir: &Path,
     id: u64,
+    ports: [u16; 4],
+    members: &str,
+    tls: &meridian::tls::TlsFiles,
+    env: &[(&str, &str)],
+) -> Result<NodeProc> {
+    configured_node_at(dir, id, Ipv4Addr::LOCALHOST, ports, members, tls, env)
+}
+
+/// Like [`configured_node`], listening on `host` (a network namespace's address).
+fn configured_node_at(
+    dir: &Path,
+    id: u64,
+    host: Ipv4Addr,
     [https, grpc, metrics, mqtt]: [u16; 4],
     members: &str,
     tls: &meridian::tls::TlsFiles,
@@ -139,7 +163,7 @@ fn configured_node(
     let data_dir = dir.join(format!("node{id}"));
     let config_path = dir.join(format!("node{id}.toml"));
     let toml = format!(
-        "[node]\nid = {id}\ndata_dir = \"{data}\"\n\n[cluster]\ngrpc_listen = \"127.0.0.1:{grpc}\"\nmembers = [{members}]\n\n[api]\nhttps_listen = \"127.0.0.1:{https}\"\n\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n\n[observability]\nmetrics_listen = \"127.0.0.1:{metrics}\"\n\n[mqtt]\ntls_listen = \"127.0.0.1:{mqtt}\"\n",
+        "[node]\nid = {id}\ndata_dir = \"{data}\"\n\n[cluster]\ngrpc_listen = \"{host}:{grpc}\"\nmembers = [{members}]\n\n[api]\nhttps_listen = \"{host}:{https}\"\n\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n\n[observability]\nmetrics_listen = \"{host}:{metrics}\"\n\n[mqtt]\ntls_listen = \"{host}:{mqtt}\"\n",
         data = data_dir.display(),
         cert = tls.cert.display(),
         key = tls.key.display(),
@@ -154,16 +178,17 @@ fn configured_node(
             config_path.display().to_string(),
         ],
         config_path,
-        https: SocketAddr::from(([127, 0, 0, 1], https)),
-        grpc: SocketAddr::from(([127, 0, 0, 1], grpc)),
-        metrics: SocketAddr::from(([127, 0, 0, 1], metrics)),
-        mqtt: SocketAddr::from(([127, 0, 0, 1], mqtt)),
+        https: SocketAddr::from((host, https)),
+        grpc: SocketAddr::from((host, grpc)),
+        metrics: SocketAddr::from((host, metrics)),
+        mqtt: SocketAddr::from((host, mqtt)),
         child: None,
         log: dir.join(format!("node{id}.log")),
         env: env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        netns: None,
     })
 }
 
@@ -244,6 +269,7 @@ pub fn start_dev_with_env(env: &[(&str, &str)]) -> Result<Cluster> {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        netns: None,
     };
     node.spawn()?;
     let ca = data_dir.join("tls").join("ca.pem");
@@ -488,4 +514,29 @@ pub async fn create_device(conn: &mut meridian::client::Connection, id: &str) ->
         .as_str()
         .unwrap_or_default()
         .to_string())
+}
+
+/// Starts `size` nodes, each in its own network namespace of `net` (fixed ports; addresses
+/// `net.ip(id)`), so tests can cut links between them.
+pub fn start_netns_cluster(
+    net: &netns::Netns,
+    size: usize,
+    env: &[(&str, &str)],
+) -> Result<Cluster> {
+    let dir = tempfile::tempdir()?;
+    let tls = meridian::tls::ensure_dev_certificates(&dir.path().join("tls"))?;
+    let ca = tls.ca_cert.clone().context("generated CA")?;
+    let ports = [8443, 7101, 9100, 8883];
+    let members: Vec<String> = (1..=size as u64)
+        .map(|id| format!("{{ id = {id}, grpc_addr = \"{}:7101\" }}", net.ip(id)))
+        .collect();
+    let members = members.join(", ");
+    let mut nodes = Vec::new();
+    for id in 1..=size as u64 {
+        let mut node = configured_node_at(dir.path(), id, net.ip(id), ports, &members, &tls, env)?;
+        node.netns = Some(net.ns(id));
+        node.spawn()?;
+        nodes.push(node);
+    }
+    Ok(Cluster { dir, nodes, ca })
 }
