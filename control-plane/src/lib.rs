@@ -4,6 +4,8 @@
 //! `add_learner` then `change_membership`) and serves them over REST and the `meridian cluster`
 //! CLI. It must not depend on `meridian` (the node crate) or on `meridian-chaos`.
 
+pub mod gossip;
+
 use std::collections::BTreeSet;
 
 /// A requested change of the voters.

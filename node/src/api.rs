@@ -49,6 +49,8 @@ pub struct ApiState {
     pub events: crate::telemetry_api::EventReader,
     /// Health of webhook endpoints on this node.
     pub webhooks: crate::webhook::WebhookHealth,
+    /// Gossip view of the other nodes (liveness and metadata).
+    pub gossip: meridian_control_plane::gossip::Gossip,
 }
 
 /// An error answered in Azure's format.
@@ -713,6 +715,7 @@ async fn cluster_nodes(State(s): State<ApiState>, headers: HeaderMap) -> ApiResu
     let m = s.hub.raft().metrics().borrow().clone();
     let membership = m.membership_config.membership();
     let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+    let view = s.gossip.view();
     let nodes: Vec<Value> = membership
         .nodes()
         .map(|(id, node)| {
@@ -721,12 +724,32 @@ async fn cluster_nodes(State(s): State<ApiState>, headers: HeaderMap) -> ApiResu
                 .as_ref()
                 .and_then(|r| r.get(id))
                 .and_then(|l| l.as_ref().map(|l| l.index));
+            let peer = view.get(id);
+            let health = if *id == m.id {
+                "up"
+            } else {
+                match peer.map(|p| p.health) {
+                    Some(meridian_control_plane::gossip::Health::Up) => "up",
+                    Some(meridian_control_plane::gossip::Health::Down) => "down",
+                    None => "unknown",
+                }
+            };
+            let meta = if *id == m.id {
+                Some(s.gossip.local().meta.clone())
+            } else {
+                peer.map(|p| p.identity.meta.clone())
+            };
             json!({
                 "id": id,
                 "grpcAddr": node.addr,
                 "role": if voters.contains(id) { "voter" } else { "learner" },
                 "leader": m.current_leader == Some(*id),
                 "matchedIndex": matched,
+                "health": health,
+                "healthSinceMs": peer.map(|p| p.since.elapsed().as_millis() as u64),
+                "region": meta.as_ref().map(|m| m.region.clone()),
+                "httpsAddr": meta.as_ref().map(|m| m.https.clone()),
+                "mqttAddr": meta.as_ref().map(|m| m.mqtt.clone()),
             })
         })
         .collect();
@@ -1363,6 +1386,9 @@ async fn invoke_method(
             })
             .await?
             .filter(|n| *n != s.mqtt.node_id)
+            // A node gossip declared down cannot answer: wait here for the device to reconnect
+            // (connectTimeoutInSeconds), then 404, instead of failing on the dead node.
+            .filter(|n| s.gossip.health(*n) != Some(meridian_control_plane::gossip::Health::Down))
     };
     let (status, payload) = match owner {
         Some(node) => {

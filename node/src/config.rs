@@ -57,6 +57,8 @@ pub struct NodeSection {
     pub id: u64,
     /// Where RocksDB, TLS material and generated credentials live (default `./meridian-data`).
     pub data_dir: PathBuf,
+    /// Region this node runs in (default `local`), announced over gossip.
+    pub region: String,
 }
 
 impl Default for NodeSection {
@@ -64,6 +66,7 @@ impl Default for NodeSection {
         Self {
             id: 1,
             data_dir: PathBuf::from("meridian-data"),
+            region: "local".into(),
         }
     }
 }

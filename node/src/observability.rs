@@ -89,6 +89,8 @@ pub struct Metrics {
     pub raft_is_leader: IntGauge,
     /// `meridian_registry_devices` (devices in the registry, as applied locally).
     pub registry_devices: IntGauge,
+    /// `meridian_gossip_peers_up` (other nodes gossip sees alive).
+    pub gossip_peers_up: IntGauge,
     /// `meridian_partition_is_leader{partition}` (1 when this node leads the partition's group).
     pub partition_is_leader: prometheus::IntGaugeVec,
     /// `meridian_partition_is_replica{partition}` (1 when this node is a voter of the group).
@@ -147,6 +149,11 @@ impl Metrics {
             &["partition"],
         )?;
         registry.register(Box::new(partition_is_leader.clone()))?;
+        let gossip_peers_up = IntGauge::new(
+            "meridian_gossip_peers_up",
+            "Other nodes that gossip sees alive",
+        )?;
+        registry.register(Box::new(gossip_peers_up.clone()))?;
         registry.register(Box::new(partition_is_replica.clone()))?;
         Ok(Self {
             registry,
@@ -158,6 +165,7 @@ impl Metrics {
             registry_devices,
             partition_is_leader,
             partition_is_replica,
+            gossip_peers_up,
         })
     }
 

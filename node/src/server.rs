@@ -513,12 +513,57 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
     let https_addr = https_listener
         .local_addr()
         .map_err(io("https local addr"))?;
+
+    // ---- gossip: liveness and metadata of the other nodes (UDP, on the gRPC port number) ----
+    let gossip_advertise: SocketAddr = config.cluster.advertise().parse().unwrap_or(grpc_addr);
+    let seeds: Vec<SocketAddr> = members
+        .iter()
+        .filter_map(|m| m.grpc_addr.parse().ok())
+        .collect();
+    let gossip = meridian_control_plane::gossip::Gossip::start(
+        SocketAddr::new(config.cluster.grpc_listen.ip(), grpc_addr.port()),
+        gossip_advertise,
+        meridian_control_plane::gossip::NodeMeta {
+            id: node_id,
+            region: config.node.region.clone(),
+            https: https_addr.to_string(),
+            mqtt: mqtt_addr.to_string(),
+            roles: vec!["voter".into()],
+        },
+        seeds,
+        meridian_control_plane::gossip::GossipTiming::default(),
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|e| StartError::Raft(e.to_string()))?;
+    {
+        let (gossip, mut shutdown) = (gossip.clone(), shutdown.clone());
+        tasks.push((
+            "gossip-metrics",
+            tokio::spawn(async move {
+                let mut changes = gossip.changes();
+                loop {
+                    let up = gossip
+                        .view()
+                        .values()
+                        .filter(|p| p.health == meridian_control_plane::gossip::Health::Up)
+                        .count();
+                    metrics().gossip_peers_up.set(up as i64);
+                    tokio::select! {
+                        changed = changes.changed() => if changed.is_err() { return },
+                        _ = shutdown.wait_for(|s| *s) => return,
+                    }
+                }
+            }),
+        ));
+    }
     let router = api::router(
         ApiState {
             hub: hub.clone(),
             mqtt: mqtt.clone(),
             events: event_reader.clone(),
             webhooks: webhook_health.clone(),
+            gossip,
         },
         config.api.max_body_bytes,
     );
