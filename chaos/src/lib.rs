@@ -7,6 +7,16 @@
 //! * `partition-bench` (`src/bin/partition_bench.rs`): acked telemetry msg/s by partition
 //!   replication factor on a loopback cluster, and node-loss recovery time.
 //!
+//! * `chaos` (`src/bin/chaos.rs`): the cluster scenario of [`scenario::cluster_nemeses`] — kill -9,
+//!   SIGSTOP and network partitions (nodes in network namespaces) under telemetry and registry
+//!   load — with the checker ([`checker`]) and a JSON + Markdown report ([`report`]).
+//!
 //! Nothing depends on this crate.
 
+pub mod checker;
+pub mod cluster;
+pub mod netns;
 pub mod proc;
+pub mod report;
+pub mod scenario;
+pub mod workload;

@@ -24,15 +24,22 @@ pub struct Proc {
     child: Option<Child>,
     cmd: Vec<String>,
     log: PathBuf,
+    log_filter: String,
 }
 
 impl Proc {
     /// Starts `cmd` (program and arguments) with stdout and stderr appended to `log`.
     pub fn start(cmd: Vec<String>, log: PathBuf) -> Result<Self> {
+        Self::start_with_log_filter(cmd, log, "warn")
+    }
+
+    /// Like [`Proc::start`], with `MERIDIAN_OBSERVABILITY__LOG_FILTER` set to `filter`.
+    pub fn start_with_log_filter(cmd: Vec<String>, log: PathBuf, filter: &str) -> Result<Self> {
         let mut p = Self {
             child: None,
             cmd,
             log,
+            log_filter: filter.to_string(),
         };
         p.spawn()?;
         Ok(p)
@@ -45,7 +52,7 @@ impl Proc {
             .open(&self.log)?;
         let child = Command::new(&self.cmd[0])
             .args(&self.cmd[1..])
-            .env("MERIDIAN_OBSERVABILITY__LOG_FILTER", "warn")
+            .env("MERIDIAN_OBSERVABILITY__LOG_FILTER", &self.log_filter)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -72,6 +79,26 @@ impl Proc {
     /// Its process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGSTOP: the process freezes with its sockets open (a "paused" node, like a long GC or a
+    /// stalled VM).
+    pub fn pause(&self) -> Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// SIGCONT after [`Proc::pause`].
+    pub fn resume(&self) -> Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, signal: &str) -> Result<()> {
+        let pid = self.pid().context("process not running")?;
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill {signal} {pid} failed");
+        Ok(())
     }
 }
 

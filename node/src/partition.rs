@@ -118,6 +118,9 @@ pub fn partition_of_key(key: u32) -> u32 {
 struct Pending {
     records: Vec<Record>,
     reply: oneshot::Sender<Result<(), HubError>>,
+    /// After this the append is never proposed: the device has given up on it (and may have
+    /// resent it elsewhere), so a late proposal would store it after its successors.
+    deadline: Instant,
 }
 
 struct Group {
@@ -304,7 +307,11 @@ impl Partitions {
             .collect();
         group
             .queue
-            .send(Pending { records, reply })
+            .send(Pending {
+                records,
+                reply,
+                deadline: Instant::now() + self.inner.request_timeout,
+            })
             .await
             .map_err(|_| HubError::new(ErrorCode::ServiceUnavailable, "partition stopped"))?;
         rx.await
@@ -397,9 +404,21 @@ impl Partitions {
 
     /// Proposes a batch on the partition's leader, wherever it is, retrying while there is none
     /// or while a peer answers that it is not the leader (nothing was proposed then).
-    async fn submit(&self, partition: u32, records: Vec<Record>) -> Result<(), HubError> {
-        let deadline = Instant::now() + self.inner.request_timeout;
+    async fn submit(
+        &self,
+        partition: u32,
+        records: Vec<Record>,
+        deadline: Instant,
+    ) -> Result<(), HubError> {
         loop {
+            // Checked before every attempt, not only after failures: a node that was paused
+            // (SIGSTOP, a stalled VM) must not propose appends whose devices gave up on them.
+            if Instant::now() >= deadline {
+                return Err(HubError::new(
+                    ErrorCode::ServiceUnavailable,
+                    format!("partition {partition}: append expired before it could be proposed"),
+                ));
+            }
             let target = if self.is_replica(partition) {
                 self.leader(partition)
             } else {
@@ -416,6 +435,9 @@ impl Partitions {
                 Some((target_leader, addr)) => {
                     let mut client = self.client(&addr)?;
                     let request = AppendRequest {
+                        expires_unix_ms: unix_ms_after(
+                            deadline.saturating_duration_since(Instant::now()),
+                        ),
                         partition,
                         records: records
                             .iter()
@@ -594,6 +616,17 @@ impl Partitions {
     }
 }
 
+/// How far a forwarded append's expiry may be behind this node's clock before the leader refuses
+/// it: the allowance for clock differences between nodes.
+pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_millis(500);
+
+/// Milliseconds since the Unix epoch, `after` from now.
+pub fn unix_ms_after(after: Duration) -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| (d + after).as_millis() as u64)
+}
+
 fn is_connect_error(status: &tonic::Status) -> bool {
     // tonic reports a refused connection as Unavailable before anything was sent.
     status.code() == tonic::Code::Unavailable
@@ -622,13 +655,26 @@ async fn batch_appends(partitions: Partitions, partition: u32, mut rx: mpsc::Rec
         };
         let partitions = partitions.clone();
         tokio::spawn(async move {
+            let now = Instant::now();
             let mut records = Vec::with_capacity(count);
             let mut replies = Vec::with_capacity(pending.len());
+            let mut deadline: Option<Instant> = None;
             for p in pending {
+                if p.deadline <= now {
+                    let _ = p.reply.send(Err(HubError::new(
+                        ErrorCode::ServiceUnavailable,
+                        format!("partition {partition}: append expired while queued"),
+                    )));
+                    continue;
+                }
+                deadline = Some(deadline.map_or(p.deadline, |d| d.min(p.deadline)));
                 records.extend(p.records);
                 replies.push(p.reply);
             }
-            let result = partitions.submit(partition, records).await;
+            let Some(deadline) = deadline else {
+                return;
+            };
+            let result = partitions.submit(partition, records, deadline).await;
             drop(permit);
             for reply in replies {
                 let _ = reply.send(result.clone());

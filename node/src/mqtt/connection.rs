@@ -249,13 +249,20 @@ pub async fn serve<S>(
         return;
     }
     tracing::info!(%peer, client_id, session_present, auth = auth.auth_type, "device connected");
-    ctx.record_connection_event(
-        &identity.device_id,
-        identity.module_id.as_deref(),
-        true,
-        &iso_now(),
-    )
-    .await;
+    // Recorded in the background: storing the event needs the partition's leader, and a device
+    // must not wait for it (during a leader change that can take seconds) before it may publish.
+    {
+        let (ctx, device, module, now) = (
+            ctx.clone(),
+            identity.device_id.to_string(),
+            identity.module_id.as_ref().map(|m| m.to_string()),
+            iso_now(),
+        );
+        tokio::spawn(async move {
+            ctx.record_connection_event(&device, module.as_deref(), true, &now)
+                .await;
+        });
+    }
 
     let keep_alive = Duration::from_millis(u64::from(connect.keep_alive) * 1500);
     let expires_at = auth.expires_at;

@@ -30,6 +30,14 @@ impl PartitionService for PartitionServiceImpl {
         request: Request<AppendRequest>,
     ) -> Result<Response<AppendResponse>, Status> {
         let req = request.into_inner();
+        if req.expires_unix_ms != 0
+            && super::unix_ms_after(std::time::Duration::ZERO)
+                > req.expires_unix_ms + super::CLOCK_SKEW_ALLOWANCE.as_millis() as u64
+        {
+            return Err(Status::deadline_exceeded(
+                "append expired before it reached the leader; not proposed",
+            ));
+        }
         let records = req
             .records
             .into_iter()

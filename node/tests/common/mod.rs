@@ -5,7 +5,6 @@
 #![allow(dead_code)]
 
 pub mod load;
-pub mod netns;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -514,29 +513,4 @@ pub async fn create_device(conn: &mut meridian::client::Connection, id: &str) ->
         .as_str()
         .unwrap_or_default()
         .to_string())
-}
-
-/// Starts `size` nodes, each in its own network namespace of `net` (fixed ports; addresses
-/// `net.ip(id)`), so tests can cut links between them.
-pub fn start_netns_cluster(
-    net: &netns::Netns,
-    size: usize,
-    env: &[(&str, &str)],
-) -> Result<Cluster> {
-    let dir = tempfile::tempdir()?;
-    let tls = meridian::tls::ensure_dev_certificates(&dir.path().join("tls"))?;
-    let ca = tls.ca_cert.clone().context("generated CA")?;
-    let ports = [8443, 7101, 9100, 8883];
-    let members: Vec<String> = (1..=size as u64)
-        .map(|id| format!("{{ id = {id}, grpc_addr = \"{}:7101\" }}", net.ip(id)))
-        .collect();
-    let members = members.join(", ");
-    let mut nodes = Vec::new();
-    for id in 1..=size as u64 {
-        let mut node = configured_node_at(dir.path(), id, net.ip(id), ports, &members, &tls, env)?;
-        node.netns = Some(net.ns(id));
-        node.spawn()?;
-        nodes.push(node);
-    }
-    Ok(Cluster { dir, nodes, ca })
 }

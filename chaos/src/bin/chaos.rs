@@ -1,0 +1,72 @@
+//! `chaos`: runs a chaos scenario against real `meridian` nodes and writes a JSON and Markdown
+//! report. The scenario and its checks: `meridian_chaos::scenario`.
+//!
+//! `cargo run --release -p meridian-chaos --bin chaos -- --out docs/chaos`
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Parser;
+use meridian_chaos::cluster::ClusterOptions;
+use meridian_chaos::scenario::{NemesesOptions, cluster_nemeses};
+
+#[derive(Parser, Debug)]
+#[command(about = "Chaos scenarios against a Meridian cluster, with a report")]
+struct Args {
+    /// The meridian binary.
+    #[arg(long, default_value = "target/release/meridian")]
+    meridian_bin: PathBuf,
+    /// Nodes.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Telemetry devices.
+    #[arg(long, default_value_t = 200)]
+    devices: usize,
+    /// Run on loopback only (no network namespaces, so no partition nemesis; no root needed).
+    #[arg(long)]
+    loopback: bool,
+    /// Seconds a paused node stays paused.
+    #[arg(long, default_value_t = 5)]
+    pause_secs: u64,
+    /// Directory for the report (`<scenario>.json`, `<scenario>.md`).
+    #[arg(long, default_value = "chaos-report")]
+    out: PathBuf,
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let dir = tempfile::tempdir()?;
+    println!("work dir: {}", dir.path().display());
+    let mut cluster = ClusterOptions::new(args.meridian_bin.clone());
+    cluster.nodes = args.nodes;
+    cluster.netns = !args.loopback;
+    let report = cluster_nemeses(
+        &NemesesOptions {
+            cluster,
+            devices: args.devices,
+            warmup_messages: 2000,
+            pause: Duration::from_secs(args.pause_secs),
+        },
+        dir.path(),
+    )
+    .await?;
+    report.write(&args.out)?;
+    println!("\n{}", report.markdown());
+    println!(
+        "report: {}/{}.{{json,md}}",
+        args.out.display(),
+        report.scenario
+    );
+    if !report.passed {
+        // Keep the nodes' logs and data for the post-mortem.
+        let kept = dir.keep();
+        anyhow::bail!(
+            "chaos run failed: {:?}; logs kept in {}",
+            report.failures,
+            kept.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,296 @@
+//! Workloads that record every acknowledged operation, for the checker.
+//!
+//! * Telemetry: devices publish numbered QoS 1 messages (message id `{device}-{seq}`, property
+//!   `seq`), one in flight, and move to the next node when their connection breaks, resending the
+//!   unacknowledged message there (so a duplicate always carries the same message id).
+//! * Registry: a writer creates devices one after another through a rotating node and records
+//!   each create answered 200.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use meridian::client::ServiceClient;
+use meridian::client::device::{ConnAckCode, RawMqtt, device_token, tls_config};
+use serde_json::json;
+
+/// Acknowledged telemetry: device → sequence numbers PUBACKed, in send order.
+pub type Acked = Arc<Mutex<BTreeMap<String, Vec<u64>>>>;
+
+/// Messages acknowledged so far.
+pub fn total(acked: &Acked) -> usize {
+    acked
+        .lock()
+        .map(|a| a.values().map(Vec::len).sum())
+        .unwrap_or(0)
+}
+
+/// Waits until `more` further messages are acknowledged; returns how long that took.
+pub async fn progress(acked: &Acked, more: usize, timeout: Duration) -> Result<Duration> {
+    let start = Instant::now();
+    let from = total(acked);
+    while total(acked) < from + more {
+        if start.elapsed() > timeout {
+            bail!(
+                "telemetry stalled: {} acked in {timeout:?}",
+                total(acked) - from
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(start.elapsed())
+}
+
+/// A running telemetry workload.
+pub struct TelemetryLoad {
+    /// What was acknowledged.
+    pub acked: Acked,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Result<()>>>,
+}
+
+impl TelemetryLoad {
+    /// Starts one task per `(device id, primary key)`, spreading first connections over `nodes`.
+    pub fn start(
+        devices: Vec<(String, String)>,
+        nodes: Vec<SocketAddr>,
+        ca: &std::path::Path,
+    ) -> Self {
+        let acked: Acked = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = devices
+            .into_iter()
+            .enumerate()
+            .map(|(i, (id, key))| {
+                tokio::spawn(device_loop(
+                    id,
+                    key,
+                    nodes.clone(),
+                    i % nodes.len().max(1),
+                    ca.to_path_buf(),
+                    acked.clone(),
+                    stop.clone(),
+                ))
+            })
+            .collect();
+        Self { acked, stop, tasks }
+    }
+
+    /// Stops every device and returns what was acknowledged.
+    pub async fn stop(self) -> Result<BTreeMap<String, Vec<u64>>> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await??;
+        }
+        Ok(self.acked.lock().map(|a| a.clone()).unwrap_or_default())
+    }
+}
+
+async fn device_loop(
+    id: String,
+    key: String,
+    nodes: Vec<SocketAddr>,
+    mut node: usize,
+    ca: std::path::PathBuf,
+    acked: Acked,
+    stop: Arc<AtomicBool>,
+) -> Result<()> {
+    let tls = tls_config(&ca)?;
+    let token = device_token("localhost", &id, &key, 3600)?;
+    let mut seq = 1u64;
+    while !stop.load(Ordering::Relaxed) {
+        let connected =
+            RawMqtt::connect_with(nodes[node], None, tls.clone(), &id, &token, true, 60).await;
+        let mut device = match connected {
+            Ok((d, ConnAckCode::Success, _)) => d,
+            _ => {
+                node = (node + 1) % nodes.len();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        while !stop.load(Ordering::Relaxed) {
+            let topic = format!("devices/{id}/messages/events/%24.mid={id}-{seq}&seq={seq}");
+            let pkid = (seq % 60000) as u16 + 1;
+            let sent = device
+                .publish_acked(
+                    &topic,
+                    seq.to_string().as_bytes(),
+                    pkid,
+                    Duration::from_secs(15),
+                )
+                .await;
+            if let Ok(true) = sent {
+                if let Ok(mut a) = acked.lock() {
+                    a.entry(id.clone()).or_default().push(seq);
+                }
+                seq += 1;
+            } else {
+                node = (node + 1) % nodes.len();
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A running registry writer.
+pub struct RegistryLoad {
+    acked: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RegistryLoad {
+    /// Creates devices `{prefix}-{n}` one after another, each through the next of `clients`.
+    pub fn start(prefix: &str, clients: Vec<ServiceClient>) -> Self {
+        let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, s, prefix) = (acked.clone(), stop.clone(), prefix.to_string());
+        let task = tokio::spawn(async move {
+            let mut n = 0usize;
+            while !s.load(Ordering::Relaxed) {
+                n += 1;
+                let id = format!("{prefix}-{n}");
+                let client = &clients[n % clients.len()];
+                let ok = match client.connect().await {
+                    Ok(mut c) => c
+                        .json(
+                            "PUT",
+                            &format!("/devices/{id}"),
+                            Some(&json!({"deviceId": id})),
+                        )
+                        .await
+                        .is_ok_and(|r| r.status == 200),
+                    Err(_) => false,
+                };
+                if ok {
+                    if let Ok(mut a) = a.lock() {
+                        a.push(id);
+                    }
+                } else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        });
+        Self { acked, stop, task }
+    }
+
+    /// Creates acknowledged so far.
+    pub fn count(&self) -> usize {
+        self.acked.lock().map(|a| a.len()).unwrap_or(0)
+    }
+
+    /// Stops and returns the acknowledged device ids.
+    pub async fn stop(self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        self.acked.lock().map(|a| a.clone()).unwrap_or_default()
+    }
+}
+
+/// One device id per telemetry partition (`probe-{n}` ids hashed like the hub does).
+pub fn probe_ids(prefix: &str, partitions: u32) -> Vec<String> {
+    let mut ids = vec![String::new(); partitions as usize];
+    let mut n = 0;
+    while ids.iter().any(String::is_empty) {
+        let id = format!("{prefix}-{n}");
+        let p = meridian::domain::telemetry::partition_for(&id, partitions) as usize;
+        if ids[p].is_empty() {
+            ids[p] = id;
+        }
+        n += 1;
+    }
+    ids
+}
+
+/// Publishes from `(id, key)` through `addr` until a PUBACK arrives (reconnecting as needed);
+/// returns when.
+pub async fn probe_until_acked(
+    addr: SocketAddr,
+    ca: std::path::PathBuf,
+    (id, key): (String, String),
+    deadline: Instant,
+) -> Result<Instant> {
+    let tls = tls_config(&ca)?;
+    let token = device_token("localhost", &id, &key, 3600)?;
+    let topic = format!("devices/{id}/messages/events/");
+    let mut seq = 0u64;
+    while Instant::now() < deadline {
+        let Ok((mut c, ConnAckCode::Success, _)) =
+            RawMqtt::connect_with(addr, None, tls.clone(), &id, &token, true, 60).await
+        else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        seq += 1;
+        // One try per connection: a node that could not store the message closes it.
+        if let Ok(true) = c
+            .publish_acked(
+                &topic,
+                b"probe",
+                (seq % 60_000) as u16 + 1,
+                Duration::from_secs(5),
+            )
+            .await
+        {
+            return Ok(Instant::now());
+        }
+    }
+    bail!("{id}: no PUBACK before the deadline")
+}
+
+/// Time from `trigger` until every probe (one per partition) got a PUBACK through `addr`.
+pub async fn all_partitions_writable(
+    addr: SocketAddr,
+    ca: &std::path::Path,
+    probes: &[(String, String)],
+    trigger: Instant,
+    timeout: Duration,
+) -> Result<Duration> {
+    let tasks: Vec<_> = probes
+        .iter()
+        .cloned()
+        .map(|p| {
+            tokio::spawn(probe_until_acked(
+                addr,
+                ca.to_path_buf(),
+                p,
+                trigger + timeout,
+            ))
+        })
+        .collect();
+    let mut last = trigger;
+    for t in tasks {
+        last = last.max(t.await??);
+    }
+    Ok(last - trigger)
+}
+
+/// Time from `trigger` until a create through `client` is answered 200.
+pub async fn registry_writable(
+    client: &ServiceClient,
+    id: &str,
+    trigger: Instant,
+    timeout: Duration,
+) -> Option<Duration> {
+    while trigger.elapsed() < timeout {
+        if let Ok(mut c) = client.connect().await
+            && let Ok(r) = c
+                .json(
+                    "PUT",
+                    &format!("/devices/{id}"),
+                    Some(&json!({"deviceId": id})),
+                )
+                .await
+            && r.status == 200
+        {
+            return Some(trigger.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
