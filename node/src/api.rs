@@ -711,7 +711,7 @@ async fn query_hub(State(s): State<ApiState>, headers: HeaderMap, body: Bytes) -
 // ---- cluster membership (operator API) ----
 
 async fn cluster_nodes(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
-    authorize_owner(&s, &headers).await?;
+    authorize_operator(&s, &headers).await?;
     let m = s.hub.raft().metrics().borrow().clone();
     let membership = m.membership_config.membership();
     let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
@@ -766,7 +766,7 @@ async fn cluster_nodes(State(s): State<ApiState>, headers: HeaderMap) -> ApiResu
 /// learners, and whether this node leads it (a leader's view is authoritative; a node removed
 /// from a group may keep a stale view of it).
 async fn cluster_partitions(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
-    authorize_owner(&s, &headers).await?;
+    authorize_operator(&s, &headers).await?;
     let groups = &s.mqtt.partition_groups;
     let partitions: Vec<Value> = (0..groups.count())
         .filter_map(|p| {
@@ -800,7 +800,7 @@ struct AddNodeSpec {
 }
 
 async fn add_node(State(s): State<ApiState>, headers: HeaderMap, body: Bytes) -> ApiResult {
-    authorize_owner(&s, &headers).await?;
+    authorize_operator(&s, &headers).await?;
     let spec: AddNodeSpec = parse_body(&body)?;
     s.hub
         .change_membership(meridian_control_plane::MembershipChange::Add {
@@ -816,7 +816,7 @@ async fn remove_node(
     headers: HeaderMap,
     Path(id): Path<u64>,
 ) -> ApiResult {
-    authorize_owner(&s, &headers).await?;
+    authorize_operator(&s, &headers).await?;
     s.hub
         .change_membership(meridian_control_plane::MembershipChange::Remove { id })
         .await?;
@@ -1136,6 +1136,24 @@ const ALL_RIGHTS: [Permission; 4] = [
 ];
 
 /// Managing policies needs a token from a policy holding every permission.
+/// The control-plane endpoints (`/meridian/cluster/...`) take only the operator credential.
+async fn authorize_operator(s: &ApiState, headers: &HeaderMap) -> HubResult<()> {
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let key = s
+        .hub
+        .read(ReadConsistency::Stale, |st| {
+            Ok(st
+                .settings
+                .as_ref()
+                .map(|h| h.operator_key.clone())
+                .unwrap_or_default())
+        })
+        .await?;
+    crate::auth::authorize_operator(auth, &key, unix_now())
+}
+
 async fn authorize_owner(s: &ApiState, headers: &HeaderMap) -> HubResult<()> {
     let policy = s
         .authorize(headers, &[Permission::RegistryWrite], &[])

@@ -33,6 +33,29 @@ pub struct SasToken {
     pub key_name: Option<String>,
 }
 
+/// Key name of the operator credential that the control-plane API requires.
+pub const OPERATOR_KEY_NAME: &str = "meridian-operator";
+
+/// Checks an operator token (`SharedAccessKeyName=meridian-operator`, signed with the hub's
+/// operator key, not expired). Hub policies are refused: managing the cluster is not a hub right.
+pub fn authorize_operator(
+    authorization: Option<&str>,
+    operator_key: &str,
+    now: u64,
+) -> HubResult<()> {
+    let token =
+        SasToken::parse(authorization.ok_or_else(|| unauthorized("missing Authorization"))?)?;
+    if token.key_name.as_deref() != Some(OPERATOR_KEY_NAME) {
+        return Err(unauthorized(format!(
+            "the control-plane API needs the {OPERATOR_KEY_NAME} credential"
+        )));
+    }
+    if operator_key.is_empty() || !token.signed_by(operator_key) {
+        return Err(unauthorized("operator signature does not match"));
+    }
+    token.check_expiry(now)
+}
+
 fn unauthorized(message: impl Into<String>) -> HubError {
     HubError::new(ErrorCode::IotHubUnauthorizedAccess, message)
 }

@@ -45,9 +45,16 @@ pub enum Command {
 /// `meridian cluster`
 #[derive(Debug, Args)]
 pub struct ClusterArgs {
-    /// The hub.
-    #[command(flatten)]
-    pub service: ServiceArgs,
+    /// Operator connection string (`HostName=...;SharedAccessKeyName=meridian-operator;...`,
+    /// `operator_connection_string` in credentials.json).
+    #[arg(long, env = "MERIDIAN_OPERATOR_CONNECTION_STRING")]
+    pub operator_connection_string: String,
+    /// CA certificate (PEM) the node's HTTPS certificate chains to.
+    #[arg(long, env = "MERIDIAN_CA_CERT")]
+    pub ca: PathBuf,
+    /// Node address; defaults to the connection string's HostName.
+    #[arg(long)]
+    pub address: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub action: ClusterAction,
@@ -78,7 +85,12 @@ pub enum ClusterAction {
 
 /// Runs `meridian cluster ...`.
 pub async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
-    let mut conn = connect_service(&args.service).await?;
+    let mut conn = connect_service(&ServiceArgs {
+        connection_string: args.operator_connection_string.clone(),
+        ca: args.ca.clone(),
+        address: args.address.clone(),
+    })
+    .await?;
     let (method, path, body) = match args.action {
         ClusterAction::Nodes => ("GET", "/meridian/cluster/nodes".to_string(), None),
         ClusterAction::Add { id, grpc_addr } => (
@@ -138,6 +150,8 @@ pub struct DemoCluster {
     pub nodes: Vec<DemoNode>,
     /// CA certificate all nodes' certificates chain to.
     pub ca_cert: PathBuf,
+    /// Operator credential of the control-plane API (`meridian cluster`).
+    pub operator_connection_string: String,
 }
 
 /// How to reach a hub's service API.
@@ -646,6 +660,7 @@ pub async fn run_demo(args: DemoArgs, env: &HashMap<String, String>) -> anyhow::
         running.push((id, server::start(config, shutdown.clone()).await?));
     }
     let mut nodes = Vec::new();
+    let mut operator_connection_string = String::new();
     for (id, node) in &running {
         let credentials = node
             .credentials(Duration::from_secs(60))
@@ -660,10 +675,12 @@ pub async fn run_demo(args: DemoArgs, env: &HashMap<String, String>) -> anyhow::
             metrics: node.metrics_addr.map(|a| a.to_string()).unwrap_or_default(),
             service_connection_string: credentials.service_connection_string,
         });
+        operator_connection_string = credentials.operator_connection_string;
     }
     let cluster = DemoCluster {
         nodes,
         ca_cert: std::fs::canonicalize(tls.ca_cert.clone().unwrap_or_default())?,
+        operator_connection_string,
     };
     let path = args.data_dir.join("cluster.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&cluster)?)?;
@@ -676,6 +693,10 @@ pub async fn run_demo(args: DemoArgs, env: &HashMap<String, String>) -> anyhow::
         println!("    {}", n.service_connection_string);
     }
     println!("  CA certificate: {}", cluster.ca_cert.display());
+    println!(
+        "  operator (meridian cluster): {}",
+        cluster.operator_connection_string
+    );
     println!(
         "  cluster description: {} (Ctrl-C stops the cluster)",
         path.display()

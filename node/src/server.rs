@@ -151,6 +151,7 @@ fn new_hub_settings(config: &Config) -> HubSettings {
         max_devices: config.hub.max_devices,
         max_modules_per_device: config.hub.max_modules_per_device,
         routing_limits: config.hub.routing_limits.clone(),
+        operator_key: random_key(),
         initial_members: config
             .members()
             .into_iter()
@@ -644,18 +645,27 @@ pub struct Credentials {
     /// Every shared access policy with its keys (as Azure's portal lists them).
     #[serde(default)]
     pub shared_access_policies: Vec<SharedAccessPolicy>,
+    /// `HostName=...;SharedAccessKeyName=meridian-operator;SharedAccessKey=...`: the credential
+    /// of the control-plane API (`meridian cluster`).
+    #[serde(default)]
+    pub operator_connection_string: String,
 }
 
 impl Node {
     /// Waits for the hub and returns the owner credentials.
     pub async fn credentials(&self, timeout: Duration) -> Option<Credentials> {
         let owner = self.wait_hub_ready(timeout).await?;
-        let policies = self
+        let (policies, operator_key) = self
             .hub
             .read(ReadConsistency::Linearizable, |s| {
                 Ok(s.settings
                     .as_ref()
-                    .map(|h| h.policies.values().cloned().collect())
+                    .map(|h| {
+                        (
+                            h.policies.values().cloned().collect(),
+                            h.operator_key.clone(),
+                        )
+                    })
                     .unwrap_or_default())
             })
             .await
@@ -673,6 +683,11 @@ impl Node {
             https_port: self.https_addr.port(),
             mqtt_port: Some(self.mqtt_addr.port()),
             shared_access_policies: policies,
+            operator_connection_string: format!(
+                "HostName={};SharedAccessKeyName={};SharedAccessKey={operator_key}",
+                self.host_name,
+                crate::auth::OPERATOR_KEY_NAME
+            ),
         })
     }
 }

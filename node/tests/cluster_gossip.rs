@@ -67,12 +67,14 @@ async fn wait_health(
 async fn gossip_reports_dead_nodes_without_touching_voters() -> Result<()> {
     let mut cluster = start_cluster(3, &[])?;
     cluster.wait_leader(Duration::from_secs(30)).await?;
-    let base = cluster.client(1).await?;
+    let base = cluster.operator(1).await?;
+    let owner = cluster.client(1).await?;
     let n1 = cluster.node(1).https;
     for id in 2..=3 {
         wait_health(&base, n1, id, "up", Duration::from_secs(15)).await?;
     }
     let mut c = base.connect().await?;
+    let mut svc = owner.connect().await?;
     let listing = c.json("GET", "/meridian/cluster/nodes", None).await?.json();
     let node3 = listing["nodes"]
         .as_array()
@@ -87,7 +89,7 @@ async fn gossip_reports_dead_nodes_without_touching_voters() -> Result<()> {
     );
 
     // A device connected to node 3 with a method subscription.
-    let key = create_device(&mut c, "gossip-dev").await?;
+    let key = create_device(&mut svc, "gossip-dev").await?;
     let token = device_token("localhost", "gossip-dev", &key, 600)?;
     let (mut device, code, _) = RawMqtt::connect(
         cluster.node(3).mqtt,
@@ -122,7 +124,7 @@ async fn gossip_reports_dead_nodes_without_touching_voters() -> Result<()> {
         "gossip must not change voters: {h:?}"
     );
     let started = Instant::now();
-    let r = c
+    let r = svc
         .json(
             "POST",
             "/twins/gossip-dev/methods",

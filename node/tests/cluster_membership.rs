@@ -86,6 +86,7 @@ async fn add_a_fourth_node_then_remove_the_first() -> Result<()> {
     let leader = cluster.wait_leader(Duration::from_secs(30)).await?;
     let creds = cluster.credentials(Duration::from_secs(60)).await?;
     let base = cluster.client(1).await?;
+    let op = cluster.operator(1).await?;
     let mut n1 = base.connect().await?;
     assert_eq!(
         n1.json("PUT", "/devices/m-1", Some(&json!({"deviceId": "m-1"})))
@@ -130,8 +131,8 @@ async fn add_a_fourth_node_then_remove_the_first() -> Result<()> {
         .args(["cluster", "--address", &follower.to_string()])
         .args(["add", "--id", "4", "--grpc-addr", &grpc4])
         .env(
-            "MERIDIAN_CONNECTION_STRING",
-            &creds.service_connection_string,
+            "MERIDIAN_OPERATOR_CONNECTION_STRING",
+            &creds.operator_connection_string,
         )
         .env("MERIDIAN_CA_CERT", &cluster.ca)
         .output()?;
@@ -157,7 +158,11 @@ async fn add_a_fourth_node_then_remove_the_first() -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let listing = n1
+    // The control plane takes only the operator credential, not even iothubowner.
+    let refused = n1.json("GET", "/meridian/cluster/nodes", None).await?;
+    assert_eq!(refused.status, 401, "{:?}", refused.json());
+    let mut op1 = op.connect().await?;
+    let listing = op1
         .json("GET", "/meridian/cluster/nodes", None)
         .await?
         .json();
@@ -165,7 +170,7 @@ async fn add_a_fourth_node_then_remove_the_first() -> Result<()> {
     // Partitions rebalance onto node 4: 3 replicas each, node 4 among some of them.
     let placed = wait_replicas(
         &cluster,
-        &base,
+        &op,
         |r| r.iter().all(|s| s.len() == 3) && r.iter().any(|s| s.contains(&4)),
         Duration::from_secs(60),
     )
@@ -185,12 +190,24 @@ async fn add_a_fourth_node_then_remove_the_first() -> Result<()> {
         .with_context(|| cluster.logs())?;
 
     // Remove node 1 (through node 3), then stop it: writes go on.
-    let mut n3 = base.with_addr(cluster.node(3).https).connect().await?;
-    let r = n3.json("DELETE", "/meridian/cluster/nodes/1", None).await?;
-    assert_eq!(r.status, 204, "{:?}", r.json());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["cluster", "--address", &cluster.node(3).https.to_string()])
+        .args(["remove", "--id", "1"])
+        .env(
+            "MERIDIAN_OPERATOR_CONNECTION_STRING",
+            &creds.operator_connection_string,
+        )
+        .env("MERIDIAN_CA_CERT", &cluster.ca)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cluster.logs()
+    );
     let placed = wait_replicas(
         &cluster,
-        &base,
+        &op,
         |r| r.iter().all(|s| *s == BTreeSet::from([2, 3, 4])),
         Duration::from_secs(60),
     )
@@ -245,12 +262,15 @@ async fn add_a_fourth_node_then_remove_the_first() -> Result<()> {
     }
     let mut n2 = base.with_addr(cluster.node(2).https).connect().await?;
     assert_eq!(n2.json("GET", "/devices/m-2", None).await?.status, 200);
-    let listing = n2
+    let mut op2 = op.with_addr(cluster.node(2).https).connect().await?;
+    let listing = op2
         .json("GET", "/meridian/cluster/nodes", None)
         .await?
         .json();
     assert_eq!(voters(&listing), BTreeSet::from([2, 3, 4]), "{listing}");
-    let r = n2.json("DELETE", "/meridian/cluster/nodes/9", None).await?;
+    let r = op2
+        .json("DELETE", "/meridian/cluster/nodes/9", None)
+        .await?;
     assert_eq!(r.status, 400, "removing a non-voter is refused");
     Ok(())
 }

@@ -39,6 +39,10 @@ pub struct HubSettings {
     /// joins later is never among them, so it never initializes a second group.
     #[serde(default)]
     pub initial_members: BTreeMap<u64, String>,
+    /// Key of the operator credential (`SharedAccessKeyName=meridian-operator`) that the
+    /// control-plane API requires; hub policies, iothubowner included, cannot manage the cluster.
+    #[serde(default)]
+    pub operator_key: String,
 }
 
 /// A device with its twin and modules.
@@ -1118,6 +1122,7 @@ mod tests {
             .collect();
         let settings = HubSettings {
             initial_members: BTreeMap::new(),
+            operator_key: String::new(),
             policies,
             twin_limits: TwinLimits::default(),
             max_devices: 3,

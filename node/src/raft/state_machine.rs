@@ -296,6 +296,7 @@ mod tests {
             let mut sm = HubStateMachine::open(snapshots)?;
             let settings = crate::domain::state::HubSettings {
                 initial_members: Default::default(),
+                operator_key: String::new(),
                 policies: Default::default(),
                 twin_limits: Default::default(),
                 max_devices: 10,

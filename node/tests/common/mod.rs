@@ -341,6 +341,18 @@ impl Cluster {
         }
     }
 
+    /// A client for node `id` with the operator credential (control-plane API).
+    pub async fn operator(&mut self, id: u64) -> Result<ServiceClient> {
+        let creds = self.credentials(Duration::from_secs(60)).await?;
+        let ca = self.ca.clone();
+        let addr = self.node(id).https;
+        Ok(ServiceClient::new(
+            &creds.operator_connection_string,
+            addr,
+            &ca,
+        )?)
+    }
+
     /// A client for node `id`.
     pub async fn client(&mut self, id: u64) -> Result<ServiceClient> {
         let creds = self.credentials(Duration::from_secs(60)).await?;
