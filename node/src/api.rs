@@ -144,6 +144,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/meridian/cluster/nodes", get(cluster_nodes).post(add_node))
         .route("/meridian/cluster/nodes/{id}", delete(remove_node))
         .route("/meridian/cluster/partitions", get(cluster_partitions))
+        .route("/meridian/cluster/nodes/{id}/drain", post(drain_node))
         .route("/meridian/routing", get(get_routing))
         .route("/meridian/routing/fallback", put(set_fallback))
         .route(
@@ -716,6 +717,15 @@ async fn cluster_nodes(State(s): State<ApiState>, headers: HeaderMap) -> ApiResu
     let membership = m.membership_config.membership();
     let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
     let view = s.gossip.view();
+    let draining = s
+        .hub
+        .read(ReadConsistency::Linearizable, |st| Ok(st.draining.clone()))
+        .await?;
+    // Partition leaders as this node's replicas see them.
+    let groups = &s.mqtt.partition_groups;
+    let leaders: Vec<Option<u64>> = (0..groups.count())
+        .map(|p| groups.leader(p).map(|(id, _)| id))
+        .collect();
     let nodes: Vec<Value> = membership
         .nodes()
         .map(|(id, node)| {
@@ -746,6 +756,8 @@ async fn cluster_nodes(State(s): State<ApiState>, headers: HeaderMap) -> ApiResu
                 "leader": m.current_leader == Some(*id),
                 "matchedIndex": matched,
                 "health": health,
+                "draining": draining.contains(id),
+                "partitionsLed": leaders.iter().filter(|l| **l == Some(*id)).count(),
                 "healthSinceMs": peer.map(|p| p.since.elapsed().as_millis() as u64),
                 "region": meta.as_ref().map(|m| m.region.clone()),
                 "httpsAddr": meta.as_ref().map(|m| m.https.clone()),
@@ -806,6 +818,42 @@ async fn add_node(State(s): State<ApiState>, headers: HeaderMap, body: Bytes) ->
         .change_membership(meridian_control_plane::MembershipChange::Add {
             id: spec.id,
             addr: spec.grpc_addr,
+        })
+        .await?;
+    Ok(no_content())
+}
+
+/// Body of `POST /meridian/cluster/nodes/{id}/drain`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DrainSpec {
+    draining: bool,
+}
+
+async fn drain_node(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+    body: Bytes,
+) -> ApiResult {
+    authorize_operator(&s, &headers).await?;
+    let spec: DrainSpec = parse_body(&body)?;
+    let voter = s
+        .hub
+        .raft()
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .any(|v| v == id);
+    if !voter {
+        return Err(HubError::invalid(format!("node {id} is not a voter")).into());
+    }
+    s.hub
+        .write(HubCommand::SetNodeDraining {
+            node_id: id,
+            draining: spec.draining,
         })
         .await?;
     Ok(no_content())

@@ -81,6 +81,34 @@ pub enum ClusterAction {
         #[arg(long)]
         id: u64,
     },
+    /// Replaces a voter: adds the new node (learner, catch-up, voter), then removes the old one.
+    Replace {
+        /// The node to replace.
+        #[arg(long)]
+        old: u64,
+        /// The new node's id.
+        #[arg(long)]
+        new_id: u64,
+        /// The new node's gRPC address.
+        #[arg(long)]
+        grpc_addr: String,
+    },
+    /// Drains a node before maintenance: it closes its device connections (devices reconnect to
+    /// other nodes), refuses new ones, and its telemetry partition replicas and leaderships move
+    /// to other nodes. `meridian cluster nodes` shows when it leads no partition any more.
+    Drain {
+        /// Its node id.
+        #[arg(long)]
+        id: u64,
+    },
+    /// Puts a drained node back in service.
+    Undrain {
+        /// Its node id.
+        #[arg(long)]
+        id: u64,
+    },
+    /// Shows each telemetry partition's Raft group: leader, voters, learners.
+    Partitions,
 }
 
 /// Runs `meridian cluster ...`.
@@ -92,6 +120,32 @@ pub async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
     })
     .await?;
     let (method, path, body) = match args.action {
+        ClusterAction::Replace {
+            old,
+            new_id,
+            grpc_addr,
+        } => {
+            let add = serde_json::json!({"id": new_id, "grpcAddr": grpc_addr});
+            let reply = conn
+                .json("POST", "/meridian/cluster/nodes", Some(&add))
+                .await?;
+            if !(200..300).contains(&reply.status) {
+                anyhow::bail!("adding node {new_id}: {} {}", reply.status, reply.json());
+            }
+            println!("node {new_id} added as a voter; removing node {old}");
+            ("DELETE", format!("/meridian/cluster/nodes/{old}"), None)
+        }
+        ClusterAction::Drain { id } => (
+            "POST",
+            format!("/meridian/cluster/nodes/{id}/drain"),
+            Some(serde_json::json!({"draining": true})),
+        ),
+        ClusterAction::Undrain { id } => (
+            "POST",
+            format!("/meridian/cluster/nodes/{id}/drain"),
+            Some(serde_json::json!({"draining": false})),
+        ),
+        ClusterAction::Partitions => ("GET", "/meridian/cluster/partitions".to_string(), None),
         ClusterAction::Nodes => ("GET", "/meridian/cluster/nodes".to_string(), None),
         ClusterAction::Add { id, grpc_addr } => (
             "POST",

@@ -68,6 +68,8 @@ pub struct MqttContext {
     pub hub: Hub,
     /// The replicated partition groups every telemetry append goes through.
     pub partition_groups: crate::partition::Partitions,
+    /// Set while the control plane drains this node: new connections are refused.
+    pub draining: std::sync::atomic::AtomicBool,
     /// Live connections on this node.
     pub sessions: Sessions,
     /// Partition count.

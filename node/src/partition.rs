@@ -27,7 +27,6 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tonic::transport::Channel;
 
 use crate::domain::HubError;
-use crate::raft::HubRaft;
 use crate::raft::network::{GrpcNetworkFactory, channel};
 use meridian_proto::ErrorCode;
 use meridian_proto::partition::partition_service_client::PartitionServiceClient;
@@ -525,15 +524,25 @@ impl Partitions {
     /// Keeps each partition's voters equal to the placement over the hub's voters (the hub group
     /// is the authority for who is in the cluster). Runs on every node; each changes only the
     /// partitions it leads.
-    pub async fn rebalance(self, hub: HubRaft, mut shutdown: watch::Receiver<bool>) {
+    pub async fn rebalance(self, hub: crate::hub::Hub, mut shutdown: watch::Receiver<bool>) {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(REBALANCE_EVERY) => {}
                 _ = shutdown.wait_for(|s| *s) => return,
             }
-            let hub_metrics = hub.metrics().borrow().clone();
+            let hub_metrics = hub.raft().metrics().borrow().clone();
             let membership = hub_metrics.membership_config.membership().clone();
-            let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+            let mut voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+            // Draining nodes hold no replicas (unless every voter is draining).
+            let draining = hub
+                .read(crate::hub::ReadConsistency::Stale, |s| {
+                    Ok(s.draining.clone())
+                })
+                .await
+                .unwrap_or_default();
+            if voters.iter().any(|v| !draining.contains(v)) {
+                voters.retain(|v| !draining.contains(v));
+            }
             let addrs: BTreeMap<NodeId, String> = membership
                 .nodes()
                 .map(|(id, n)| (*id, n.addr.clone()))

@@ -228,6 +228,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
     let mqtt = Arc::new(MqttContext {
         hub: hub.clone(),
         partition_groups: partitions.clone(),
+        draining: std::sync::atomic::AtomicBool::new(false),
         sessions: Sessions::default(),
         partitions: config.mqtt.partitions,
         max_packet_bytes: config.mqtt.max_packet_bytes,
@@ -300,6 +301,37 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
         }
     }
 
+    // ---- drain: follow the replicated draining set; close device connections when drained ----
+    {
+        let (hub, mqtt, mut shutdown) = (hub.clone(), mqtt.clone(), shutdown.clone());
+        tasks.push((
+            "drain-watch",
+            tokio::spawn(async move {
+                loop {
+                    let draining = hub
+                        .read(ReadConsistency::Stale, |s| {
+                            Ok(s.draining.contains(&node_id))
+                        })
+                        .await
+                        .unwrap_or(false);
+                    let was = mqtt
+                        .draining
+                        .swap(draining, std::sync::atomic::Ordering::Relaxed);
+                    if draining && !was {
+                        let closed = mqtt.sessions.close_all();
+                        tracing::info!(closed, "node draining: closed device connections");
+                    } else if !draining && was {
+                        tracing::info!("node back in service");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                        _ = shutdown.wait_for(|s| *s) => return,
+                    }
+                }
+            }),
+        ));
+    }
+
     // ---- bootstrap the partition groups (once the hub exists), then keep their placement ----
     {
         let (hub, partitions, mut shutdown) = (hub.clone(), partitions.clone(), shutdown.clone());
@@ -328,7 +360,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
     }
     tasks.push((
         "partition-rebalance",
-        tokio::spawn(partitions.clone().rebalance(raft.clone(), shutdown.clone())),
+        tokio::spawn(partitions.clone().rebalance(hub.clone(), shutdown.clone())),
     ));
 
     // ---- create the hub once a leader exists ----

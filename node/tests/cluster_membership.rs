@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use common::load::{Acked, check_acked, progress, read_all, run_device, wait_converged};
-use common::{Cluster, create_device, start_cluster};
-use meridian::client::ServiceClient;
+use common::{create_device, start_cluster, wait_partition_voters as wait_replicas};
 use serde_json::{Value, json};
 
 fn voters(listing: &Value) -> BTreeSet<u64> {
@@ -27,50 +26,6 @@ fn voters(listing: &Value) -> BTreeSet<u64> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// Per partition, its voters as its leader reports them (`/meridian/cluster/partitions`).
-async fn replicas(cluster: &Cluster, base: &ServiceClient, partitions: u32) -> Vec<BTreeSet<u64>> {
-    let mut out = vec![BTreeSet::new(); partitions as usize];
-    for n in cluster.nodes.iter().filter(|n| n.is_running()) {
-        let Ok(mut c) = base.with_addr(n.https).connect().await else {
-            continue;
-        };
-        let Ok(r) = c.json("GET", "/meridian/cluster/partitions", None).await else {
-            continue;
-        };
-        for p in r.json()["partitions"].as_array().into_iter().flatten() {
-            let i = p["partition"].as_u64().unwrap_or(u64::MAX) as usize;
-            if p["isLeader"] == json!(true) && i < out.len() {
-                out[i] = p["voters"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_u64)
-                    .collect();
-            }
-        }
-    }
-    out
-}
-
-async fn wait_replicas(
-    cluster: &Cluster,
-    base: &ServiceClient,
-    ok: impl Fn(&[BTreeSet<u64>]) -> bool,
-    timeout: Duration,
-) -> Result<Vec<BTreeSet<u64>>> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let r = replicas(cluster, base, 4).await;
-        if ok(&r) {
-            return Ok(r);
-        }
-        if Instant::now() > deadline {
-            bail!("partition replicas stuck at {r:?}:\n{}", cluster.logs());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -268,6 +268,14 @@ pub enum HubCommand {
         /// Its key.
         key: String,
     },
+    /// Marks a node as draining (or not): it takes no device connections and holds no telemetry
+    /// partition replicas, so it can be stopped without affecting devices or partitions.
+    SetNodeDraining {
+        /// The node.
+        node_id: u64,
+        /// Draining or back in service.
+        draining: bool,
+    },
     /// Turns the fallback route (unmatched messages → `events`) on or off.
     SetFallbackRoute {
         /// On or off.
@@ -324,6 +332,7 @@ impl HubCommand {
             HubCommand::PutEndpoint { .. } => "put_endpoint",
             HubCommand::DeleteEndpoint { .. } => "delete_endpoint",
             HubCommand::SetFallbackRoute { .. } => "set_fallback_route",
+            HubCommand::SetNodeDraining { .. } => "set_node_draining",
             HubCommand::PutEnrichment { .. } => "put_enrichment",
             HubCommand::DeleteEnrichment { .. } => "delete_enrichment",
             HubCommand::CreateConsumerGroup { .. } => "create_consumer_group",

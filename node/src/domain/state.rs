@@ -1,6 +1,6 @@
 //! The replicated hub state and the one function that changes it.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -108,6 +108,9 @@ pub struct HubState {
     /// Routes, custom endpoints and the fallback route.
     #[serde(default)]
     pub routing: super::routing::RoutingConfig,
+    /// Nodes being drained (control plane).
+    #[serde(default)]
+    pub draining: BTreeSet<u64>,
 }
 
 impl Default for HubState {
@@ -122,6 +125,7 @@ impl Default for HubState {
             certificates: BTreeMap::new(),
             consumer_groups: default_consumer_groups(),
             routing: Default::default(),
+            draining: BTreeSet::new(),
         }
     }
 }
@@ -632,6 +636,14 @@ impl HubState {
             HubCommand::DeleteEnrichment { key } => {
                 self.routing.delete_enrichment(&key)?;
                 Ok(HubResponse::Deleted)
+            }
+            HubCommand::SetNodeDraining { node_id, draining } => {
+                if draining {
+                    self.draining.insert(node_id);
+                } else {
+                    self.draining.remove(&node_id);
+                }
+                Ok(HubResponse::Applied)
             }
             HubCommand::SetFallbackRoute { enabled } => {
                 self.routing.fallback_enabled = enabled;

@@ -155,6 +155,12 @@ pub async fn serve<S>(
         || username
             .split_once('/')
             .is_some_and(|(_, rest)| rest.starts_with(&format!("{client_id}/")));
+    if ctx.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        // CONNACK 3 (server unavailable): the SDKs retry, with their address list or DNS, elsewhere.
+        tracing::info!(%peer, client_id, "connect refused: node draining");
+        let _ = write_packet(&mut writer, refuse(ConnectReturnCode::ServiceUnavailable)).await;
+        return;
+    }
     let credential = if !password.is_empty() {
         Some(DeviceCredential::Sas(password))
     } else {
@@ -745,6 +751,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     );
                     Err(Close::ByHub)
                 }
+            }
+            Outbound::Drain => {
+                tracing::info!(
+                    client_id = self.client_id,
+                    "node draining; closing so the device reconnects elsewhere"
+                );
+                Err(Close::ByHub)
             }
             Outbound::TakenOver => {
                 tracing::info!(

@@ -41,6 +41,8 @@ pub enum Outbound {
     Recheck,
     /// Close: another connection with the same client id took over.
     TakenOver,
+    /// The node is being drained: close so the device reconnects to another node.
+    Drain,
 }
 
 #[derive(Clone)]
@@ -131,6 +133,19 @@ impl Sessions {
     }
 
     /// Live connections on this node.
+    /// Tells every connection on this node to close (drain); returns how many were told.
+    pub fn close_all(&self) -> usize {
+        let senders: Vec<mpsc::Sender<Outbound>> = self
+            .inner
+            .lock()
+            .map(|g| g.1.values().map(|e| e.tx.clone()).collect())
+            .unwrap_or_default();
+        senders
+            .iter()
+            .filter(|tx| tx.try_send(Outbound::Drain).is_ok())
+            .count()
+    }
+
     pub fn count(&self) -> usize {
         self.inner.lock().map(|g| g.1.len()).unwrap_or(0)
     }

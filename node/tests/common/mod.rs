@@ -6,6 +6,7 @@
 
 pub mod load;
 
+use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -525,4 +526,52 @@ pub async fn create_device(conn: &mut meridian::client::Connection, id: &str) ->
         .as_str()
         .unwrap_or_default()
         .to_string())
+}
+
+/// Per partition, its voters as its leader reports them (`/meridian/cluster/partitions`).
+pub async fn partition_voters(
+    cluster: &Cluster,
+    base: &ServiceClient,
+    partitions: u32,
+) -> Vec<BTreeSet<u64>> {
+    let mut out = vec![BTreeSet::new(); partitions as usize];
+    for n in cluster.nodes.iter().filter(|n| n.is_running()) {
+        let Ok(mut c) = base.with_addr(n.https).connect().await else {
+            continue;
+        };
+        let Ok(r) = c.json("GET", "/meridian/cluster/partitions", None).await else {
+            continue;
+        };
+        for p in r.json()["partitions"].as_array().into_iter().flatten() {
+            let i = p["partition"].as_u64().unwrap_or(u64::MAX) as usize;
+            if p["isLeader"] == serde_json::json!(true) && i < out.len() {
+                out[i] = p["voters"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(serde_json::Value::as_u64)
+                    .collect();
+            }
+        }
+    }
+    out
+}
+
+pub async fn wait_partition_voters(
+    cluster: &Cluster,
+    base: &ServiceClient,
+    ok: impl Fn(&[BTreeSet<u64>]) -> bool,
+    timeout: Duration,
+) -> Result<Vec<BTreeSet<u64>>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let r = partition_voters(cluster, base, 4).await;
+        if ok(&r) {
+            return Ok(r);
+        }
+        if Instant::now() > deadline {
+            bail!("partition replicas stuck at {r:?}:\n{}", cluster.logs());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
