@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/hub.proto",
         "proto/telemetry.proto",
         "proto/partition.proto",
+        "proto/control.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

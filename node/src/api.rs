@@ -49,8 +49,8 @@ pub struct ApiState {
     pub events: crate::telemetry_api::EventReader,
     /// Health of webhook endpoints on this node.
     pub webhooks: crate::webhook::WebhookHealth,
-    /// Gossip view of the other nodes (liveness and metadata).
-    pub gossip: meridian_control_plane::gossip::Gossip,
+    /// The control plane (operator API) and its gossip view.
+    pub control: crate::control::ControlPlane,
 }
 
 /// An error answered in Azure's format.
@@ -709,98 +709,23 @@ async fn query_hub(State(s): State<ApiState>, headers: HeaderMap, body: Bytes) -
     Ok(response)
 }
 
-// ---- cluster membership (operator API) ----
+// ---- cluster membership (operator API: the REST mapping of crate::control) ----
+
+async fn authorize_operator(s: &ApiState, headers: &HeaderMap) -> HubResult<()> {
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    s.control.authorize(auth).await
+}
 
 async fn cluster_nodes(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
     authorize_operator(&s, &headers).await?;
-    let m = s.hub.raft().metrics().borrow().clone();
-    let membership = m.membership_config.membership();
-    let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
-    let view = s.gossip.view();
-    let draining = s
-        .hub
-        .read(ReadConsistency::Linearizable, |st| Ok(st.draining.clone()))
-        .await?;
-    // Partition leaders as this node's replicas see them.
-    let groups = &s.mqtt.partition_groups;
-    let leaders: Vec<Option<u64>> = (0..groups.count())
-        .map(|p| groups.leader(p).map(|(id, _)| id))
-        .collect();
-    let nodes: Vec<Value> = membership
-        .nodes()
-        .map(|(id, node)| {
-            let matched = m
-                .replication
-                .as_ref()
-                .and_then(|r| r.get(id))
-                .and_then(|l| l.as_ref().map(|l| l.index));
-            let peer = view.get(id);
-            let health = if *id == m.id {
-                "up"
-            } else {
-                match peer.map(|p| p.health) {
-                    Some(meridian_control_plane::gossip::Health::Up) => "up",
-                    Some(meridian_control_plane::gossip::Health::Down) => "down",
-                    None => "unknown",
-                }
-            };
-            let meta = if *id == m.id {
-                Some(s.gossip.local().meta.clone())
-            } else {
-                peer.map(|p| p.identity.meta.clone())
-            };
-            json!({
-                "id": id,
-                "grpcAddr": node.addr,
-                "role": if voters.contains(id) { "voter" } else { "learner" },
-                "leader": m.current_leader == Some(*id),
-                "matchedIndex": matched,
-                "health": health,
-                "draining": draining.contains(id),
-                "partitionsLed": leaders.iter().filter(|l| **l == Some(*id)).count(),
-                "healthSinceMs": peer.map(|p| p.since.elapsed().as_millis() as u64),
-                "region": meta.as_ref().map(|m| m.region.clone()),
-                "httpsAddr": meta.as_ref().map(|m| m.https.clone()),
-                "mqttAddr": meta.as_ref().map(|m| m.mqtt.clone()),
-            })
-        })
-        .collect();
-    Ok(ok_json(json!({
-        "nodes": nodes,
-        "leader": m.current_leader,
-        "term": m.current_term,
-        "answeredBy": m.id,
-        "lastApplied": m.last_applied.map(|l| l.index),
-    })))
+    Ok(ok_json(s.control.nodes().await?))
 }
 
-/// Telemetry partition placement as this node sees it: per partition the leader, the voters and
-/// learners, and whether this node leads it (a leader's view is authoritative; a node removed
-/// from a group may keep a stale view of it).
 async fn cluster_partitions(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
     authorize_operator(&s, &headers).await?;
-    let groups = &s.mqtt.partition_groups;
-    let partitions: Vec<Value> = (0..groups.count())
-        .filter_map(|p| {
-            let m = groups.raft(p)?.metrics().borrow().clone();
-            let membership = m.membership_config.membership();
-            let voters: Vec<u64> = membership.voter_ids().collect();
-            let learners: Vec<u64> = membership.learner_ids().collect();
-            Some(json!({
-                "partition": p,
-                "leader": m.current_leader,
-                "term": m.current_term,
-                "voters": voters,
-                "learners": learners,
-                "isLeader": m.current_leader == Some(m.id),
-                "lastApplied": m.last_applied.map(|l| l.index),
-            }))
-        })
-        .collect();
-    Ok(ok_json(json!({
-        "answeredBy": s.mqtt.node_id,
-        "partitions": partitions,
-    })))
+    Ok(ok_json(s.control.partitions()))
 }
 
 /// Body of `POST /meridian/cluster/nodes`.
@@ -814,12 +739,7 @@ struct AddNodeSpec {
 async fn add_node(State(s): State<ApiState>, headers: HeaderMap, body: Bytes) -> ApiResult {
     authorize_operator(&s, &headers).await?;
     let spec: AddNodeSpec = parse_body(&body)?;
-    s.hub
-        .change_membership(meridian_control_plane::MembershipChange::Add {
-            id: spec.id,
-            addr: spec.grpc_addr,
-        })
-        .await?;
+    s.control.add_node(spec.id, spec.grpc_addr).await?;
     Ok(no_content())
 }
 
@@ -838,24 +758,7 @@ async fn drain_node(
 ) -> ApiResult {
     authorize_operator(&s, &headers).await?;
     let spec: DrainSpec = parse_body(&body)?;
-    let voter = s
-        .hub
-        .raft()
-        .metrics()
-        .borrow()
-        .membership_config
-        .membership()
-        .voter_ids()
-        .any(|v| v == id);
-    if !voter {
-        return Err(HubError::invalid(format!("node {id} is not a voter")).into());
-    }
-    s.hub
-        .write(HubCommand::SetNodeDraining {
-            node_id: id,
-            draining: spec.draining,
-        })
-        .await?;
+    s.control.set_draining(id, spec.draining).await?;
     Ok(no_content())
 }
 
@@ -865,9 +768,7 @@ async fn remove_node(
     Path(id): Path<u64>,
 ) -> ApiResult {
     authorize_operator(&s, &headers).await?;
-    s.hub
-        .change_membership(meridian_control_plane::MembershipChange::Remove { id })
-        .await?;
+    s.control.remove_node(id).await?;
     Ok(no_content())
 }
 
@@ -1184,24 +1085,6 @@ const ALL_RIGHTS: [Permission; 4] = [
 ];
 
 /// Managing policies needs a token from a policy holding every permission.
-/// The control-plane endpoints (`/meridian/cluster/...`) take only the operator credential.
-async fn authorize_operator(s: &ApiState, headers: &HeaderMap) -> HubResult<()> {
-    let auth = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    let key = s
-        .hub
-        .read(ReadConsistency::Stale, |st| {
-            Ok(st
-                .settings
-                .as_ref()
-                .map(|h| h.operator_key.clone())
-                .unwrap_or_default())
-        })
-        .await?;
-    crate::auth::authorize_operator(auth, &key, unix_now())
-}
-
 async fn authorize_owner(s: &ApiState, headers: &HeaderMap) -> HubResult<()> {
     let policy = s
         .authorize(headers, &[Permission::RegistryWrite], &[])
@@ -1454,7 +1337,9 @@ async fn invoke_method(
             .filter(|n| *n != s.mqtt.node_id)
             // A node gossip declared down cannot answer: wait here for the device to reconnect
             // (connectTimeoutInSeconds), then 404, instead of failing on the dead node.
-            .filter(|n| s.gossip.health(*n) != Some(meridian_control_plane::gossip::Health::Down))
+            .filter(|n| {
+                s.control.gossip().health(*n) != Some(meridian_control_plane::gossip::Health::Down)
+            })
     };
     let (status, payload) = match owner {
         Some(node) => {

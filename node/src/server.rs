@@ -238,6 +238,8 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
     });
     let mut tasks: Vec<(&'static str, JoinHandle<()>)> = Vec::new();
 
+    let control_slot: Arc<std::sync::OnceLock<crate::control::ControlPlane>> = Arc::default();
+
     // ---- node-to-node grpc ----
     let grpc_listener = TcpListener::bind(config.cluster.grpc_listen)
         .await
@@ -246,6 +248,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
     {
         let raft = raft.clone();
         let partitions_for_grpc = partitions.clone();
+        let control_for_grpc = control_slot.clone();
         let telemetry_for_grpc = telemetry.clone();
         let reader_for_grpc = event_reader.clone();
         let mqtt_for_grpc = mqtt.clone();
@@ -260,6 +263,11 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
                         raft.clone(),
                         partitions_for_grpc.clone(),
                     )))
+                    .add_service(
+                        meridian_proto::control::control_plane_server::ControlPlaneServer::new(
+                            crate::control::ControlPlaneService::new(control_for_grpc),
+                        ),
+                    )
                     .add_service(PartitionServiceServer::new(PartitionServiceImpl::new(
                         partitions_for_grpc,
                         telemetry_for_grpc,
@@ -596,7 +604,16 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
             mqtt: mqtt.clone(),
             events: event_reader.clone(),
             webhooks: webhook_health.clone(),
-            gossip,
+            control: {
+                let control = crate::control::ControlPlane::new(
+                    hub.clone(),
+                    partitions.clone(),
+                    gossip,
+                    node_id,
+                );
+                let _ = control_slot.set(control.clone());
+                control
+            },
         },
         config.api.max_body_bytes,
     );

@@ -12,6 +12,8 @@ use anyhow::{Result, bail};
 use common::{create_device, start_cluster};
 use meridian::client::ServiceClient;
 use meridian::client::device::{ConnAckCode, RawMqtt, device_token};
+use meridian_proto::control::ListNodesRequest;
+use meridian_proto::control::control_plane_client::ControlPlaneClient;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{Packet, Subscribe};
 use serde_json::{Value, json};
@@ -86,6 +88,27 @@ async fn gossip_reports_dead_nodes_without_touching_voters() -> Result<()> {
         node3["mqttAddr"],
         json!(cluster.node(3).mqtt.to_string()),
         "gossip carries the node's addresses: {listing}"
+    );
+
+    // The gRPC form of the control plane answers the same listing, with the operator token only.
+    let mut grpc = ControlPlaneClient::connect(format!("http://{}", cluster.node(2).grpc)).await?;
+    let mut request = tonic::Request::new(ListNodesRequest {});
+    request.metadata_mut().insert(
+        "authorization",
+        base.token(Duration::from_secs(300)).parse()?,
+    );
+    let reply: Value = serde_json::from_str(&grpc.list_nodes(request).await?.into_inner().json)?;
+    assert_eq!(reply["nodes"].as_array().map(Vec::len), Some(3), "{reply}");
+    let mut request = tonic::Request::new(ListNodesRequest {});
+    request.metadata_mut().insert(
+        "authorization",
+        owner.token(Duration::from_secs(300)).parse()?,
+    );
+    let refused = grpc.list_nodes(request).await.err().map(|s| s.code());
+    assert_eq!(
+        refused,
+        Some(tonic::Code::Unauthenticated),
+        "iothubowner is not an operator"
     );
 
     // A device connected to node 3 with a method subscription.

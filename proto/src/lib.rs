@@ -30,6 +30,12 @@ pub mod telemetry {
     tonic::include_proto!("meridian.telemetry.v1");
 }
 
+/// The control-plane API (operators: membership, health, placement, drains).
+pub mod control {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("meridian.control.v1");
+}
+
 /// Telemetry partition groups: appends forwarded to a partition's leader, raw reads for replicas.
 pub mod partition {
     #![allow(clippy::all, missing_docs)]

@@ -1,0 +1,281 @@
+//! The control plane's operations, shared by the REST mapping (`/meridian/cluster/...` in
+//! [`crate::api`]) and the gRPC service ([`ControlPlaneService`], `proto/control.proto`). Every
+//! call is authorized with the operator credential ([`crate::auth::authorize_operator`]).
+
+use serde_json::{Value, json};
+use tonic::{Request, Response, Status};
+
+use crate::domain::{HubCommand, HubError, HubResult};
+use crate::hub::{Hub, ReadConsistency};
+use crate::partition::Partitions;
+use meridian_control_plane::gossip::Gossip;
+use meridian_proto::control::control_plane_server::ControlPlane as ControlPlaneRpc;
+use meridian_proto::control::{
+    AddNodeRequest, Done, JsonReply, ListNodesRequest, ListPartitionsRequest, RemoveNodeRequest,
+    SetDrainingRequest,
+};
+
+/// The control plane of this node.
+#[derive(Clone)]
+pub struct ControlPlane {
+    hub: Hub,
+    partitions: Partitions,
+    gossip: Gossip,
+    node_id: u64,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl ControlPlane {
+    /// The control plane over this node's hub group, partitions and gossip view.
+    pub fn new(hub: Hub, partitions: Partitions, gossip: Gossip, node_id: u64) -> Self {
+        Self {
+            hub,
+            partitions,
+            gossip,
+            node_id,
+        }
+    }
+
+    /// The gossip view (liveness of the other nodes).
+    pub fn gossip(&self) -> &Gossip {
+        &self.gossip
+    }
+
+    /// Checks the operator credential (an `Authorization` header or `authorization` metadata).
+    pub async fn authorize(&self, authorization: Option<&str>) -> HubResult<()> {
+        let key = self
+            .hub
+            .read(ReadConsistency::Stale, |st| {
+                Ok(st
+                    .settings
+                    .as_ref()
+                    .map(|h| h.operator_key.clone())
+                    .unwrap_or_default())
+            })
+            .await?;
+        crate::auth::authorize_operator(authorization, &key, unix_now())
+    }
+
+    /// The nodes: Raft role and progress, gossip health and metadata, drain state, partitions led.
+    pub async fn nodes(&self) -> HubResult<Value> {
+        let m = self.hub.raft().metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let view = self.gossip.view();
+        let draining = self
+            .hub
+            .read(ReadConsistency::Linearizable, |st| Ok(st.draining.clone()))
+            .await?;
+        // Partition leaders as this node's replicas see them.
+        let groups = &self.partitions;
+        let leaders: Vec<Option<u64>> = (0..groups.count())
+            .map(|p| groups.leader(p).map(|(id, _)| id))
+            .collect();
+        let nodes: Vec<Value> = membership
+            .nodes()
+            .map(|(id, node)| {
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(id))
+                    .and_then(|l| l.as_ref().map(|l| l.index));
+                let peer = view.get(id);
+                let health = if *id == m.id {
+                    "up"
+                } else {
+                    match peer.map(|p| p.health) {
+                        Some(meridian_control_plane::gossip::Health::Up) => "up",
+                        Some(meridian_control_plane::gossip::Health::Down) => "down",
+                        None => "unknown",
+                    }
+                };
+                let meta = if *id == m.id {
+                    Some(self.gossip.local().meta.clone())
+                } else {
+                    peer.map(|p| p.identity.meta.clone())
+                };
+                json!({
+                    "id": id,
+                    "grpcAddr": node.addr,
+                    "role": if voters.contains(id) { "voter" } else { "learner" },
+                    "leader": m.current_leader == Some(*id),
+                    "matchedIndex": matched,
+                    "health": health,
+                    "draining": draining.contains(id),
+                    "partitionsLed": leaders.iter().filter(|l| **l == Some(*id)).count(),
+                    "healthSinceMs": peer.map(|p| p.since.elapsed().as_millis() as u64),
+                    "region": meta.as_ref().map(|m| m.region.clone()),
+                    "httpsAddr": meta.as_ref().map(|m| m.https.clone()),
+                    "mqttAddr": meta.as_ref().map(|m| m.mqtt.clone()),
+                })
+            })
+            .collect();
+        Ok(json!({
+            "nodes": nodes,
+            "leader": m.current_leader,
+            "term": m.current_term,
+            "answeredBy": m.id,
+            "lastApplied": m.last_applied.map(|l| l.index),
+        }))
+    }
+
+    /// Telemetry partition placement as this node sees it: per partition the leader, the voters
+    /// and learners, and whether this node leads it (a leader's view is authoritative; a node
+    /// removed from a group may keep a stale view of it).
+    pub fn partitions(&self) -> Value {
+        let groups = &self.partitions;
+        let partitions: Vec<Value> = (0..groups.count())
+            .filter_map(|p| {
+                let m = groups.raft(p)?.metrics().borrow().clone();
+                let membership = m.membership_config.membership();
+                let voters: Vec<u64> = membership.voter_ids().collect();
+                let learners: Vec<u64> = membership.learner_ids().collect();
+                Some(json!({
+                    "partition": p,
+                    "leader": m.current_leader,
+                    "term": m.current_term,
+                    "voters": voters,
+                    "learners": learners,
+                    "isLeader": m.current_leader == Some(m.id),
+                    "lastApplied": m.last_applied.map(|l| l.index),
+                }))
+            })
+            .collect();
+        json!({
+            "answeredBy": self.node_id,
+            "partitions": partitions,
+        })
+    }
+
+    /// Adds a node (learner, catch-up, voter).
+    pub async fn add_node(&self, id: u64, grpc_addr: String) -> HubResult<()> {
+        self.hub
+            .change_membership(meridian_control_plane::MembershipChange::Add {
+                id,
+                addr: grpc_addr,
+            })
+            .await
+    }
+
+    /// Removes a voter.
+    pub async fn remove_node(&self, id: u64) -> HubResult<()> {
+        self.hub
+            .change_membership(meridian_control_plane::MembershipChange::Remove { id })
+            .await
+    }
+
+    /// Drains a voter (or puts it back in service).
+    pub async fn set_draining(&self, id: u64, draining: bool) -> HubResult<()> {
+        let voter = self
+            .hub
+            .raft()
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == id);
+        if !voter {
+            return Err(HubError::invalid(format!("node {id} is not a voter")));
+        }
+        self.hub
+            .write(HubCommand::SetNodeDraining {
+                node_id: id,
+                draining,
+            })
+            .await
+            .map(|_| ())
+    }
+}
+
+/// The gRPC form of the control plane. The gRPC server starts before the public listeners (whose
+/// addresses gossip announces), so the control plane is set once the node is up; until then
+/// calls answer UNAVAILABLE.
+pub struct ControlPlaneService {
+    control: std::sync::Arc<std::sync::OnceLock<ControlPlane>>,
+}
+
+impl ControlPlaneService {
+    /// Serves the control plane once it is set in `control`.
+    pub fn new(control: std::sync::Arc<std::sync::OnceLock<ControlPlane>>) -> Self {
+        Self { control }
+    }
+
+    async fn authorize<T>(&self, request: &Request<T>) -> Result<&ControlPlane, Status> {
+        let control = self
+            .control
+            .get()
+            .ok_or_else(|| Status::unavailable("the node is starting"))?;
+        let auth = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        control.authorize(auth).await.map_err(status)?;
+        Ok(control)
+    }
+}
+
+fn status(e: HubError) -> Status {
+    Status::new(e.code.grpc_code(), e.message)
+}
+
+#[tonic::async_trait]
+impl ControlPlaneRpc for ControlPlaneService {
+    async fn list_nodes(
+        &self,
+        request: Request<ListNodesRequest>,
+    ) -> Result<Response<JsonReply>, Status> {
+        let control = self.authorize(&request).await?;
+        let json = control.nodes().await.map_err(status)?;
+        Ok(Response::new(JsonReply {
+            json: json.to_string(),
+        }))
+    }
+
+    async fn list_partitions(
+        &self,
+        request: Request<ListPartitionsRequest>,
+    ) -> Result<Response<JsonReply>, Status> {
+        let control = self.authorize(&request).await?;
+        Ok(Response::new(JsonReply {
+            json: control.partitions().to_string(),
+        }))
+    }
+
+    async fn add_node(&self, request: Request<AddNodeRequest>) -> Result<Response<Done>, Status> {
+        let control = self.authorize(&request).await?;
+        let r = request.into_inner();
+        control.add_node(r.id, r.grpc_addr).await.map_err(status)?;
+        Ok(Response::new(Done {}))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<RemoveNodeRequest>,
+    ) -> Result<Response<Done>, Status> {
+        let control = self.authorize(&request).await?;
+        control
+            .remove_node(request.into_inner().id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(Done {}))
+    }
+
+    async fn set_draining(
+        &self,
+        request: Request<SetDrainingRequest>,
+    ) -> Result<Response<Done>, Status> {
+        let control = self.authorize(&request).await?;
+        let r = request.into_inner();
+        control
+            .set_draining(r.id, r.draining)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(Done {}))
+    }
+}
