@@ -158,18 +158,7 @@ impl Hub {
         // When this node learns of another leader while waiting, the old leader can no longer
         // answer in time (it is deposed or cut off): give up early. The outcome is unknown, so
         // the caller gets 503 and decides whether to retry, instead of waiting out the timeout.
-        let mut metrics = self.inner.raft.metrics();
-        let leader_changed = async move {
-            loop {
-                let current = metrics.borrow_and_update().current_leader;
-                if current.is_some() && current != leader_id {
-                    return;
-                }
-                if metrics.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            }
-        };
+        let leader_changed = self.until_leader_changes(leader_id);
         let call = tokio::time::timeout(
             self.inner.request_timeout,
             client.client_write(ClientWriteRequest { command_json }),
@@ -212,13 +201,13 @@ impl Hub {
             let leader = match self.inner.raft.ensure_linearizable().await {
                 Ok(_) => return Ok(()),
                 Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-                    f.leader_node.map(|n| n.addr)
+                    f.leader_node.map(|n| (f.leader_id, n.addr))
                 }
                 Err(RaftError::APIError(e)) => return Err(unavailable(e.to_string())),
                 Err(RaftError::Fatal(e)) => return Err(unavailable(format!("raft stopped: {e}"))),
             };
-            if let Some(addr) = leader {
-                match self.read_index_from(&addr).await {
+            if let Some((leader_id, addr)) = leader {
+                match self.read_index_from(leader_id, &addr).await {
                     Ok(index) => {
                         let remaining = deadline.saturating_duration_since(Instant::now());
                         return self
@@ -333,16 +322,41 @@ impl Hub {
         Ok((reply.status, payload))
     }
 
-    async fn read_index_from(&self, addr: &str) -> Result<u64, tonic::Status> {
+    async fn read_index_from(
+        &self,
+        leader_id: Option<NodeId>,
+        addr: &str,
+    ) -> Result<u64, tonic::Status> {
         let mut client = self
             .forward_client(addr)
             .map_err(|e| tonic::Status::unavailable(e.message))?;
-        let reply = tokio::time::timeout(
+        let call = tokio::time::timeout(
             self.inner.request_timeout,
             client.read_index(ReadIndexRequest {}),
-        )
-        .await
-        .map_err(|_| tonic::Status::deadline_exceeded("read index timed out"))??;
+        );
+        // A read is safe to retry: when another leader appears, ask it instead of waiting out a
+        // deposed (paused, cut off) one.
+        let reply = tokio::select! {
+            reply = call => reply
+                .map_err(|_| tonic::Status::deadline_exceeded("read index timed out"))??,
+            () = self.until_leader_changes(leader_id) => {
+                return Err(tonic::Status::unavailable("the leader changed; retrying"));
+            }
+        };
         Ok(reply.get_ref().read_index)
+    }
+
+    /// Resolves once this node knows a leader other than `from`.
+    async fn until_leader_changes(&self, from: Option<NodeId>) {
+        let mut metrics = self.inner.raft.metrics();
+        loop {
+            let current = metrics.borrow_and_update().current_leader;
+            if current.is_some() && current != from {
+                return;
+            }
+            if metrics.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 }

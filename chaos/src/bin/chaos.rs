@@ -29,6 +29,9 @@ struct Args {
     /// Seconds a paused node stays paused.
     #[arg(long, default_value_t = 5)]
     pause_secs: u64,
+    /// Keep the nodes' data and logs (the work directory) even when the run passes.
+    #[arg(long)]
+    keep: bool,
     /// Directory for the report (`<scenario>.json`, `<scenario>.md`).
     #[arg(long, default_value = "chaos-report")]
     out: PathBuf,
@@ -59,6 +62,10 @@ async fn main() -> Result<()> {
         args.out.display(),
         report.scenario
     );
+    if args.keep && report.passed {
+        println!("work dir kept: {}", dir.keep().display());
+        return Ok(());
+    }
     if !report.passed {
         // Keep the nodes' logs and data for the post-mortem.
         let kept = dir.keep();

@@ -9,18 +9,18 @@
 //!
 //! `cargo run --release -p meridian-chaos --bin partition-bench -- --help`
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use meridian::client::ServiceClient;
 use meridian::client::device::{
     ConnAckCode as ConnectReturnCode, RawMqtt, device_token, tls_config,
 };
-use meridian_chaos::proc::{Proc, free_ports, metric, percentile};
-use serde_json::{Value, json};
+use meridian_chaos::cluster::{ChaosCluster, ClusterOptions};
+use meridian_chaos::proc::percentile;
+use meridian_chaos::workload::{all_partitions_writable, probe_ids};
+use serde_json::json;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -47,90 +47,16 @@ struct Args {
     trials: usize,
 }
 
-const PARTITIONS: u32 = 4;
-
-struct Node {
-    proc: Proc,
-    https: SocketAddr,
-    mqtt: SocketAddr,
-    metrics: SocketAddr,
+async fn start(args: &Args, dir: &std::path::Path, rf: usize) -> Result<ChaosCluster> {
+    let mut opts = ClusterOptions::new(args.meridian_bin.clone());
+    opts.nodes = args.nodes;
+    opts.replication_factor = rf;
+    opts.log_filter = "warn".into();
+    ChaosCluster::start(&opts, dir).await
 }
 
-struct Cluster {
-    nodes: Vec<Node>,
-    client: ServiceClient,
-    ca: PathBuf,
-}
-
-async fn start(args: &Args, dir: &Path, rf: usize) -> Result<Cluster> {
-    let tls = meridian::tls::ensure_dev_certificates(&dir.join("tls"))?;
-    let ca = tls.ca_cert.clone().context("generated CA")?;
-    let n = args.nodes;
-    let p = free_ports(4 * n)?;
-    let members: Vec<String> = (0..n)
-        .map(|i| {
-            format!(
-                "{{ id = {}, grpc_addr = \"127.0.0.1:{}\" }}",
-                i + 1,
-                p[4 * i + 1]
-            )
-        })
-        .collect();
-    let mut nodes = Vec::new();
-    for i in 0..n {
-        let id = i + 1;
-        let (https, grpc, metrics, mqtt) = (p[4 * i], p[4 * i + 1], p[4 * i + 2], p[4 * i + 3]);
-        let config = dir.join(format!("n{id}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                "[node]\nid = {id}\ndata_dir = \"{d}\"\n[cluster]\ngrpc_listen = \"127.0.0.1:{grpc}\"\nmembers = [{m}]\nreplication_factor = {rf}\n[api]\nhttps_listen = \"127.0.0.1:{https}\"\n[tls]\ncert = \"{c}\"\nkey = \"{k}\"\n[observability]\nmetrics_listen = \"127.0.0.1:{metrics}\"\n[mqtt]\ntls_listen = \"127.0.0.1:{mqtt}\"\npartitions = {PARTITIONS}\n",
-                d = dir.join(format!("n{id}")).display(),
-                m = members.join(", "),
-                c = tls.cert.display(),
-                k = tls.key.display(),
-            ),
-        )?;
-        let proc = Proc::start(
-            vec![
-                args.meridian_bin.display().to_string(),
-                "node".into(),
-                "--config".into(),
-                config.display().to_string(),
-            ],
-            dir.join(format!("n{id}.log")),
-        )?;
-        let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
-        nodes.push(Node {
-            proc,
-            https: addr(https),
-            mqtt: addr(mqtt),
-            metrics: addr(metrics),
-        });
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let creds_path = loop {
-        if let Some(p) = (1..=n)
-            .map(|id| dir.join(format!("n{id}/credentials.json")))
-            .find(|p| p.exists())
-        {
-            break p;
-        }
-        if Instant::now() > deadline {
-            bail!("cluster did not come up; see {}", dir.display());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let creds: Value = serde_json::from_slice(&std::fs::read(creds_path)?)?;
-    let cs = creds["service_connection_string"]
-        .as_str()
-        .unwrap_or_default();
-    let client = ServiceClient::new(cs, nodes[0].https, &ca)?.with_timeout(Duration::from_secs(20));
-    Ok(Cluster { nodes, client, ca })
-}
-
-async fn create_devices(cluster: &Cluster, ids: &[String]) -> Result<Vec<(String, String)>> {
-    let mut conn = cluster.client.connect().await?;
+async fn create_devices(cluster: &ChaosCluster, ids: &[String]) -> Result<Vec<(String, String)>> {
+    let mut conn = cluster.service.connect().await?;
     let mut out = Vec::new();
     for id in ids {
         let r = conn
@@ -147,23 +73,24 @@ async fn create_devices(cluster: &Cluster, ids: &[String]) -> Result<Vec<(String
             .as_str()
             .unwrap_or_default()
             .to_string();
-        out.push((id.clone(), device_token("localhost", id, &key, 24 * 3600)?));
+        out.push((id.clone(), key));
     }
     Ok(out)
 }
 
 /// Publishes from every device for `seconds`; returns (acked/s, p50, p99, failed devices).
 async fn load(
-    cluster: &Cluster,
+    cluster: &ChaosCluster,
     devices: &[(String, String)],
     seconds: u64,
 ) -> Result<(f64, Duration, Duration, usize)> {
     let tls = tls_config(&cluster.ca)?;
     let mut clients = Vec::new();
-    for (i, (id, password)) in devices.iter().enumerate() {
+    for (i, (id, key)) in devices.iter().enumerate() {
         let addr = cluster.nodes[i % cluster.nodes.len()].mqtt;
+        let password = device_token("localhost", id, key, 24 * 3600)?;
         let (c, code, _) =
-            RawMqtt::connect_with(addr, None, tls.clone(), id, password, true, 600).await?;
+            RawMqtt::connect_with(addr, None, tls.clone(), id, &password, true, 600).await?;
         if code != ConnectReturnCode::Success {
             bail!("{id}: {code:?}");
         }
@@ -210,109 +137,36 @@ async fn load(
     Ok((rate, percentile(&all, 0.5), percentile(&all, 0.99), failed))
 }
 
-/// Index of the running node that leads the most partitions.
-async fn busiest_leader(cluster: &Cluster) -> Option<usize> {
-    let mut best = None;
-    for (i, n) in cluster.nodes.iter().enumerate() {
-        if !n.proc.is_running() {
-            continue;
-        }
-        let mut led = 0;
-        for p in 0..PARTITIONS {
-            let name = format!("meridian_partition_is_leader{{partition=\"{p}\"}}");
-            if metric(n.metrics, &name).await == Some(1.0) {
-                led += 1;
-            }
-        }
-        if led > 0 && best.is_none_or(|(_, b)| led > b) {
-            best = Some((i, led));
-        }
-    }
-    best.map(|(i, _)| i)
-}
-
-/// Publishes from `probe` (connected to `addr`) until a PUBACK arrives, reconnecting as needed.
-async fn probe_until_acked(
-    addr: SocketAddr,
-    ca: PathBuf,
-    (id, password): (String, String),
-    deadline: Instant,
-) -> Result<Instant> {
-    let tls = tls_config(&ca)?;
-    let topic = format!("devices/{id}/messages/events/");
-    let mut seq = 0u64;
-    while Instant::now() < deadline {
-        let Ok((mut c, ConnectReturnCode::Success, _)) =
-            RawMqtt::connect_with(addr, None, tls.clone(), &id, &password, true, 60).await
-        else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        };
-        seq += 1;
-        // One try per connection: a node that could not store the message closes it.
-        if let Ok(true) = c
-            .publish_acked(
-                &topic,
-                b"probe",
-                (seq % 60_000) as u16 + 1,
-                Duration::from_secs(5),
-            )
-            .await
-        {
-            return Ok(Instant::now());
-        }
-    }
-    bail!("{id}: no PUBACK before the deadline")
-}
-
-async fn recovery_trials(cluster: &mut Cluster, trials: usize) -> Result<Vec<Duration>> {
-    // One probe device per partition.
-    let mut probe_ids = vec![String::new(); PARTITIONS as usize];
-    let mut i = 0;
-    while probe_ids.iter().any(String::is_empty) {
-        let id = format!("probe-{i}");
-        let p = meridian::domain::telemetry::partition_for(&id, PARTITIONS) as usize;
-        if probe_ids[p].is_empty() {
-            probe_ids[p] = id;
-        }
-        i += 1;
-    }
-    let probes = create_devices(cluster, &probe_ids).await?;
+async fn recovery_trials(cluster: &mut ChaosCluster, trials: usize) -> Result<Vec<Duration>> {
+    let probes = create_devices(cluster, &probe_ids("probe", cluster.partitions)).await?;
+    let all: Vec<u64> = cluster.nodes.iter().map(|n| n.id).collect();
     let mut times = Vec::new();
     for trial in 0..trials {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let victim = loop {
-            if let Some(v) = busiest_leader(cluster).await {
-                break v;
-            }
-            if Instant::now() > deadline {
-                bail!("no partition leader before trial {trial}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        let survivor = cluster.nodes[(victim + 1) % cluster.nodes.len()].mqtt;
+        let victim = cluster
+            .busiest_partition_leader(&all)
+            .await
+            .with_context(|| format!("no partition leader before trial {trial}"))?;
+        let survivor = cluster
+            .nodes
+            .iter()
+            .find(|n| n.id != victim)
+            .map(|n| n.mqtt)
+            .context("survivor")?;
         let killed = Instant::now();
-        cluster.nodes[victim].proc.kill9();
-        let mut tasks = Vec::new();
-        for probe in probes.clone() {
-            tasks.push(tokio::spawn(probe_until_acked(
-                survivor,
-                cluster.ca.clone(),
-                probe,
-                killed + Duration::from_secs(30),
-            )));
-        }
-        let mut last = killed;
-        for t in tasks {
-            last = last.max(t.await??);
-        }
-        let took = last - killed;
+        cluster.kill9(victim)?;
+        let took = all_partitions_writable(
+            survivor,
+            &cluster.ca,
+            &probes,
+            killed,
+            Duration::from_secs(30),
+        )
+        .await?;
         println!(
-            "  trial {trial}: killed node {}, every partition acked again after {took:?}",
-            victim + 1
+            "  trial {trial}: killed node {victim}, every partition acked again after {took:?}"
         );
         times.push(took);
-        cluster.nodes[victim].proc.spawn()?;
+        cluster.restart(victim)?;
         tokio::time::sleep(Duration::from_secs(4)).await;
     }
     Ok(times)
