@@ -145,6 +145,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/meridian/cluster/nodes/{id}", delete(remove_node))
         .route("/meridian/cluster/partitions", get(cluster_partitions))
         .route("/meridian/cluster/nodes/{id}/drain", post(drain_node))
+        .route("/meridian/cluster/leader", post(transfer_leadership))
         .route("/meridian/routing", get(get_routing))
         .route("/meridian/routing/fallback", put(set_fallback))
         .route(
@@ -759,6 +760,28 @@ async fn drain_node(
     authorize_operator(&s, &headers).await?;
     let spec: DrainSpec = parse_body(&body)?;
     s.control.set_draining(id, spec.draining).await?;
+    Ok(no_content())
+}
+
+/// Body of `POST /meridian/cluster/leader`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransferSpec {
+    to: u64,
+    #[serde(default)]
+    partition: Option<u32>,
+}
+
+async fn transfer_leadership(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    authorize_operator(&s, &headers).await?;
+    let spec: TransferSpec = parse_body(&body)?;
+    s.control
+        .transfer_leadership(spec.partition, spec.to)
+        .await?;
     Ok(no_content())
 }
 

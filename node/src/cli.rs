@@ -109,6 +109,15 @@ pub enum ClusterAction {
     },
     /// Shows each telemetry partition's Raft group: leader, voters, learners.
     Partitions,
+    /// Moves leadership of the hub group (or of one telemetry partition) to a chosen voter.
+    TransferLeader {
+        /// The node that should lead.
+        #[arg(long)]
+        to: u64,
+        /// A telemetry partition instead of the hub group.
+        #[arg(long)]
+        partition: Option<u32>,
+    },
 }
 
 /// Runs `meridian cluster ...`.
@@ -146,6 +155,11 @@ pub async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
             Some(serde_json::json!({"draining": false})),
         ),
         ClusterAction::Partitions => ("GET", "/meridian/cluster/partitions".to_string(), None),
+        ClusterAction::TransferLeader { to, partition } => (
+            "POST",
+            "/meridian/cluster/leader".to_string(),
+            Some(serde_json::json!({"to": to, "partition": partition})),
+        ),
         ClusterAction::Nodes => ("GET", "/meridian/cluster/nodes".to_string(), None),
         ClusterAction::Add { id, grpc_addr } => (
             "POST",

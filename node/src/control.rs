@@ -12,7 +12,7 @@ use meridian_control_plane::gossip::Gossip;
 use meridian_proto::control::control_plane_server::ControlPlane as ControlPlaneRpc;
 use meridian_proto::control::{
     AddNodeRequest, Done, JsonReply, ListNodesRequest, ListPartitionsRequest, RemoveNodeRequest,
-    SetDrainingRequest,
+    SetDrainingRequest, TransferLeadershipRequest,
 };
 
 /// The control plane of this node.
@@ -169,6 +169,68 @@ impl ControlPlane {
             .await
     }
 
+    /// Moves leadership of the hub group (`partition` None) or of a partition's group to `to`
+    /// (see `raft::transfer`): asks the group's current leader to step aside for it.
+    pub async fn transfer_leadership(&self, partition: Option<u32>, to: u64) -> HubResult<()> {
+        use meridian_proto::hub::TransferLeadershipRequest as Forwarded;
+        use meridian_proto::hub::hub_forward_client::HubForwardClient;
+        let group = partition.map_or(crate::raft::network::HUB_GROUP, |p| p + 1);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let leader_addr = match partition {
+                None => self
+                    .hub
+                    .raft()
+                    .metrics()
+                    .borrow()
+                    .current_leader
+                    .and_then(|l| self.hub.node_addr(l)),
+                Some(p) => {
+                    if p >= self.partitions.count() {
+                        return Err(HubError::invalid(format!("no partition {p}")));
+                    }
+                    self.partitions.leader(p).map(|(_, addr)| addr)
+                }
+            };
+            if let Some(addr) = leader_addr {
+                let channel = crate::raft::network::channel(&addr).map_err(|e| {
+                    HubError::new(meridian_proto::ErrorCode::ServerError, e.to_string())
+                })?;
+                match HubForwardClient::new(channel)
+                    .transfer_leadership(Forwarded { group, to })
+                    .await
+                {
+                    Ok(reply) => {
+                        let reply = reply.into_inner();
+                        if reply.error_json.is_empty() {
+                            return Ok(());
+                        }
+                        return Err(serde_json::from_slice(&reply.error_json).unwrap_or_else(
+                            |e| {
+                                HubError::new(meridian_proto::ErrorCode::ServerError, e.to_string())
+                            },
+                        ));
+                    }
+                    // That node stopped leading meanwhile: look again.
+                    Err(status) if status.code() == tonic::Code::FailedPrecondition => {}
+                    Err(status) => {
+                        return Err(HubError::new(
+                            meridian_proto::ErrorCode::ServiceUnavailable,
+                            status.message().to_string(),
+                        ));
+                    }
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(HubError::new(
+                    meridian_proto::ErrorCode::ServiceUnavailable,
+                    "no leader to transfer from",
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+
     /// Drains a voter (or puts it back in service).
     pub async fn set_draining(&self, id: u64, draining: bool) -> HubResult<()> {
         let voter = self
@@ -261,6 +323,19 @@ impl ControlPlaneRpc for ControlPlaneService {
         let control = self.authorize(&request).await?;
         control
             .remove_node(request.into_inner().id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(Done {}))
+    }
+
+    async fn transfer_leadership(
+        &self,
+        request: Request<TransferLeadershipRequest>,
+    ) -> Result<Response<Done>, Status> {
+        let control = self.authorize(&request).await?;
+        let r = request.into_inner();
+        control
+            .transfer_leadership(r.partition, r.to)
             .await
             .map_err(status)?;
         Ok(Response::new(Done {}))

@@ -4,6 +4,7 @@
 pub mod network;
 pub mod service;
 pub mod state_machine;
+pub mod transfer;
 
 use std::io::Cursor;
 

@@ -11,7 +11,9 @@ use crate::domain::HubCommand;
 use meridian_proto::hub::hub_forward_server::HubForward;
 use meridian_proto::hub::{
     ChangeMembershipRequest, ChangeMembershipResponse, ClientWriteRequest, ClientWriteResponse,
-    InvokeMethodRequest, InvokeMethodResponse, ReadIndexRequest, ReadIndexResponse,
+    GroupLeaderRequest, GroupLeaderResponse, InvokeMethodRequest, InvokeMethodResponse,
+    ReadIndexRequest, ReadIndexResponse, SuppressElectionRequest, SuppressElectionResponse,
+    TransferLeadershipRequest, TransferLeadershipResponse,
 };
 use meridian_proto::raft::RaftPayload;
 use meridian_proto::raft::raft_service_server::RaftService;
@@ -144,6 +146,91 @@ pub async fn change_membership_locally(
 
 #[tonic::async_trait]
 impl HubForward for HubForwardImpl {
+    async fn suppress_election(
+        &self,
+        request: Request<SuppressElectionRequest>,
+    ) -> Result<Response<SuppressElectionResponse>, Status> {
+        let req = request.into_inner();
+        if req.group == super::network::HUB_GROUP {
+            super::transfer::suppress_election(&self.raft, req.millis);
+        } else {
+            let raft = self
+                .mqtt
+                .partition_groups
+                .raft(req.group - 1)
+                .ok_or_else(|| Status::not_found(format!("no raft group {}", req.group)))?;
+            super::transfer::suppress_election(raft, req.millis);
+        }
+        Ok(Response::new(SuppressElectionResponse {}))
+    }
+
+    async fn group_leader(
+        &self,
+        request: Request<GroupLeaderRequest>,
+    ) -> Result<Response<GroupLeaderResponse>, Status> {
+        let group = request.into_inner().group;
+        let leader = if group == super::network::HUB_GROUP {
+            self.raft.metrics().borrow().current_leader
+        } else {
+            self.mqtt
+                .partition_groups
+                .raft(group - 1)
+                .ok_or_else(|| Status::not_found(format!("no raft group {group}")))?
+                .metrics()
+                .borrow()
+                .current_leader
+        };
+        Ok(Response::new(GroupLeaderResponse {
+            leader: leader.unwrap_or(0),
+        }))
+    }
+
+    async fn transfer_leadership(
+        &self,
+        request: Request<TransferLeadershipRequest>,
+    ) -> Result<Response<TransferLeadershipResponse>, Status> {
+        let req = request.into_inner();
+        let result = if req.group == super::network::HUB_GROUP {
+            // Our own and the target's addresses, read before we leave the membership.
+            let me = self.mqtt.node_id;
+            let addr_of = |id: u64| {
+                self.raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .get_node(&id)
+                    .map(|n| n.addr.clone())
+                    .unwrap_or_default()
+            };
+            let (addr, target_addr) = (addr_of(me), addr_of(req.to));
+            let done = super::transfer::transfer_leadership(&self.raft, req.group, req.to).await;
+            match done {
+                // Back to voter, through the new leader (this node hears of no leader while it
+                // is outside the group, so it asks the target directly).
+                Ok(()) => super::transfer::rejoin_through(&target_addr, me, &addr).await,
+                Err(e) => Err(e),
+            }
+        } else {
+            match self.mqtt.partition_groups.raft(req.group - 1) {
+                Some(raft) => super::transfer::transfer_leadership(raft, req.group, req.to).await,
+                None => Err(crate::domain::HubError::invalid(format!(
+                    "no partition {}",
+                    req.group - 1
+                ))),
+            }
+        };
+        match result {
+            Ok(()) => Ok(Response::new(TransferLeadershipResponse {
+                error_json: Vec::new(),
+            })),
+            Err(e) if e.message == NOT_LEADER => Err(Status::failed_precondition(NOT_LEADER)),
+            Err(e) => Ok(Response::new(TransferLeadershipResponse {
+                error_json: serde_json::to_vec(&e).unwrap_or_default(),
+            })),
+        }
+    }
+
     async fn change_membership(
         &self,
         request: Request<ChangeMembershipRequest>,

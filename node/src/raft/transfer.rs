@@ -1,0 +1,183 @@
+//! Leadership transfer to a chosen node, for the hub group and the partition groups.
+//!
+//! openraft 0.9 has no transfer API, and its leader lease makes followers refuse a forced election
+//! while the leader is healthy. So the leader steps aside through membership: it quiets the
+//! election timer of every other voter except the target (`HubForward.SuppressElection`, which
+//! expires by itself), removes itself from the voters (a leader that commits a configuration
+//! without itself steps down), waits until the target — the only node campaigning — leads, then
+//! resumes the others' timers. The old leader is out of the group; the caller makes it a voter again
+//! (the hub group through the new leader, partition groups through placement reconciliation).
+//! While it runs the group has one voter fewer.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use openraft::{BasicNode, Raft, RaftTypeConfig};
+
+use super::NodeId;
+use crate::domain::HubError;
+use meridian_proto::ErrorCode;
+use meridian_proto::hub::hub_forward_client::HubForwardClient;
+use meridian_proto::hub::{GroupLeaderRequest, SuppressElectionRequest};
+
+/// How long other voters keep quiet at most.
+const QUIET_FOR: Duration = Duration::from_secs(15);
+
+fn unavailable(message: impl Into<String>) -> HubError {
+    HubError::new(ErrorCode::ServiceUnavailable, message)
+}
+
+async fn suppress(addr: &str, group: u32, millis: u64) -> Result<(), String> {
+    let channel = super::network::channel(addr).map_err(|e| e.to_string())?;
+    let mut client = HubForwardClient::new(channel);
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        client.suppress_election(SuppressElectionRequest { group, millis }),
+    )
+    .await
+    .map_err(|_| format!("{addr}: timed out"))?
+    .map(|_| ())
+    .map_err(|e| e.message().to_string())
+}
+
+/// The leader of `group` as the node at `addr` sees it.
+async fn leader_seen_by(addr: &str, group: u32) -> Option<NodeId> {
+    let channel = super::network::channel(addr).ok()?;
+    let reply = tokio::time::timeout(
+        Duration::from_secs(1),
+        HubForwardClient::new(channel).group_leader(GroupLeaderRequest { group }),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    Some(reply.into_inner().leader).filter(|l| *l != 0)
+}
+
+/// Moves leadership of `raft` (group number `group`, this node leading) to voter `to`. Returns
+/// once `to` leads; this node is then outside the group until it is added back.
+pub async fn transfer_leadership<C>(raft: &Raft<C>, group: u32, to: NodeId) -> Result<(), HubError>
+where
+    C: RaftTypeConfig<
+            NodeId = NodeId,
+            Node = BasicNode,
+            Responder = openraft::impls::OneshotResponder<C>,
+        >,
+{
+    let m = raft.metrics().borrow().clone();
+    if m.current_leader != Some(m.id) {
+        return Err(unavailable(super::service::NOT_LEADER));
+    }
+    if to == m.id {
+        return Ok(());
+    }
+    let membership = m.membership_config.membership().clone();
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    if !voters.contains(&to) {
+        return Err(HubError::invalid(format!(
+            "node {to} is not a voter of this group"
+        )));
+    }
+    let caught_up = m
+        .replication
+        .as_ref()
+        .and_then(|r| r.get(&to).cloned().flatten())
+        .map(|l| l.index);
+    if caught_up.is_none() {
+        return Err(unavailable(format!(
+            "node {to} is not replicating; not a safe target"
+        )));
+    }
+    let target_addr = membership
+        .get_node(&to)
+        .map(|n| n.addr.clone())
+        .unwrap_or_default();
+    let others: Vec<(NodeId, String)> = voters
+        .iter()
+        .filter(|v| **v != m.id && **v != to)
+        .filter_map(|v| membership.get_node(v).map(|n| (*v, n.addr.clone())))
+        .collect();
+    for (id, addr) in &others {
+        if let Err(e) = suppress(addr, group, QUIET_FOR.as_millis() as u64).await {
+            // A node we cannot reach cannot campaign either.
+            tracing::warn!(node = id, error = %e, "could not quiet a voter for the transfer");
+        }
+    }
+    let remaining: BTreeSet<NodeId> = voters.iter().copied().filter(|v| *v != m.id).collect();
+    tracing::info!(
+        group,
+        to,
+        "transferring leadership: stepping out of the voters"
+    );
+    // Not retained as a learner: a leader that is still in the membership keeps leading (openraft
+    // lets learners lead); one that left it steps down once the configuration is committed.
+    let result = raft.change_membership(remaining, false).await;
+    let outcome = match result {
+        Err(e) => Err(unavailable(format!("stepping out: {e}"))),
+        Ok(_) => {
+            let deadline = Instant::now() + QUIET_FOR;
+            // This node left the group and hears no more of it: ask the target.
+            loop {
+                let leader = leader_seen_by(&target_addr, group).await;
+                if leader == Some(to) {
+                    break Ok(());
+                }
+                if Instant::now() > deadline {
+                    break Err(unavailable(format!(
+                        "node {to} did not take over within {QUIET_FOR:?} (leader now {leader:?})"
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    for (id, addr) in &others {
+        if let Err(e) = suppress(addr, group, 0).await {
+            tracing::warn!(node = id, error = %e, "could not resume a voter's elections (it resumes by itself)");
+        }
+    }
+    outcome
+}
+
+/// Adds node `id` (address `addr`) back as a voter of the hub group through the leader at
+/// `leader_addr`, retrying for a while (the new leader may still be settling).
+pub async fn rejoin_through(leader_addr: &str, id: NodeId, addr: &str) -> Result<(), HubError> {
+    let deadline = Instant::now() + QUIET_FOR;
+    loop {
+        let channel = super::network::channel(leader_addr)
+            .map_err(|e| HubError::new(ErrorCode::ServerError, e.to_string()))?;
+        let reply = HubForwardClient::new(channel)
+            .change_membership(meridian_proto::hub::ChangeMembershipRequest {
+                add_id: id,
+                add_addr: addr.to_string(),
+                remove_id: 0,
+            })
+            .await;
+        match reply {
+            Ok(r) if r.get_ref().error_json.is_empty() => return Ok(()),
+            Ok(r) => {
+                return Err(serde_json::from_slice(&r.get_ref().error_json)
+                    .unwrap_or_else(|e| HubError::new(ErrorCode::ServerError, e.to_string())));
+            }
+            Err(status) if Instant::now() < deadline => {
+                tracing::debug!(%status, "rejoining after the transfer; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(status) => return Err(unavailable(status.message().to_string())),
+        }
+    }
+}
+
+/// Quiets this node's election timer of `raft` for `millis` (0 resumes it now).
+pub fn suppress_election<C>(raft: &Raft<C>, millis: u64)
+where
+    C: RaftTypeConfig,
+{
+    raft.runtime_config().elect(millis == 0);
+    if millis > 0 {
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(millis)).await;
+            raft.runtime_config().elect(true);
+        });
+    }
+}
