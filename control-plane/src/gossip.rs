@@ -4,7 +4,8 @@
 //! (TCP) port, so a member's gRPC address is also where to gossip with it and no extra address
 //! has to be configured. The agent announces itself to the configured members, probes peers
 //! (direct and indirect probes, suspicion, then down) and keeps a view of who is up with their
-//! metadata (id, region, public addresses, roles).
+//! metadata (id, region, public addresses, roles). Load (connected devices, partitions led)
+//! changes all the time, so it travels as versioned custom broadcasts instead of in the identity.
 //!
 //! Gossip is advisory: it never changes Raft voters. Raft membership stays the authority on who
 //! votes; gossip tells operators and the node which peers are alive right now.
@@ -77,6 +78,15 @@ pub enum Health {
     Down,
 }
 
+/// What a node is carrying now, as it last announced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeLoad {
+    /// Device connections open on the node.
+    pub devices: u64,
+    /// Telemetry partitions the node leads.
+    pub partitions_led: u64,
+}
+
 /// One peer in the gossip view.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerState {
@@ -86,6 +96,67 @@ pub struct PeerState {
     pub health: Health,
     /// When the health last changed, as seen here.
     pub since: Instant,
+    /// Its last announced load, if any arrived yet.
+    pub load: Option<NodeLoad>,
+}
+
+/// A load announcement: the newest version per node wins.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LoadItem {
+    node: u64,
+    version: u64,
+    load: NodeLoad,
+}
+
+/// Broadcast key of a load announcement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LoadKey {
+    node: u64,
+    version: u64,
+}
+
+impl foca::Invalidates for LoadKey {
+    fn invalidates(&self, other: &Self) -> bool {
+        self.node == other.node && self.version > other.version
+    }
+}
+
+type Loads = Arc<RwLock<BTreeMap<u64, (u64, NodeLoad)>>>;
+
+/// Keeps the newest load of every node and tells foca which announcements to pass on.
+struct LoadHandler {
+    loads: Loads,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("bad load announcement: {0}")]
+struct BadLoad(String);
+
+impl foca::BroadcastHandler<NodeIdentity> for LoadHandler {
+    type Key = LoadKey;
+    type Error = BadLoad;
+
+    fn receive_item(
+        &mut self,
+        data: &[u8],
+        _sender: Option<&NodeIdentity>,
+    ) -> Result<Option<LoadKey>, BadLoad> {
+        let item: LoadItem = serde_json::from_slice(data).map_err(|e| BadLoad(e.to_string()))?;
+        let Ok(mut loads) = self.loads.write() else {
+            return Ok(None);
+        };
+        let newer = loads
+            .get(&item.node)
+            .is_none_or(|(version, _)| *version < item.version);
+        if !newer {
+            return Ok(None);
+        }
+        loads.insert(item.node, (item.version, item.load));
+        Ok(Some(LoadKey {
+            node: item.node,
+            version: item.version,
+        }))
+    }
 }
 
 /// The gossip view: peers by node id.
@@ -130,14 +201,17 @@ enum Input {
     Data(Bytes),
     Timer(Timer<NodeIdentity>),
     Announce(SocketAddr),
+    Load(NodeLoad),
 }
 
 /// A running gossip agent. Dropping every handle does not stop it; it stops at shutdown.
 #[derive(Clone)]
 pub struct Gossip {
     view: Arc<RwLock<View>>,
+    loads: Loads,
     changes: watch::Receiver<u64>,
     local: NodeIdentity,
+    input: mpsc::Sender<Input>,
 }
 
 impl Gossip {
@@ -176,7 +250,16 @@ impl Gossip {
         });
         let max_packet = config.max_packet_size.get();
         let rng: rand::rngs::StdRng = rand::make_rng();
-        let mut foca = Foca::new(local.clone(), config, rng, PostcardCodec);
+        let loads: Loads = Arc::default();
+        let mut foca = Foca::with_custom_broadcast(
+            local.clone(),
+            config,
+            rng,
+            PostcardCodec,
+            LoadHandler {
+                loads: loads.clone(),
+            },
+        );
 
         let view: Arc<RwLock<View>> = Arc::default();
         let (changes_tx, changes) = watch::channel(0u64);
@@ -228,6 +311,7 @@ impl Gossip {
         // The agent loop owns foca.
         {
             let (view, local_addr, timer_tx) = (view.clone(), advertise, tx.clone());
+            let local_id = local.meta.id;
             tokio::spawn(async move {
                 let mut runtime = foca::AccumulatingRuntime::new();
                 let mut version = 0u64;
@@ -239,6 +323,20 @@ impl Gossip {
                     let result = match input {
                         Input::Data(data) => foca.handle_data(&data, &mut runtime),
                         Input::Timer(timer) => foca.handle_timer(timer, &mut runtime),
+                        Input::Load(load) => {
+                            let item = LoadItem {
+                                node: local_id,
+                                version: SystemTime::now()
+                                    .duration_since(UNIX_EPOCH)
+                                    .map_or(0, |d| d.as_millis() as u64),
+                                load,
+                            };
+                            tracing::debug!(?load, "gossip: announcing load");
+                            match serde_json::to_vec(&item) {
+                                Ok(bytes) => foca.add_broadcast(&bytes).map(|_| ()),
+                                Err(_) => Ok(()),
+                            }
+                        }
                         Input::Announce(addr) => foca.announce(
                             NodeIdentity {
                                 addr,
@@ -276,8 +374,10 @@ impl Gossip {
         }
         Ok(Self {
             view,
+            loads,
             changes,
             local,
+            input: tx,
         })
     }
 
@@ -286,9 +386,20 @@ impl Gossip {
         &self.local
     }
 
-    /// The current view of the other nodes.
+    /// The current view of the other nodes, with their last announced load.
     pub fn view(&self) -> View {
-        self.view.read().map(|v| v.clone()).unwrap_or_default()
+        let mut view = self.view.read().map(|v| v.clone()).unwrap_or_default();
+        if let Ok(loads) = self.loads.read() {
+            for (id, peer) in view.iter_mut() {
+                peer.load = loads.get(id).map(|(_, l)| *l);
+            }
+        }
+        view
+    }
+
+    /// Announces this node's load to the cluster (newest wins).
+    pub async fn set_load(&self, load: NodeLoad) {
+        let _ = self.input.send(Input::Load(load)).await;
     }
 
     /// Health of node `id`, if gossip has heard of it.
@@ -340,6 +451,7 @@ fn apply_notification(view: &RwLock<View>, n: OwnedNotification<NodeIdentity>) -
                 identity,
                 health,
                 since: Instant::now(),
+                load: None,
             },
         );
         true
@@ -412,7 +524,12 @@ mod tests {
         let (stop_all, all) = watch::channel(false);
         let (stop_3, only_3) = watch::channel(false);
         let g1 = agent(ports[0], 1, seeds.clone(), all.clone()).await;
-        let _g2 = agent(ports[1], 2, seeds.clone(), all.clone()).await;
+        let g2 = agent(ports[1], 2, seeds.clone(), all.clone()).await;
+        g2.set_load(NodeLoad {
+            devices: 1,
+            partitions_led: 0,
+        })
+        .await;
         let _g3 = agent(ports[2], 3, seeds.clone(), only_3).await;
         wait_for(
             &g1,
@@ -424,6 +541,25 @@ mod tests {
             g1.view().get(&3).map(|p| p.identity.meta.region.clone()),
             Some("r1".to_string())
         );
+        // Load announcements reach the others; the newest wins.
+        wait_for(
+            &g1,
+            |v| v.get(&2).and_then(|p| p.load).map(|l| l.devices) == Some(1),
+            Duration::from_secs(10),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        g2.set_load(NodeLoad {
+            devices: 9,
+            partitions_led: 2,
+        })
+        .await;
+        wait_for(
+            &g1,
+            |v| v.get(&2).and_then(|p| p.load).map(|l| l.devices) == Some(9),
+            Duration::from_secs(10),
+        )
+        .await;
         // Node 3 stops answering: it is declared down within a few seconds.
         let _ = stop_3.send(true);
         let took = wait_for(

@@ -22,6 +22,7 @@ pub struct ControlPlane {
     partitions: Partitions,
     gossip: Gossip,
     node_id: u64,
+    sessions: crate::mqtt::Sessions,
 }
 
 fn unix_now() -> u64 {
@@ -32,13 +33,24 @@ fn unix_now() -> u64 {
 
 impl ControlPlane {
     /// The control plane over this node's hub group, partitions and gossip view.
-    pub fn new(hub: Hub, partitions: Partitions, gossip: Gossip, node_id: u64) -> Self {
+    pub fn new(
+        hub: Hub,
+        partitions: Partitions,
+        gossip: Gossip,
+        node_id: u64,
+        sessions: crate::mqtt::Sessions,
+    ) -> Self {
         Self {
             hub,
             partitions,
             gossip,
             node_id,
+            sessions,
         }
+    }
+
+    fn devices_here(&self) -> usize {
+        self.sessions.count()
     }
 
     /// The gossip view (liveness of the other nodes).
@@ -109,6 +121,18 @@ impl ControlPlane {
                     "draining": draining.contains(id),
                     "partitionsLed": leaders.iter().filter(|l| **l == Some(*id)).count(),
                     "healthSinceMs": peer.map(|p| p.since.elapsed().as_millis() as u64),
+                // Load as gossip last carried it (this node: its own numbers).
+                "load": if *id == m.id {
+                    Some(json!({
+                        "devices": self.devices_here(),
+                        "partitionsLed": leaders.iter().filter(|l| **l == Some(*id)).count(),
+                    }))
+                } else {
+                    peer.and_then(|p| p.load).map(|l| json!({
+                        "devices": l.devices,
+                        "partitionsLed": l.partitions_led,
+                    }))
+                },
                     "region": meta.as_ref().map(|m| m.region.clone()),
                     "httpsAddr": meta.as_ref().map(|m| m.https.clone()),
                     "mqttAddr": meta.as_ref().map(|m| m.mqtt.clone()),

@@ -578,6 +578,34 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
     .await
     .map_err(|e| StartError::Raft(e.to_string()))?;
     {
+        let (gossip, mqtt, partitions, mut shutdown) = (
+            gossip.clone(),
+            mqtt.clone(),
+            partitions.clone(),
+            shutdown.clone(),
+        );
+        tasks.push((
+            "gossip-load",
+            tokio::spawn(async move {
+                // Announced every 2 s even when unchanged: the newest version wins, so an
+                // announcement that did not spread is superseded quickly.
+                loop {
+                    let load = meridian_control_plane::gossip::NodeLoad {
+                        devices: mqtt.sessions.count() as u64,
+                        partitions_led: (0..partitions.count())
+                            .filter(|p| partitions.is_leader(*p))
+                            .count() as u64,
+                    };
+                    gossip.set_load(load).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                        _ = shutdown.wait_for(|s| *s) => return,
+                    }
+                }
+            }),
+        ));
+    }
+    {
         let (gossip, mut shutdown) = (gossip.clone(), shutdown.clone());
         tasks.push((
             "gossip-metrics",
@@ -610,6 +638,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
                     partitions.clone(),
                     gossip,
                     node_id,
+                    mqtt.sessions.clone(),
                 );
                 let _ = control_slot.set(control.clone());
                 control

@@ -136,6 +136,23 @@ async fn gossip_reports_dead_nodes_without_touching_voters() -> Result<()> {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
 
+    // Gossip carries node 3's load: the device connected there.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let listing = c.json("GET", "/meridian/cluster/nodes", None).await?.json();
+        let devices = listing["nodes"]
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["id"] == json!(3)))
+            .and_then(|n| n["load"]["devices"].as_u64());
+        if devices.is_some_and(|d| d >= 1) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("node 3's load never showed the device: {listing}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     cluster.node(3).kill9();
     let detected = wait_health(&base, n1, 3, "down", Duration::from_secs(15)).await?;
     println!("node 3 reported down {detected:?} after kill -9");
