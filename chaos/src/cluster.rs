@@ -69,6 +69,8 @@ pub struct ChaosCluster {
     pub ca: PathBuf,
     /// A service client (iothubowner) pointed at node 1.
     pub service: ServiceClient,
+    /// A control-plane client (operator credential) pointed at node 1.
+    pub operator: ServiceClient,
     /// Partition count.
     pub partitions: u32,
     // Declared last: dropped after the processes.
@@ -161,10 +163,19 @@ impl ChaosCluster {
             .unwrap_or_default();
         let service =
             ServiceClient::new(cs, nodes[0].https, &ca)?.with_timeout(Duration::from_secs(15));
+        let operator = ServiceClient::new(
+            creds["operator_connection_string"]
+                .as_str()
+                .unwrap_or_default(),
+            nodes[0].https,
+            &ca,
+        )?
+        .with_timeout(Duration::from_secs(15));
         let cluster = Self {
             nodes,
             ca,
             service,
+            operator,
             partitions: opts.partitions,
             net,
         };
@@ -234,6 +245,30 @@ impl ChaosCluster {
     /// A service client for node `id`.
     pub fn service_for(&self, id: u64) -> Result<ServiceClient> {
         Ok(self.service.with_addr(self.node(id)?.https))
+    }
+
+    /// Delays every node-to-node call node `id` sends by `delay` (0 turns it off): latency
+    /// injection through the node's fault API, since `tc netem` is not available everywhere.
+    pub async fn set_peer_delay(&self, id: u64, delay: Duration) -> Result<()> {
+        let mut c = self
+            .operator
+            .with_addr(self.node(id)?.https)
+            .connect()
+            .await?;
+        let r = c
+            .json(
+                "PUT",
+                "/meridian/cluster/faults",
+                Some(&serde_json::json!({"peerDelayMs": delay.as_millis() as u64})),
+            )
+            .await?;
+        anyhow::ensure!(
+            r.status == 204,
+            "set faults on node {id}: {} {}",
+            r.status,
+            r.json()
+        );
+        Ok(())
     }
 
     /// SIGKILL node `id`.

@@ -48,6 +48,33 @@ async fn create_devices(cluster: &ChaosCluster, ids: &[String]) -> Result<Vec<(S
     Ok(out)
 }
 
+/// Median latency of `n` sequential creates through `client`.
+async fn create_latency(
+    client: &meridian::client::ServiceClient,
+    prefix: &str,
+    n: usize,
+) -> Option<Duration> {
+    let mut c = client.connect().await.ok()?;
+    let mut times = Vec::new();
+    for i in 0..n {
+        let id = format!("{prefix}-{i}");
+        let started = Instant::now();
+        let r = c
+            .json(
+                "PUT",
+                &format!("/devices/{id}"),
+                Some(&json!({"deviceId": id})),
+            )
+            .await
+            .ok()?;
+        if r.status == 200 {
+            times.push(started.elapsed());
+        }
+    }
+    times.sort_unstable();
+    times.get(times.len() / 2).copied()
+}
+
 fn ms(d: Option<Duration>) -> Option<u64> {
     d.map(|d| d.as_millis() as u64)
 }
@@ -191,7 +218,40 @@ pub async fn cluster_nemeses(opts: &NemesesOptions, dir: &Path) -> Result<Report
         notes: Vec::new(),
     });
 
-    // 4: isolate the hub leader (needs namespaces).
+    // 4: WAN-like latency: the hub leader's node-to-node calls take 100 ms longer for a while.
+    {
+        let leader = cluster.hub_leader().await.context("no hub leader")?;
+        let follower = all.iter().copied().find(|i| *i != leader).unwrap_or(1);
+        let client = cluster.service_for(follower)?;
+        let before = create_latency(&client, "chaos-lat-a", 10).await;
+        cluster
+            .set_peer_delay(leader, Duration::from_millis(100))
+            .await?;
+        timeline.note(format!(
+            "node {leader} (hub leader): +100 ms on its node-to-node calls"
+        ));
+        let during = create_latency(&client, "chaos-lat-b", 10).await;
+        let flowing = progress(&telemetry.acked, 200, Duration::from_secs(20)).await;
+        cluster.set_peer_delay(leader, Duration::ZERO).await?;
+        timeline.note(format!("node {leader}: latency removed"));
+        if flowing.is_err() {
+            failures.push("telemetry stalled while the leader was slow".into());
+        }
+        nemeses.push(NemesisResult {
+            nemesis: "+100 ms on the leader's node-to-node calls".into(),
+            node: leader,
+            why: "hub leader".into(),
+            telemetry_recovery_ms: None,
+            registry_recovery_ms: None,
+            notes: vec![format!(
+                "registry create p50 through a follower: {} ms before, {} ms during",
+                before.map_or("–".into(), |d| d.as_millis().to_string()),
+                during.map_or("–".into(), |d| d.as_millis().to_string())
+            )],
+        });
+    }
+
+    // 5: isolate the hub leader (needs namespaces).
     if opts.cluster.netns {
         let leader = cluster.hub_leader().await.context("no hub leader")?;
         let token = device_token("localhost", "chaos-probe", &probe_key, 600)?;

@@ -146,6 +146,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/meridian/cluster/partitions", get(cluster_partitions))
         .route("/meridian/cluster/nodes/{id}/drain", post(drain_node))
         .route("/meridian/cluster/leader", post(transfer_leadership))
+        .route("/meridian/cluster/faults", get(get_faults).put(put_faults))
         .route("/meridian/routing", get(get_routing))
         .route("/meridian/routing/fallback", put(set_fallback))
         .route(
@@ -760,6 +761,34 @@ async fn drain_node(
     authorize_operator(&s, &headers).await?;
     let spec: DrainSpec = parse_body(&body)?;
     s.control.set_draining(id, spec.draining).await?;
+    Ok(no_content())
+}
+
+/// Body of `PUT /meridian/cluster/faults`: fault injection on the node that receives it.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FaultSpec {
+    peer_delay_ms: u64,
+}
+
+async fn get_faults(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    authorize_operator(&s, &headers).await?;
+    Ok(ok_json(
+        json!({"peerDelayMs": crate::faults::peer_delay().as_millis() as u64}),
+    ))
+}
+
+async fn put_faults(State(s): State<ApiState>, headers: HeaderMap, body: Bytes) -> ApiResult {
+    authorize_operator(&s, &headers).await?;
+    let spec: FaultSpec = parse_body(&body)?;
+    if spec.peer_delay_ms > 10_000 {
+        return Err(HubError::invalid("peerDelayMs must be at most 10000").into());
+    }
+    tracing::warn!(
+        peer_delay_ms = spec.peer_delay_ms,
+        "fault injection: delaying node-to-node calls"
+    );
+    crate::faults::set_peer_delay(std::time::Duration::from_millis(spec.peer_delay_ms));
     Ok(no_content())
 }
 

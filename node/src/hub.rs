@@ -159,10 +159,12 @@ impl Hub {
         // answer in time (it is deposed or cut off): give up early. The outcome is unknown, so
         // the caller gets 503 and decides whether to retry, instead of waiting out the timeout.
         let leader_changed = self.until_leader_changes(leader_id);
-        let call = tokio::time::timeout(
-            self.inner.request_timeout,
-            client.client_write(ClientWriteRequest { command_json }),
-        );
+        let call = tokio::time::timeout(self.inner.request_timeout, async move {
+            crate::faults::before_peer_call().await;
+            client
+                .client_write(ClientWriteRequest { command_json })
+                .await
+        });
         let reply = tokio::select! {
             reply = call => reply
                 .map_err(|_| tonic::Status::deadline_exceeded("forwarded write timed out"))??,
@@ -330,10 +332,10 @@ impl Hub {
         let mut client = self
             .forward_client(addr)
             .map_err(|e| tonic::Status::unavailable(e.message))?;
-        let call = tokio::time::timeout(
-            self.inner.request_timeout,
-            client.read_index(ReadIndexRequest {}),
-        );
+        let call = tokio::time::timeout(self.inner.request_timeout, async move {
+            crate::faults::before_peer_call().await;
+            client.read_index(ReadIndexRequest {}).await
+        });
         // A read is safe to retry: when another leader appears, ask it instead of waiting out a
         // deposed (paused, cut off) one.
         let reply = tokio::select! {

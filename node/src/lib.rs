@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod domain;
+pub mod faults;
 pub mod hub;
 pub mod mqtt;
 pub mod observability;

@@ -448,7 +448,10 @@ impl Partitions {
                     };
                     let call = tokio::time::timeout(
                         deadline.saturating_duration_since(Instant::now()),
-                        client.append(request),
+                        async move {
+                            crate::faults::before_peer_call().await;
+                            client.append(request).await
+                        },
                     );
                     // A replica that learns of a new leader stops waiting for the old one (cut
                     // off or deposed): the outcome is unknown, so the device gets no PUBACK and

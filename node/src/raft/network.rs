@@ -117,6 +117,7 @@ impl GrpcNetwork {
         };
         let mut client = client;
         let fut = async move {
+            crate::faults::before_peer_call().await;
             match rpc {
                 Rpc::AppendEntries => client.append_entries(payload).await,
                 Rpc::Vote => client.vote(payload).await,
