@@ -11,7 +11,8 @@ use crate::checker::{self, check_registry, check_telemetry};
 use crate::cluster::{ChaosCluster, ClusterOptions};
 use crate::report::{NemesisResult, Report, Timeline};
 use crate::workload::{
-    RegistryLoad, TelemetryLoad, all_partitions_writable, probe_ids, progress, registry_writable,
+    RegistryLoad, SdkLoad, TelemetryLoad, all_partitions_writable, probe_ids, progress,
+    registry_writable,
 };
 
 /// Settings of [`cluster_nemeses`].
@@ -19,8 +20,10 @@ use crate::workload::{
 pub struct NemesesOptions {
     /// The cluster.
     pub cluster: ClusterOptions,
-    /// Telemetry devices.
+    /// Telemetry devices (Rust load generator).
     pub devices: usize,
+    /// Devices run by the official Python SDK (0: none).
+    pub sdk_devices: usize,
     /// Messages to see acknowledged before the first nemesis.
     pub warmup_messages: usize,
     /// How long a paused node stays paused.
@@ -97,7 +100,21 @@ pub async fn cluster_nemeses(opts: &NemesesOptions, dir: &Path) -> Result<Report
         .1;
     // One device per partition measures "every partition writable again".
     let probes = create_devices(&cluster, &probe_ids("chaos-pp", cluster.partitions)).await?;
-    let mqtt = cluster.nodes.iter().map(|n| n.mqtt).collect();
+    let mqtt: Vec<_> = cluster.nodes.iter().map(|n| n.mqtt).collect();
+    let sdk = if opts.sdk_devices > 0 {
+        let ids: Vec<String> = (0..opts.sdk_devices)
+            .map(|i| format!("chaos-sdk-{i}"))
+            .collect();
+        let sdk_devices = create_devices(&cluster, &ids).await?;
+        let load = SdkLoad::start(&sdk_devices, &mqtt, &cluster.ca, dir).await?;
+        timeline.note(format!(
+            "{} official Python SDK devices connected",
+            opts.sdk_devices
+        ));
+        Some(load)
+    } else {
+        None
+    };
     let telemetry = TelemetryLoad::start(devices, mqtt, &cluster.ca);
     let clients = (1..=n)
         .map(|id| cluster.service_for(id))
@@ -362,7 +379,19 @@ pub async fn cluster_nemeses(opts: &NemesesOptions, dir: &Path) -> Result<Report
         });
     }
 
-    let acked = telemetry.stop().await?;
+    let mut acked = telemetry.stop().await?;
+    if let Some(sdk) = sdk {
+        let sdk_acked = sdk.stop().await?;
+        let count: usize = sdk_acked.values().map(Vec::len).sum();
+        timeline.note(format!(
+            "official SDK devices: {count} messages acknowledged by {} devices",
+            sdk_acked.len()
+        ));
+        if count == 0 {
+            failures.push("the SDK devices got nothing acknowledged".into());
+        }
+        acked.extend(sdk_acked);
+    }
     let created = registry.stop().await;
     timeline.note("workload stopped; checking");
     let grpcs: Vec<_> = cluster.nodes.iter().map(|n| n.grpc).collect();

@@ -294,3 +294,104 @@ pub async fn registry_writable(
     }
     None
 }
+
+/// Official Python SDK devices (`chaos/sdk/sdk_devices.py`, azure-iot-device 2.14 from the venv
+/// that `node/tests/sdk/setup.sh` installs), publishing numbered messages like [`TelemetryLoad`].
+pub struct SdkLoad {
+    child: std::process::Child,
+    stop_file: std::path::PathBuf,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+/// The venv python of the official SDKs (`MERIDIAN_SDK_CACHE`, default `~/.cache/meridian-sdk`).
+pub fn sdk_python() -> std::path::PathBuf {
+    std::env::var_os("MERIDIAN_SDK_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/meridian-sdk")
+        })
+        .join("venv/bin/python")
+}
+
+impl SdkLoad {
+    /// Starts the SDK devices (already registered: `(id, primary key)`) against `nodes` (MQTT/TLS
+    /// endpoints) and waits until every one is connected.
+    pub async fn start(
+        devices: &[(String, String)],
+        nodes: &[SocketAddr],
+        ca: &std::path::Path,
+        work: &std::path::Path,
+    ) -> Result<Self> {
+        use std::io::BufRead;
+        let python = sdk_python();
+        anyhow::ensure!(
+            python.exists(),
+            "{} missing: run `bash node/tests/sdk/setup.sh` (deploy/test.sh does)",
+            python.display()
+        );
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/sdk_devices.py");
+        let stop_file = work.join("sdk-stop");
+        let _ = std::fs::remove_file(&stop_file);
+        let nodes: Vec<String> = nodes.iter().map(ToString::to_string).collect();
+        let mut child = std::process::Command::new(python)
+            .arg(script)
+            .env("MERIDIAN_CA_CERT", ca)
+            .env("CHAOS_NODES", nodes.join(","))
+            .env("CHAOS_DEVICES", serde_json::to_string(devices)?)
+            .env("CHAOS_STOP_FILE", &stop_file)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(work.join("sdk-devices.log"))?)
+            .spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let load = Self {
+            child,
+            stop_file,
+            lines,
+        };
+        load.wait_line("ready", Duration::from_secs(60)).await?;
+        Ok(load)
+    }
+
+    async fn wait_line(&self, prefix: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.lines.try_recv() {
+                Ok(line) if line.starts_with(prefix) => return Ok(line),
+                Ok(_) => continue,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    bail!("SDK devices exited before printing {prefix:?}")
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => {}
+            }
+            if Instant::now() > deadline {
+                bail!("SDK devices did not print {prefix:?} within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the devices and returns what they got acknowledged.
+    pub async fn stop(mut self) -> Result<BTreeMap<String, Vec<u64>>> {
+        std::fs::write(&self.stop_file, b"stop")?;
+        let line = self.wait_line("ACKED ", Duration::from_secs(90)).await;
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let line = line?;
+        Ok(serde_json::from_str(line.trim_start_matches("ACKED "))?)
+    }
+}

@@ -35,6 +35,7 @@ async fn kills_pause_and_partition_lose_nothing() -> Result<()> {
         &NemesesOptions {
             cluster,
             devices: 200,
+            sdk_devices: 10,
             warmup_messages: 2000,
             pause: Duration::from_secs(4),
         },

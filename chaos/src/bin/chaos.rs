@@ -23,6 +23,9 @@ struct Args {
     /// Telemetry devices.
     #[arg(long, default_value_t = 200)]
     devices: usize,
+    /// Devices run by the official Python SDK (venv from node/tests/sdk/setup.sh; 0: none).
+    #[arg(long, default_value_t = 10)]
+    sdk_devices: usize,
     /// Run on loopback only (no network namespaces, so no partition nemesis; no root needed).
     #[arg(long)]
     loopback: bool,
@@ -49,6 +52,7 @@ async fn main() -> Result<()> {
         &NemesesOptions {
             cluster,
             devices: args.devices,
+            sdk_devices: args.sdk_devices,
             warmup_messages: 2000,
             pause: Duration::from_secs(args.pause_secs),
         },
