@@ -33,8 +33,10 @@ pub struct Report {
     pub scenario: String,
     /// Nodes.
     pub nodes: usize,
-    /// Telemetry devices.
+    /// Telemetry devices (Rust load generator).
     pub devices: usize,
+    /// Devices run by the official Python SDK.
+    pub sdk_devices: usize,
     /// Partitions and their replication factor.
     pub partitions: u32,
     /// Replicas per partition.
@@ -102,8 +104,8 @@ impl Report {
         let t = &self.telemetry;
         let r = &self.registry;
         let mut md = format!(
-            "# Chaos run: {}\n\n{} nodes{}, {} telemetry devices, {} partitions × RF {}, {:.0} s. \
-             Verdict: **{}**.\n\n",
+            "# Chaos run: {}\n\n{} nodes{}, {} telemetry devices (Rust load generator) + {} official \
+             Python SDK devices, {} partitions × RF {}, {:.0} s. Verdict: **{}**.\n\n",
             self.scenario,
             self.nodes,
             if self.netns {
@@ -112,6 +114,7 @@ impl Report {
                 " on loopback"
             },
             self.devices,
+            self.sdk_devices,
             self.partitions,
             self.replication_factor,
             self.duration_secs,

@@ -442,6 +442,7 @@ pub async fn cluster_nemeses(opts: &NemesesOptions, dir: &Path) -> Result<Report
         },
         nodes: cluster.nodes.len(),
         devices: opts.devices,
+        sdk_devices: opts.sdk_devices,
         partitions: cluster.partitions,
         replication_factor: opts.cluster.replication_factor,
         netns: opts.cluster.netns,
