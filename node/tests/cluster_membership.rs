@@ -34,8 +34,8 @@ async fn add_a_fourth_node_then_remove_the_first() -> Result<()> {
     let mut cluster = start_cluster(
         3,
         &[
-            ("MERIDIAN_CLUSTER__SNAPSHOT_EVERY_LOGS", "50"),
-            ("MERIDIAN_CLUSTER__MAX_IN_SNAPSHOT_LOG_TO_KEEP", "5"),
+            ("MERIDIAN_CLUSTER__SNAPSHOT_EVERY_LOGS", "10"),
+            ("MERIDIAN_CLUSTER__MAX_IN_SNAPSHOT_LOG_TO_KEEP", "2"),
         ],
     )?;
     let leader = cluster.wait_leader(Duration::from_secs(30)).await?;
@@ -131,15 +131,21 @@ async fn add_a_fourth_node_then_remove_the_first() -> Result<()> {
     )
     .await?;
     println!("partition replicas with 4 nodes: {placed:?}");
-    // Node 4 joined behind purged logs: it installed snapshots and fetched their records.
-    assert!(
-        cluster
-            .node(4)
-            .log_tail(100_000)
-            .contains("installed partition snapshot"),
-        "node 4 did not install a partition snapshot:\n{}",
-        cluster.node(4).log_tail(50)
-    );
+    // Node 4 joined behind purged logs: it installs snapshots and fetches their records.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cluster
+        .node(4)
+        .log_tail(100_000)
+        .contains("installed partition snapshot")
+    {
+        if Instant::now() > deadline {
+            bail!(
+                "node 4 did not install a partition snapshot:\n{}",
+                cluster.node(4).log_tail(50)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     progress(&acked, 500, Duration::from_secs(30))
         .await
         .with_context(|| cluster.logs())?;
