@@ -966,7 +966,7 @@ async fn partition_info(State(s): State<ApiState>, headers: HeaderMap) -> ApiRes
         .await?;
     Ok(ok_json(json!({
         "partitionCount": s.events.partitions(),
-        "endOffsets": s.events.end_offsets()?,
+        "endOffsets": s.events.end_offsets_any().await?,
     })))
 }
 
@@ -1029,7 +1029,7 @@ async fn read_events(
         }
     };
     let offset = s.events.start_offset(partition, &start).await?;
-    let events = s.events.read(partition, offset, max)?;
+    let events = s.events.read_any(partition, offset, max).await?;
     let next = events.last().map_or(offset, |e| e.offset + 1);
     Ok(ok_json(json!({
         "partition": partition,

@@ -377,6 +377,17 @@ impl Partitions {
         Ok(c)
     }
 
+    /// gRPC addresses of `partition`'s replicas per the current placement (for a node that is
+    /// not one of them and must read elsewhere).
+    pub fn replica_addrs(&self, partition: u32) -> Vec<String> {
+        self.inner
+            .routes
+            .lock()
+            .ok()
+            .and_then(|r| r.get(&partition).map(|route| route.placement.clone()))
+            .unwrap_or_default()
+    }
+
     /// The node to send `partition`'s appends to when this node knows no leader for it.
     fn routed(&self, partition: u32) -> Option<(NodeId, String)> {
         let mut routes = self.inner.routes.lock().ok()?;

@@ -224,7 +224,8 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
         telemetry.clone(),
         config.mqtt.partitions,
         hub.clone(),
-    );
+    )
+    .with_groups(partitions.clone());
     let mqtt = Arc::new(MqttContext {
         hub: hub.clone(),
         partition_groups: partitions.clone(),

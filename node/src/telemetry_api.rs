@@ -67,13 +67,18 @@ impl Event {
     }
 }
 
-/// Reads partitions of this node's telemetry log.
+/// Reads telemetry partitions: from this node's log when it is a replica of the partition, else
+/// from a replica over `TelemetryRead` (the `*_any` methods).
 #[derive(Clone)]
 pub struct EventReader {
     log: TelemetryLog,
     partitions: u32,
     hub: Hub,
+    groups: Option<crate::partition::Partitions>,
 }
+
+/// Metadata on a forwarded read: the receiving node answers from its own log, never forwards.
+pub const LOCAL_READ: &str = "x-meridian-local-read";
 
 impl EventReader {
     /// A reader over `log` with `partitions` partitions; checkpoints go through `hub`.
@@ -82,7 +87,139 @@ impl EventReader {
             log,
             partitions,
             hub,
+            groups: None,
         }
+    }
+
+    /// Lets the reader find replicas of partitions this node does not hold.
+    pub fn with_groups(mut self, groups: crate::partition::Partitions) -> Self {
+        self.groups = Some(groups);
+        self
+    }
+
+    /// The replicas to read stream `key` from, when this node is not one of them.
+    fn remote_replicas(&self, key: u32) -> Vec<String> {
+        let Some(groups) = &self.groups else {
+            return Vec::new();
+        };
+        let p = crate::partition::partition_of_key(key);
+        if groups.is_replica(p) {
+            Vec::new()
+        } else {
+            groups.replica_addrs(p)
+        }
+    }
+
+    fn local_request<T>(message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request
+            .metadata_mut()
+            .insert(LOCAL_READ, tonic::metadata::MetadataValue::from_static("1"));
+        request
+    }
+
+    /// Like [`EventReader::read`], from a replica when this node does not hold the partition.
+    pub async fn read_any(&self, key: u32, offset: u64, max: usize) -> HubResult<Vec<Event>> {
+        let remotes = self.remote_replicas(key);
+        if remotes.is_empty() {
+            return self.read(key, offset, max);
+        }
+        let mut last = String::from("no replica address known yet");
+        for addr in remotes {
+            match Self::read_remote(&addr, key, offset, max).await {
+                Ok(events) => return Ok(events),
+                Err(e) => last = format!("{addr}: {e}"),
+            }
+        }
+        Err(HubError::new(
+            ErrorCode::ServiceUnavailable,
+            format!("no replica of partition {key} answered: {last}"),
+        ))
+    }
+
+    async fn read_remote(
+        addr: &str,
+        key: u32,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<Event>, String> {
+        use meridian_proto::telemetry::telemetry_read_client::TelemetryReadClient;
+        let channel = crate::raft::network::channel(addr).map_err(|e| e.to_string())?;
+        let mut client = TelemetryReadClient::new(channel);
+        let mut stream = client
+            .read_partition(Self::local_request(ReadPartitionRequest {
+                partition: key,
+                from_offset: offset,
+                max_records: max.min(u32::MAX as usize) as u32,
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| e.message().to_string())?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(r) = stream
+            .message()
+            .await
+            .map_err(|e| e.message().to_string())?
+        {
+            out.push(Event {
+                partition: r.partition,
+                offset: r.offset,
+                message: TelemetryMessage {
+                    system_properties: r.system_properties.into_iter().collect(),
+                    application_properties: r.application_properties.into_iter().collect(),
+                    body: r.body,
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    /// Like [`EventReader::end_offsets`], asking a replica for partitions this node does not hold.
+    pub async fn end_offsets_any(&self) -> HubResult<Vec<u64>> {
+        use meridian_proto::telemetry::telemetry_read_client::TelemetryReadClient;
+        let mut ends = self.end_offsets()?;
+        for (p, end) in ends.iter_mut().enumerate() {
+            for addr in self.remote_replicas(p as u32) {
+                let Ok(channel) = crate::raft::network::channel(&addr) else {
+                    continue;
+                };
+                let reply = TelemetryReadClient::new(channel)
+                    .partition_info(Self::local_request(PartitionInfoRequest {}))
+                    .await;
+                if let Some(remote) = reply
+                    .ok()
+                    .and_then(|r| r.into_inner().end_offsets.get(p).copied())
+                {
+                    *end = remote;
+                    break;
+                }
+            }
+        }
+        Ok(ends)
+    }
+
+    async fn end_offset_any(&self, key: u32) -> HubResult<u64> {
+        if self.remote_replicas(key).is_empty() {
+            return self.log.end_offset(key).map_err(Self::storage);
+        }
+        // The last record's offset + 1, read from a replica.
+        let mut offset = self.start_of_remote(key).await?;
+        loop {
+            let batch = self.read_any(key, offset, 10_000).await?;
+            match batch.last() {
+                Some(last) => offset = last.offset + 1,
+                None => return Ok(offset),
+            }
+        }
+    }
+
+    async fn start_of_remote(&self, key: u32) -> HubResult<u64> {
+        Ok(self
+            .read_any(key, 0, 1)
+            .await?
+            .first()
+            .map_or(0, |e| e.offset))
     }
 
     /// Partition count.
@@ -118,7 +255,7 @@ impl EventReader {
         self.check_partition(partition)?;
         match start {
             StartAt::Offset(o) => Ok(*o),
-            StartAt::End => self.log.end_offset(partition).map_err(Self::storage),
+            StartAt::End => self.end_offset_any(partition).await,
             StartAt::Checkpoint(group) => {
                 let group = group.clone();
                 self.hub
@@ -138,16 +275,16 @@ impl EventReader {
                 // `time` is where the read starts.
                 let mut offset = 0;
                 loop {
-                    let batch = self
-                        .log
-                        .read(partition, offset, 1000)
-                        .map_err(Self::storage)?;
+                    let batch = self.read_any(partition, offset, 1000).await?;
                     let Some(last) = batch.last() else {
-                        return self.log.end_offset(partition).map_err(Self::storage);
+                        return Ok(offset);
                     };
                     for r in &batch {
-                        let at = TelemetryMessage::decode(&r.data)
-                            .and_then(|m| m.system_properties.get("iothub-enqueuedtime").cloned())
+                        let at = r
+                            .message
+                            .system_properties
+                            .get("iothub-enqueuedtime")
+                            .cloned()
                             .unwrap_or_default();
                         if at.as_str() >= time.as_str() {
                             return Ok(r.offset);
@@ -262,6 +399,7 @@ impl TelemetryRead for TelemetryReadImpl {
         &self,
         request: Request<ReadPartitionRequest>,
     ) -> Result<Response<Self::ReadPartitionStream>, Status> {
+        let local_only = request.metadata().contains_key(LOCAL_READ);
         let req = request.into_inner();
         let start = if !req.consumer_group.is_empty() {
             StartAt::Checkpoint(req.consumer_group)
@@ -282,10 +420,12 @@ impl TelemetryRead for TelemetryReadImpl {
         } else {
             req.max_records as usize
         };
-        let events = self
-            .reader
-            .read(req.partition, offset, max)
-            .map_err(status)?;
+        let events = if local_only {
+            self.reader.read(req.partition, offset, max)
+        } else {
+            self.reader.read_any(req.partition, offset, max).await
+        }
+        .map_err(status)?;
         let items: Vec<Result<TelemetryRecord, Status>> = events
             .into_iter()
             .map(|e| {
@@ -303,11 +443,17 @@ impl TelemetryRead for TelemetryReadImpl {
 
     async fn partition_info(
         &self,
-        _request: Request<PartitionInfoRequest>,
+        request: Request<PartitionInfoRequest>,
     ) -> Result<Response<PartitionInfoResponse>, Status> {
+        let end_offsets = if request.metadata().contains_key(LOCAL_READ) {
+            self.reader.end_offsets()
+        } else {
+            self.reader.end_offsets_any().await
+        }
+        .map_err(status)?;
         Ok(Response::new(PartitionInfoResponse {
             partition_count: self.reader.partitions(),
-            end_offsets: self.reader.end_offsets().map_err(status)?,
+            end_offsets,
         }))
     }
 
