@@ -43,7 +43,6 @@ pub struct Record {
     /// Stream key: `stream * STREAM_STRIDE + partition` (or the connection-events key).
     pub key: u32,
     /// The encoded telemetry message.
-    #[serde(with = "base64_bytes")]
     pub data: Vec<u8>,
 }
 
@@ -79,21 +78,6 @@ openraft::declare_raft_types!(
 
 /// A partition group's Raft handle.
 pub type PartitionRaft = openraft::Raft<PartitionTypeConfig>;
-
-mod base64_bytes {
-    use base64::Engine;
-    use base64::engine::general_purpose::STANDARD;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&STANDARD.encode(bytes))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let text = String::deserialize(d)?;
-        STANDARD.decode(text).map_err(serde::de::Error::custom)
-    }
-}
 
 /// Marker before the leader's address in a "not leader" answer.
 pub const LEADER_HINT: &str = "leader=";
@@ -179,9 +163,11 @@ impl Partitions {
         let mut groups = Vec::new();
         let mut queues = Vec::new();
         for p in 0..settings.partitions {
-            let (log_store, snapshots) =
-                meridian_storage::open::<PartitionTypeConfig>(&dir.join(format!("p{p}")))
-                    .map_err(|e| format!("open partition {p} log: {e}"))?;
+            let (log_store, snapshots) = meridian_storage::open_with_codec::<PartitionTypeConfig>(
+                &dir.join(format!("p{p}")),
+                meridian_storage::EntryCodec::Binary,
+            )
+            .map_err(|e| format!("open partition {p} log: {e}"))?;
             let sm =
                 PartitionStateMachine::open(p, log.clone(), snapshots, settings.advertise.clone())
                     .map_err(|e| format!("open partition {p} state machine: {e}"))?;

@@ -9,6 +9,9 @@ pub enum Error {
     /// A stored value could not be encoded or decoded.
     #[error("codec: {0}")]
     Codec(#[from] serde_json::Error),
+    /// A log entry could not be encoded or decoded in the binary codec.
+    #[error("binary codec: {0}")]
+    Binary(#[from] postcard::Error),
     /// The database was opened without a column family this crate needs.
     #[error("missing column family {0}")]
     MissingColumnFamily(&'static str),

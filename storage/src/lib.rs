@@ -22,7 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use error::{Error, Result};
-pub use raft_log::RocksLogStore;
+pub use raft_log::{EntryCodec, RocksLogStore};
 pub use snapshot::{SnapshotStore, StoredSnapshot};
 pub use telemetry::{StoredRecord, TelemetryLog};
 
@@ -39,6 +39,17 @@ pub fn open<C>(path: &Path) -> Result<(RocksLogStore<C>, SnapshotStore<C>)>
 where
     C: openraft::RaftTypeConfig,
 {
+    open_with_codec(path, EntryCodec::Json)
+}
+
+/// Like [`open`], storing log entries with `codec`.
+pub fn open_with_codec<C>(
+    path: &Path,
+    codec: EntryCodec,
+) -> Result<(RocksLogStore<C>, SnapshotStore<C>)>
+where
+    C: openraft::RaftTypeConfig,
+{
     let mut opts = rocksdb::Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
@@ -47,7 +58,10 @@ where
         .map(|name| rocksdb::ColumnFamilyDescriptor::new(name, rocksdb::Options::default()));
     let db = rocksdb::DB::open_cf_descriptors(&opts, path, cfs)?;
     let db = Arc::new(db);
-    Ok((RocksLogStore::new(db.clone()), SnapshotStore::new(db)))
+    Ok((
+        RocksLogStore::new(db.clone(), codec),
+        SnapshotStore::new(db),
+    ))
 }
 
 /// Write options that fsync the WAL before the write returns.

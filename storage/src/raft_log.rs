@@ -26,13 +26,40 @@ const KEY_LAST_PURGED: &[u8] = b"last_purged";
 /// Writes that openraft must see durable (append, vote, purge marker) use a synced write.
 pub struct RocksLogStore<C: RaftTypeConfig> {
     db: Arc<DB>,
+    codec: EntryCodec,
     _c: PhantomData<C>,
+}
+
+/// How log entries are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryCodec {
+    /// serde_json: readable, used by the hub group.
+    Json,
+    /// postcard: compact and fast, used by telemetry partitions (entries carry message bodies).
+    Binary,
+}
+
+impl EntryCodec {
+    fn encode<T: Serialize>(self, value: &T) -> Result<Vec<u8>> {
+        Ok(match self {
+            EntryCodec::Json => serde_json::to_vec(value)?,
+            EntryCodec::Binary => postcard::to_stdvec(value)?,
+        })
+    }
+
+    fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T> {
+        Ok(match self {
+            EntryCodec::Json => serde_json::from_slice(bytes)?,
+            EntryCodec::Binary => postcard::from_bytes(bytes)?,
+        })
+    }
 }
 
 impl<C: RaftTypeConfig> Clone for RocksLogStore<C> {
     fn clone(&self) -> Self {
         Self {
             db: self.db.clone(),
+            codec: self.codec,
             _c: PhantomData,
         }
     }
@@ -52,9 +79,10 @@ fn key_index(key: &[u8]) -> Result<u64> {
 type RaftResult<C, T> = std::result::Result<T, StorageError<<C as RaftTypeConfig>::NodeId>>;
 
 impl<C: RaftTypeConfig> RocksLogStore<C> {
-    pub(crate) fn new(db: Arc<DB>) -> Self {
+    pub(crate) fn new(db: Arc<DB>, codec: EntryCodec) -> Self {
         Self {
             db,
+            codec,
             _c: PhantomData,
         }
     }
@@ -99,7 +127,7 @@ impl<C: RaftTypeConfig> RocksLogStore<C> {
             if !in_range {
                 break;
             }
-            let entry: C::Entry = serde_json::from_slice(&value)?;
+            let entry: C::Entry = self.codec.decode(&value)?;
             let entry_index = entry.get_log_id().index;
             if entry_index != index {
                 return Err(Error::IndexMismatch {
@@ -120,7 +148,7 @@ impl<C: RaftTypeConfig> RocksLogStore<C> {
         match self.db.iterator_cf(cf, IteratorMode::End).next() {
             Some(item) => {
                 let (_, value) = item?;
-                let entry: C::Entry = serde_json::from_slice(&value)?;
+                let entry: C::Entry = self.codec.decode(&value)?;
                 Ok(Some(entry.get_log_id().clone()))
             }
             None => Ok(None),
@@ -206,7 +234,7 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for RocksLogStore<C> {
             let mut batch = WriteBatch::default();
             for entry in entries {
                 let key = index_key(entry.get_log_id().index);
-                batch.put_cf(cf, key, serde_json::to_vec(&entry)?);
+                batch.put_cf(cf, key, self.codec.encode(&entry)?);
             }
             // One fsync for the whole batch: group commit for every entry openraft hands us at once.
             self.db.write_opt(batch, &synced())?;

@@ -109,8 +109,13 @@ impl GrpcNetwork {
                 ))));
             }
         };
-        let json =
-            serde_json::to_vec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        // The hub group's RPCs are JSON; partition groups' carry message bodies and use the
+        // binary codec (same as their log entries).
+        let json = if self.group == HUB_GROUP {
+            serde_json::to_vec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?
+        } else {
+            postcard::to_stdvec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?
+        };
         let payload = RaftPayload {
             json,
             group: self.group,
@@ -138,8 +143,13 @@ impl GrpcNetwork {
             }
             Ok(Ok(r)) => r.into_inner(),
         };
-        let result: Result<Resp, RaftError<NodeId, E>> = serde_json::from_slice(&reply.json)
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let result: Result<Resp, RaftError<NodeId, E>> = if self.group == HUB_GROUP {
+            serde_json::from_slice(&reply.json)
+                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?
+        } else {
+            postcard::from_bytes(&reply.json)
+                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?
+        };
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }

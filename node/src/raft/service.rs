@@ -38,13 +38,24 @@ impl RaftServiceImpl {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(payload: &RaftPayload) -> Result<T, Status> {
-    serde_json::from_slice(&payload.json)
-        .map_err(|e| Status::invalid_argument(format!("bad raft payload: {e}")))
+    if payload.group == super::network::HUB_GROUP {
+        serde_json::from_slice(&payload.json)
+            .map_err(|e| Status::invalid_argument(format!("bad raft payload: {e}")))
+    } else {
+        postcard::from_bytes(&payload.json)
+            .map_err(|e| Status::invalid_argument(format!("bad raft payload: {e}")))
+    }
 }
 
-fn encode<T: Serialize>(value: &T) -> Result<Response<RaftPayload>, Status> {
-    serde_json::to_vec(value)
-        .map(|json| Response::new(RaftPayload { json, group: 0 }))
+/// Encodes a reply in the group's codec (JSON for the hub group, binary for partitions).
+fn encode<T: Serialize>(group: u32, value: &T) -> Result<Response<RaftPayload>, Status> {
+    let bytes = if group == super::network::HUB_GROUP {
+        serde_json::to_vec(value).map_err(|e| e.to_string())
+    } else {
+        postcard::to_stdvec(value).map_err(|e| e.to_string())
+    };
+    bytes
+        .map(|json| Response::new(RaftPayload { json, group }))
         .map_err(|e| Status::internal(format!("encode raft reply: {e}")))
 }
 
@@ -56,9 +67,13 @@ impl RaftService for RaftServiceImpl {
     ) -> Result<Response<RaftPayload>, Status> {
         let payload = request.get_ref();
         if payload.group == super::network::HUB_GROUP {
-            encode(&self.raft.append_entries(decode(payload)?).await)
+            encode(
+                payload.group,
+                &self.raft.append_entries(decode(payload)?).await,
+            )
         } else {
             encode(
+                payload.group,
                 &self
                     .partition(payload.group)?
                     .append_entries(decode(payload)?)
@@ -70,9 +85,12 @@ impl RaftService for RaftServiceImpl {
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let payload = request.get_ref();
         if payload.group == super::network::HUB_GROUP {
-            encode(&self.raft.vote(decode(payload)?).await)
+            encode(payload.group, &self.raft.vote(decode(payload)?).await)
         } else {
-            encode(&self.partition(payload.group)?.vote(decode(payload)?).await)
+            encode(
+                payload.group,
+                &self.partition(payload.group)?.vote(decode(payload)?).await,
+            )
         }
     }
 
@@ -82,9 +100,13 @@ impl RaftService for RaftServiceImpl {
     ) -> Result<Response<RaftPayload>, Status> {
         let payload = request.get_ref();
         if payload.group == super::network::HUB_GROUP {
-            encode(&self.raft.install_snapshot(decode(payload)?).await)
+            encode(
+                payload.group,
+                &self.raft.install_snapshot(decode(payload)?).await,
+            )
         } else {
             encode(
+                payload.group,
                 &self
                     .partition(payload.group)?
                     .install_snapshot(decode(payload)?)
