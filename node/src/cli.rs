@@ -475,6 +475,10 @@ pub async fn run_dev(config: Config) -> anyhow::Result<()> {
         "  MQTT device endpoint: mqtts://{} (and wss://{}/$iothub/websocket)",
         node.mqtt_addr, node.https_addr
     );
+    println!(
+        "  operator connection string (meridian cluster): {}",
+        credentials.operator_connection_string
+    );
     println!("  credentials written to {}", path.display());
     node.join().await;
     Ok(())
