@@ -175,25 +175,32 @@ impl EventReader {
         Ok(out)
     }
 
+    /// The end offset of `events` partition `p` as a replica reports it (None: none answered).
+    async fn remote_end(&self, p: u32) -> Option<u64> {
+        use meridian_proto::telemetry::telemetry_read_client::TelemetryReadClient;
+        for addr in self.remote_replicas(p) {
+            let Ok(channel) = crate::raft::network::channel(&addr) else {
+                continue;
+            };
+            let reply = TelemetryReadClient::new(channel)
+                .partition_info(Self::local_request(PartitionInfoRequest {}))
+                .await;
+            if let Some(end) = reply
+                .ok()
+                .and_then(|r| r.into_inner().end_offsets.get(p as usize).copied())
+            {
+                return Some(end);
+            }
+        }
+        None
+    }
+
     /// Like [`EventReader::end_offsets`], asking a replica for partitions this node does not hold.
     pub async fn end_offsets_any(&self) -> HubResult<Vec<u64>> {
-        use meridian_proto::telemetry::telemetry_read_client::TelemetryReadClient;
         let mut ends = self.end_offsets()?;
         for (p, end) in ends.iter_mut().enumerate() {
-            for addr in self.remote_replicas(p as u32) {
-                let Ok(channel) = crate::raft::network::channel(&addr) else {
-                    continue;
-                };
-                let reply = TelemetryReadClient::new(channel)
-                    .partition_info(Self::local_request(PartitionInfoRequest {}))
-                    .await;
-                if let Some(remote) = reply
-                    .ok()
-                    .and_then(|r| r.into_inner().end_offsets.get(p).copied())
-                {
-                    *end = remote;
-                    break;
-                }
+            if let Some(remote) = self.remote_end(p as u32).await {
+                *end = remote;
             }
         }
         Ok(ends)
@@ -203,7 +210,13 @@ impl EventReader {
         if self.remote_replicas(key).is_empty() {
             return self.log.end_offset(key).map_err(Self::storage);
         }
-        // The last record's offset + 1, read from a replica.
+        // `events` partitions: the end a replica reports, without reading the partition.
+        if key < self.partitions
+            && let Some(end) = self.remote_end(key).await
+        {
+            return Ok(end);
+        }
+        // Other streams: the last record's offset + 1, read from a replica.
         let mut offset = self.start_of_remote(key).await?;
         loop {
             let batch = self.read_any(key, offset, 10_000).await?;

@@ -5,14 +5,12 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use common::load::{Acked, check_acked, progress, read_all, run_device, wait_converged};
+use common::load::{Devices, check_replicas, progress};
 use common::{create_device, start_cluster, wait_partition_voters};
 use meridian::client::device::{ConnAckCode, RawMqtt, device_token};
 
@@ -57,19 +55,8 @@ async fn drain_moves_devices_and_partitions_away_before_maintenance() -> Result<
     }
     let watcher_key = create_device(&mut svc, "dr-watch").await?;
     let mqtt: Vec<SocketAddr> = cluster.nodes.iter().map(|n| n.mqtt).collect();
-    let acked: Acked = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut devices = Vec::new();
-    for (id, key) in keys {
-        devices.push(tokio::spawn(run_device(
-            id,
-            key,
-            mqtt.clone(),
-            cluster.ca.clone(),
-            acked.clone(),
-            stop.clone(),
-        )));
-    }
+    let devices = Devices::start(keys, mqtt.clone(), cluster.ca.clone());
+    let acked = devices.acked.clone();
     progress(&acked, 1000, Duration::from_secs(60))
         .await
         .with_context(|| cluster.logs())?;
@@ -161,21 +148,11 @@ async fn drain_moves_devices_and_partitions_away_before_maintenance() -> Result<
         .await
         .with_context(|| cluster.logs())?;
 
-    stop.store(true, Ordering::Relaxed);
-    for d in devices {
-        d.await??;
-    }
-    let acked: BTreeMap<String, Vec<u64>> = acked.lock().map(|a| a.clone()).unwrap_or_default();
+    let acked = devices.stop().await?;
     let grpcs: Vec<SocketAddr> = cluster.nodes.iter().map(|n| n.grpc).collect();
-    wait_converged(&grpcs, Duration::from_secs(60))
+    let (count, duplicates) = check_replicas(&acked, &grpcs)
         .await
         .with_context(|| cluster.logs())?;
-    let mut stored = Vec::new();
-    for g in &grpcs {
-        stored.push(read_all(*g).await?);
-    }
-    assert!(stored.iter().all(|s| *s == stored[0]), "replicas differ");
-    let (count, duplicates) = check_acked(&acked, &stored[0])?;
     println!("stored {count}, duplicates {duplicates}, lost 0");
     Ok(())
 }

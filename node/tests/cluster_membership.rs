@@ -5,14 +5,12 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use common::load::{Acked, check_acked, progress, read_all, run_device, wait_converged};
+use common::load::{Devices, check_replicas, progress};
 use common::{create_device, start_cluster, wait_partition_voters as wait_replicas};
 use serde_json::{Value, json};
 
@@ -57,19 +55,8 @@ async fn add_a_fourth_node_then_remove_the_first() -> Result<()> {
         keys.push((id.clone(), create_device(&mut n1, &id).await?));
     }
     let mqtt: Vec<SocketAddr> = cluster.nodes.iter().map(|n| n.mqtt).collect();
-    let acked: Acked = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut devices = Vec::new();
-    for (id, key) in keys {
-        devices.push(tokio::spawn(run_device(
-            id,
-            key,
-            mqtt.clone(),
-            cluster.ca.clone(),
-            acked.clone(),
-            stop.clone(),
-        )));
-    }
+    let devices = Devices::start(keys, mqtt.clone(), cluster.ca.clone());
+    let acked = devices.acked.clone();
     progress(&acked, 1500, Duration::from_secs(60))
         .await
         .with_context(|| cluster.logs())?;
@@ -178,26 +165,16 @@ async fn add_a_fourth_node_then_remove_the_first() -> Result<()> {
     progress(&acked, 500, Duration::from_secs(30))
         .await
         .with_context(|| cluster.logs())?;
-    stop.store(true, Ordering::Relaxed);
-    for d in devices {
-        d.await??;
-    }
-    let acked: BTreeMap<String, Vec<u64>> = acked.lock().map(|a| a.clone()).unwrap_or_default();
+    let acked = devices.stop().await?;
     let grpcs: Vec<SocketAddr> = cluster
         .nodes
         .iter()
         .filter(|n| n.id != 1)
         .map(|n| n.grpc)
         .collect();
-    wait_converged(&grpcs, Duration::from_secs(60))
+    let (count, duplicates) = check_replicas(&acked, &grpcs)
         .await
         .with_context(|| cluster.logs())?;
-    let mut stored = Vec::new();
-    for g in &grpcs {
-        stored.push(read_all(*g).await?);
-    }
-    assert!(stored.iter().all(|s| *s == stored[0]), "replicas differ");
-    let (count, duplicates) = check_acked(&acked, &stored[0])?;
     println!(
         "acked {}, stored {count} on each of nodes 2-4, duplicates {duplicates}, lost 0",
         acked.values().map(Vec::len).sum::<usize>()

@@ -6,12 +6,10 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use common::load::{Acked, check_acked, progress, read_all, run_device, wait_converged};
+use common::load::{Devices, check_replicas, progress};
 use common::{create_device, start_cluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -25,27 +23,12 @@ async fn every_node_reads_every_partition() -> Result<()> {
         keys.push((id.clone(), create_device(&mut svc, &id).await?));
     }
     let mqtt: Vec<SocketAddr> = cluster.nodes.iter().map(|n| n.mqtt).collect();
-    let acked: Acked = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut devices = Vec::new();
-    for (id, key) in keys {
-        devices.push(tokio::spawn(run_device(
-            id,
-            key,
-            mqtt.clone(),
-            cluster.ca.clone(),
-            acked.clone(),
-            stop.clone(),
-        )));
-    }
+    let devices = Devices::start(keys, mqtt.clone(), cluster.ca.clone());
+    let acked = devices.acked.clone();
     progress(&acked, 1000, Duration::from_secs(60))
         .await
         .with_context(|| cluster.logs())?;
-    stop.store(true, Ordering::Relaxed);
-    for d in devices {
-        d.await??;
-    }
-    let acked: BTreeMap<String, Vec<u64>> = acked.lock().map(|a| a.clone()).unwrap_or_default();
+    let acked = devices.stop().await?;
 
     // With 4 nodes and 3 replicas, some node lacks some partition.
     let mut holders: BTreeMap<u32, BTreeSet<u64>> = BTreeMap::new();
@@ -61,18 +44,10 @@ async fn every_node_reads_every_partition() -> Result<()> {
     assert!(holders.values().all(|h| h.len() == 3), "{holders:?}");
 
     let grpcs: Vec<SocketAddr> = cluster.nodes.iter().map(|n| n.grpc).collect();
-    wait_converged(&grpcs, Duration::from_secs(30))
+    // Every node must serve the same, whole partitions.
+    let (count, _) = check_replicas(&acked, &grpcs)
         .await
         .with_context(|| cluster.logs())?;
-    let mut seen = Vec::new();
-    for g in &grpcs {
-        seen.push(read_all(*g).await?);
-    }
-    assert!(
-        seen.iter().all(|s| *s == seen[0]),
-        "every node must serve the same, whole partitions"
-    );
-    let (count, _) = check_acked(&acked, &seen[0])?;
 
     // REST too: the end offsets every node reports are the same.
     let base = cluster.client(1).await?;

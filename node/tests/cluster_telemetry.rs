@@ -5,16 +5,13 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use common::load::{
-    Acked, all_partitions_advance, check_acked, end_offsets, progress, read_all, run_device, total,
-    wait_converged,
+    Devices, all_partitions_advance, check_acked, check_replicas, end_offsets, progress, read_all,
+    total,
 };
 use common::{create_device, start_cluster};
 
@@ -32,19 +29,8 @@ async fn telemetry_survives_node_kills_on_every_replica() -> Result<()> {
         keys.push((id.clone(), create_device(&mut svc, &id).await?));
     }
     let nodes: Vec<SocketAddr> = cluster.nodes.iter().map(|n| n.mqtt).collect();
-    let acked: Acked = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for (id, key) in keys {
-        tasks.push(tokio::spawn(run_device(
-            id,
-            key,
-            nodes.clone(),
-            cluster.ca.clone(),
-            acked.clone(),
-            stop.clone(),
-        )));
-    }
+    let tasks = Devices::start(keys, nodes.clone(), cluster.ca.clone());
+    let acked = tasks.acked.clone();
     progress(&acked, 2000, Duration::from_secs(60))
         .await
         .with_context(|| cluster.logs())?;
@@ -77,30 +63,14 @@ async fn telemetry_survives_node_kills_on_every_replica() -> Result<()> {
             .await
             .with_context(|| cluster.logs())?;
     }
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await??;
-    }
-    let acked: BTreeMap<String, Vec<u64>> = acked.lock().map(|a| a.clone()).unwrap_or_default();
+    let acked = tasks.stop().await?;
     let total_acked: usize = acked.values().map(Vec::len).sum();
 
     // Replicas converge: the same end offsets everywhere, then the same records.
     let grpcs: Vec<SocketAddr> = cluster.nodes.iter().map(|n| n.grpc).collect();
-    wait_converged(&grpcs, Duration::from_secs(60))
+    let (stored_total, duplicates) = check_replicas(&acked, &grpcs)
         .await
         .with_context(|| cluster.logs())?;
-    let mut replicas = Vec::new();
-    for g in &grpcs {
-        replicas.push(read_all(*g).await?);
-    }
-    for (i, r) in replicas.iter().enumerate().skip(1) {
-        assert!(
-            *r == replicas[0],
-            "node {} holds different partitions than node 1",
-            i + 1
-        );
-    }
-    let (stored_total, duplicates) = check_acked(&acked, &replicas[0])?;
     println!(
         "acked {total_acked}, stored {stored_total}, duplicates {duplicates}, lost 0; \
          recovery (victim, acked before the kill, kill → every partition appended again): {recovery:?}"
@@ -122,27 +92,12 @@ async fn single_replica_partitions_take_appends_from_every_node() -> Result<()> 
         keys.push((id.clone(), create_device(&mut svc, &id).await?));
     }
     let nodes: Vec<SocketAddr> = cluster.nodes.iter().map(|n| n.mqtt).collect();
-    let acked: Acked = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for (id, key) in keys {
-        tasks.push(tokio::spawn(run_device(
-            id,
-            key,
-            nodes.clone(),
-            cluster.ca.clone(),
-            acked.clone(),
-            stop.clone(),
-        )));
-    }
+    let tasks = Devices::start(keys, nodes.clone(), cluster.ca.clone());
+    let acked = tasks.acked.clone();
     progress(&acked, 1500, Duration::from_secs(60))
         .await
         .with_context(|| cluster.logs())?;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await??;
-    }
-    let acked: BTreeMap<String, Vec<u64>> = acked.lock().map(|a| a.clone()).unwrap_or_default();
+    let acked = tasks.stop().await?;
     assert_eq!(acked.len(), 30, "every device got PUBACKs");
     // Each partition lives on exactly one node: the union of the nodes' logs is the whole stream.
     let leaders = cluster.partition_leaders(4).await;

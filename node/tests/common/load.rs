@@ -206,3 +206,63 @@ pub async fn wait_converged(grpcs: &[SocketAddr], timeout: Duration) -> Result<(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A running set of [`run_device`] tasks.
+pub struct Devices {
+    /// What they got acknowledged so far.
+    pub acked: Acked,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Result<()>>>,
+}
+
+impl Devices {
+    /// Starts one [`run_device`] per `(id, key)`, rotating over `nodes`.
+    pub fn start(
+        keys: Vec<(String, String)>,
+        nodes: Vec<SocketAddr>,
+        ca: std::path::PathBuf,
+    ) -> Self {
+        let acked: Acked = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = keys
+            .into_iter()
+            .map(|(id, key)| {
+                tokio::spawn(run_device(
+                    id,
+                    key,
+                    nodes.clone(),
+                    ca.clone(),
+                    acked.clone(),
+                    stop.clone(),
+                ))
+            })
+            .collect();
+        Self { acked, stop, tasks }
+    }
+
+    /// Stops every device and returns what was acknowledged.
+    pub async fn stop(self) -> Result<BTreeMap<String, Vec<u64>>> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await??;
+        }
+        Ok(self.acked.lock().map(|a| a.clone()).unwrap_or_default())
+    }
+}
+
+/// Waits until the nodes at `grpcs` converge, requires them to hold identical partitions, and
+/// checks them against `acked` ([`check_acked`]). Returns (stored, duplicates).
+pub async fn check_replicas(
+    acked: &BTreeMap<String, Vec<u64>>,
+    grpcs: &[SocketAddr],
+) -> Result<(usize, usize)> {
+    wait_converged(grpcs, Duration::from_secs(60)).await?;
+    let mut stored = Vec::new();
+    for g in grpcs {
+        stored.push(read_all(*g).await?);
+    }
+    if !stored.iter().all(|s| *s == stored[0]) {
+        bail!("replicas differ");
+    }
+    check_acked(acked, &stored[0])
+}
