@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/telemetry.proto",
         "proto/partition.proto",
         "proto/control.proto",
+        "proto/region.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

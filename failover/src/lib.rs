@@ -22,7 +22,9 @@ use std::collections::BTreeMap;
 
 /// The fencing epoch of a hub: which region is primary, numbered so that a later decision always
 /// wins over an earlier one.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Default)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Default, serde::Serialize, serde::Deserialize,
+)]
 pub struct RegionEpoch {
     /// Grows by one on every failover and failback.
     pub number: u64,

@@ -147,6 +147,8 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/meridian/cluster/nodes/{id}/drain", post(drain_node))
         .route("/meridian/cluster/leader", post(transfer_leadership))
         .route("/meridian/cluster/faults", get(get_faults).put(put_faults))
+        .route("/meridian/region", get(region_status))
+        .route("/meridian/region/failover", post(region_failover))
         .route("/meridian/routing", get(get_routing))
         .route("/meridian/routing/fallback", put(set_fallback))
         .route(
@@ -790,6 +792,32 @@ async fn put_faults(State(s): State<ApiState>, headers: HeaderMap, body: Bytes) 
     );
     crate::faults::set_peer_delay(std::time::Duration::from_millis(spec.peer_delay_ms));
     Ok(no_content())
+}
+
+async fn region_status(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    authorize_operator(&s, &headers).await?;
+    Ok(ok_json(s.control.region_status()))
+}
+
+/// Body of `POST /meridian/region/failover`: the region to promote, the hub's name as
+/// confirmation, and whether to promote without the primary (it may hold unshipped writes).
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FailoverSpec {
+    region: String,
+    hub_name: String,
+    #[serde(default)]
+    force: bool,
+}
+
+async fn region_failover(State(s): State<ApiState>, headers: HeaderMap, body: Bytes) -> ApiResult {
+    authorize_operator(&s, &headers).await?;
+    let spec: FailoverSpec = parse_body(&body)?;
+    Ok(ok_json(
+        s.control
+            .failover(&spec.region, &spec.hub_name, spec.force)
+            .await?,
+    ))
 }
 
 /// Body of `POST /meridian/cluster/leader`.

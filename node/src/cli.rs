@@ -109,6 +109,23 @@ pub enum ClusterAction {
     },
     /// Shows each telemetry partition's Raft group: leader, voters, learners.
     Partitions,
+    /// Shows this node's region of a geo-paired hub: epoch, primary, role, writability,
+    /// replication lag, failover history.
+    Region,
+    /// Fails the hub over to another region (or back), printing progress. Planned: the primary
+    /// is demoted and everything it acknowledged is copied first. `--force`: the primary is lost;
+    /// writes it acknowledged but had not shipped are lost with it.
+    Failover {
+        /// The region to promote.
+        #[arg(long)]
+        to: String,
+        /// The hub's name (`region.hub_name`), as confirmation.
+        #[arg(long)]
+        hub_name: String,
+        /// Promote without the primary's consent.
+        #[arg(long)]
+        force: bool,
+    },
     /// Moves leadership of the hub group (or of one telemetry partition) to a chosen voter.
     TransferLeader {
         /// The node that should lead.
@@ -122,13 +139,21 @@ pub enum ClusterAction {
 
 /// Runs `meridian cluster ...`.
 pub async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
-    let mut conn = connect_service(&ServiceArgs {
+    let args_for_progress = ServiceArgs {
         connection_string: args.operator_connection_string.clone(),
         ca: args.ca.clone(),
         address: args.address.clone(),
-    })
-    .await?;
+    };
+    let mut conn = connect_service(&args_for_progress).await?;
     let (method, path, body) = match args.action {
+        ClusterAction::Failover {
+            to,
+            hub_name,
+            force,
+        } => {
+            return run_failover(&args_for_progress, &to, &hub_name, force).await;
+        }
+        ClusterAction::Region => ("GET", "/meridian/region".to_string(), None),
         ClusterAction::Replace {
             old,
             new_id,
@@ -175,6 +200,62 @@ pub async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
     if !reply.body.is_empty() {
         println!("{}", serde_json::to_string_pretty(&reply.json())?);
     }
+    Ok(())
+}
+
+/// Runs a failover and prints its steps as the target node reports them.
+async fn run_failover(
+    service: &ServiceArgs,
+    to: &str,
+    hub_name: &str,
+    force: bool,
+) -> anyhow::Result<()> {
+    let mut conn = connect_service(service).await?;
+    let mut progress = connect_service(service).await?;
+    let body = serde_json::json!({"region": to, "hubName": hub_name, "force": force});
+    println!(
+        "failing over to region '{to}'{}",
+        if force { " (forced)" } else { "" }
+    );
+    let request = conn.json("POST", "/meridian/region/failover", Some(&body));
+    tokio::pin!(request);
+    let mut printed = 0usize;
+    let reply = loop {
+        tokio::select! {
+            reply = &mut request => break reply?,
+            () = tokio::time::sleep(Duration::from_millis(300)) => {
+                if let Ok(status) = progress.json("GET", "/meridian/region", None).await {
+                    let steps = status.json()["lastFailover"]["steps"].as_array().cloned().unwrap_or_default();
+                    for step in steps.iter().skip(printed) {
+                        println!("  {:>6} ms  {}", step[1], step[0].as_str().unwrap_or_default());
+                    }
+                    printed = printed.max(steps.len());
+                }
+            }
+        }
+    };
+    if !(200..300).contains(&reply.status) {
+        anyhow::bail!("failover: {} {}", reply.status, reply.json());
+    }
+    let report = reply.json();
+    for step in report["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .skip(printed)
+    {
+        println!(
+            "  {:>6} ms  {}",
+            step[1],
+            step[0].as_str().unwrap_or_default()
+        );
+    }
+    println!(
+        "region '{}' is primary at epoch {} after {} ms",
+        report["primary"].as_str().unwrap_or_default(),
+        report["epoch"],
+        report["totalMs"]
+    );
     Ok(())
 }
 

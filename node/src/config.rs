@@ -47,6 +47,8 @@ pub struct Config {
     pub mqtt: crate::mqtt::MqttSection,
     /// Logs, traces and metrics.
     pub observability: ObservabilitySection,
+    /// The hub's other regions and the failover policy (geo-paired hubs).
+    pub region: crate::region::RegionSection,
 }
 
 /// `[node]`
@@ -307,6 +309,9 @@ impl Config {
                 "mqtt.partitions must be 1 to 1024".into(),
             ));
         }
+        self.region
+            .validate(&self.node.region)
+            .map_err(ConfigError::Invalid)?;
         if self.hub.max_modules_per_device == 0 || self.hub.max_devices == 0 {
             return Err(ConfigError::Invalid("hub limits must be positive".into()));
         }

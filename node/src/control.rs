@@ -23,6 +23,7 @@ pub struct ControlPlane {
     gossip: Gossip,
     node_id: u64,
     sessions: crate::mqtt::Sessions,
+    region: std::sync::Arc<crate::region::Region>,
 }
 
 fn unix_now() -> u64 {
@@ -39,6 +40,7 @@ impl ControlPlane {
         gossip: Gossip,
         node_id: u64,
         sessions: crate::mqtt::Sessions,
+        region: std::sync::Arc<crate::region::Region>,
     ) -> Self {
         Self {
             hub,
@@ -46,7 +48,19 @@ impl ControlPlane {
             gossip,
             node_id,
             sessions,
+            region,
         }
+    }
+
+    /// This node's region: epoch, role, writability, copy lag, failover history and progress.
+    pub fn region_status(&self) -> Value {
+        self.region.status()
+    }
+
+    /// Fails the hub over to `region` (see [`crate::region::Region::failover`]).
+    pub async fn failover(&self, region: &str, hub_name: &str, force: bool) -> HubResult<Value> {
+        let report = self.region.failover(region, hub_name, force).await?;
+        Ok(serde_json::to_value(report).unwrap_or(Value::Null))
     }
 
     fn devices_here(&self) -> usize {

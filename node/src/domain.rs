@@ -9,6 +9,7 @@ pub mod error;
 pub mod events;
 pub mod ids;
 pub mod policy;
+pub mod region;
 pub mod registry;
 pub mod routing;
 pub mod state;

@@ -39,6 +39,7 @@ struct Inner {
     state: SharedState,
     request_timeout: Duration,
     forward_clients: Mutex<HashMap<String, HubForwardClient<Channel>>>,
+    gate: Arc<crate::region::RegionGate>,
 }
 
 fn unavailable(message: impl Into<String>) -> HubError {
@@ -62,6 +63,7 @@ impl Hub {
         state: SharedState,
         events: tokio::sync::broadcast::Sender<crate::domain::events::HubEvent>,
         request_timeout: Duration,
+        gate: Arc<crate::region::RegionGate>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -70,8 +72,19 @@ impl Hub {
                 state,
                 request_timeout,
                 forward_clients: Mutex::new(HashMap::new()),
+                gate,
             }),
         }
+    }
+
+    /// The region write gate (fencing epoch and lease).
+    pub fn gate(&self) -> &Arc<crate::region::RegionGate> {
+        &self.inner.gate
+    }
+
+    /// Reads the local state as applied, without waiting (None if the lock is poisoned).
+    pub fn read_local<T>(&self, f: impl FnOnce(&HubState) -> T) -> Option<T> {
+        self.inner.state.read().ok().map(|s| f(&s))
     }
 
     /// Events of commands applied on this node from now on.
@@ -105,6 +118,23 @@ impl Hub {
     /// and applied. Followers forward to the leader; elections in progress are waited out up to
     /// the request timeout.
     pub async fn write(&self, command: HubCommand) -> HubResult<HubResponse> {
+        // Client writes pass the region gate before they are proposed and again before they are
+        // acknowledged; region bookkeeping (epochs, copies of the primary's log, drains) does not.
+        // (Creating the hub changes nothing once it exists, and the state machine admits it only
+        // in the primary region.)
+        let gated = crate::domain::region::shipped_applies(&command)
+            && !matches!(command, HubCommand::InitHub { .. });
+        if gated {
+            self.inner.gate.check()?;
+        }
+        let result = self.propose(command).await;
+        if gated && result.is_ok() {
+            self.inner.gate.check()?;
+        }
+        result
+    }
+
+    async fn propose(&self, command: HubCommand) -> HubResult<HubResponse> {
         let deadline = Instant::now() + self.inner.request_timeout;
         let mut backoff = Duration::from_millis(20);
         loop {

@@ -14,6 +14,7 @@ pub mod mqtt;
 pub mod observability;
 pub mod partition;
 pub mod raft;
+pub mod region;
 pub mod server;
 pub mod telemetry_api;
 pub mod tls;

@@ -95,6 +95,9 @@ pub struct Metrics {
     pub partition_is_leader: prometheus::IntGaugeVec,
     /// `meridian_partition_is_replica{partition}` (1 when this node is a voter of the group).
     pub partition_is_replica: prometheus::IntGaugeVec,
+    /// `meridian_region_replication_lag_ms` (how far this secondary region's copy is behind the
+    /// primary's; 0 on the primary).
+    pub region_lag_ms: IntGauge,
 }
 
 impl Metrics {
@@ -155,7 +158,13 @@ impl Metrics {
         )?;
         registry.register(Box::new(gossip_peers_up.clone()))?;
         registry.register(Box::new(partition_is_replica.clone()))?;
+        let region_lag_ms = IntGauge::new(
+            "meridian_region_replication_lag_ms",
+            "How far this secondary region's copy of the hub is behind the primary, in ms",
+        )?;
+        registry.register(Box::new(region_lag_ms.clone()))?;
         Ok(Self {
+            region_lag_ms,
             registry,
             api_requests,
             api_latency,

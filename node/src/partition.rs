@@ -62,6 +62,25 @@ pub enum PartitionCommand {
         /// Next offset to deliver.
         next: u64,
     },
+    /// Records copied from the primary region's replica of this partition, at the offsets they
+    /// have there (a secondary region's shipper). Records already held are skipped; a gap (the
+    /// source's retention removed records never copied) moves the end forward.
+    Ship {
+        /// Stream key.
+        key: u32,
+        /// Offset of the first record.
+        first_offset: u64,
+        /// The records, in offset order.
+        records: Vec<Vec<u8>>,
+    },
+    /// Cuts stream keys back to the new primary's ends at its promotion (`epoch`), discarding
+    /// records this region took as primary that the new primary never received.
+    Truncate {
+        /// The promotion this reconciles with; applied once.
+        epoch: u64,
+        /// Stream key → new end.
+        cuts: BTreeMap<u32, u64>,
+    },
 }
 
 openraft::declare_raft_types!(
@@ -108,7 +127,7 @@ struct Pending {
 
 struct Group {
     raft: PartitionRaft,
-    cursors: state_machine::SharedCursors,
+    applied: state_machine::SharedApplied,
     queue: mpsc::Sender<Pending>,
 }
 
@@ -118,6 +137,8 @@ struct Inner {
     replication_factor: usize,
     request_timeout: Duration,
     clients: std::sync::Mutex<HashMap<String, PartitionServiceClient<Channel>>>,
+    /// The region write gate: appends are refused unless this region is the writable primary.
+    gate: Option<Arc<crate::region::RegionGate>>,
     /// Where to send appends of partitions this node does not replicate (it has no leader for
     /// them): the last leader a peer named, else the placement's nodes in turn.
     routes: std::sync::Mutex<HashMap<u32, Route>>,
@@ -143,6 +164,8 @@ pub struct PartitionSettings {
     pub raft: Arc<openraft::Config>,
     /// This node's gRPC address, named in snapshots as where to fetch their records.
     pub advertise: String,
+    /// The region write gate (None: appends are never fenced).
+    pub gate: Option<Arc<crate::region::RegionGate>>,
 }
 
 /// The node's partition groups. Cheap to clone.
@@ -171,7 +194,7 @@ impl Partitions {
             let sm =
                 PartitionStateMachine::open(p, log.clone(), snapshots, settings.advertise.clone())
                     .map_err(|e| format!("open partition {p} state machine: {e}"))?;
-            let cursors = sm.cursors();
+            let applied = sm.shared();
             let raft = openraft::Raft::new(
                 node_id,
                 settings.raft.clone(),
@@ -184,7 +207,7 @@ impl Partitions {
             let (tx, rx) = mpsc::channel(4096);
             groups.push(Group {
                 raft,
-                cursors,
+                applied,
                 queue: tx,
             });
             queues.push(rx);
@@ -197,6 +220,7 @@ impl Partitions {
                 request_timeout: settings.request_timeout,
                 clients: std::sync::Mutex::new(HashMap::new()),
                 routes: std::sync::Mutex::new(HashMap::new()),
+                gate: settings.gate.clone(),
             }),
         };
         for (p, rx) in queues.into_iter().enumerate() {
@@ -248,8 +272,27 @@ impl Partitions {
         self.inner
             .groups
             .get(partition as usize)
-            .and_then(|g| g.cursors.read().ok().and_then(|c| c.get(name).copied()))
+            .and_then(|g| {
+                g.applied
+                    .read()
+                    .ok()
+                    .and_then(|a| a.cursors.get(name).copied())
+            })
             .unwrap_or(0)
+    }
+
+    /// Whether this node delivers `partition` to outbound endpoints: it leads the partition in
+    /// the hub's primary region.
+    pub fn delivers(&self, partition: u32) -> bool {
+        self.is_leader(partition) && self.inner.gate.as_ref().is_none_or(|g| g.is_primary())
+    }
+
+    /// What `partition`'s group has applied on this node (None: no such partition).
+    pub fn applied(&self, partition: u32) -> Option<state_machine::Applied> {
+        self.inner
+            .groups
+            .get(partition as usize)
+            .and_then(|g| g.applied.read().ok().map(|a| a.clone()))
     }
 
     /// Moves a delivery cursor through `partition`'s group (this node must lead it).
@@ -270,6 +313,18 @@ impl Partitions {
     /// partition's replicas stored them durably. On error nothing may be assumed either way: the
     /// device gets no PUBACK and sends again (a duplicate keeps its message id).
     pub async fn append(&self, records: Vec<(u32, Vec<u8>)>) -> Result<(), HubError> {
+        if let Some(gate) = &self.inner.gate {
+            gate.check()?;
+        }
+        let result = self.append_unchecked(records).await;
+        if let (Some(gate), Ok(())) = (&self.inner.gate, &result) {
+            // Stored, but acknowledged only while this region still holds the primary's lease.
+            gate.check()?;
+        }
+        result
+    }
+
+    async fn append_unchecked(&self, records: Vec<(u32, Vec<u8>)>) -> Result<(), HubError> {
         let Some((first, _)) = records.first() else {
             return Ok(());
         };

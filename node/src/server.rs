@@ -170,9 +170,13 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
     // ---- storage ----
     std::fs::create_dir_all(&data_dir).map_err(io(format!("create {}", data_dir.display())))?;
     let (log_store, snapshots) = meridian_storage::open::<TypeConfig>(&data_dir.join("raft"))?;
+    let geo_paired = !config.region.peers.is_empty();
     let state_machine =
-        HubStateMachine::open(snapshots).map_err(|e| StartError::Raft(e.to_string()))?;
+        HubStateMachine::open_in_region(snapshots, geo_paired.then(|| config.node.region.clone()))
+            .map_err(|e| StartError::Raft(e.to_string()))?;
     let state = state_machine.shared_state();
+    let gate = crate::region::RegionGate::new(&config.region, &config.node.region, state.clone());
+    let region_log = log_store.clone();
     let events = state_machine.events();
     let telemetry = meridian_storage::TelemetryLog::open(
         &data_dir.join("telemetry"),
@@ -205,6 +209,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
         state,
         events,
         Duration::from_millis(config.cluster.request_timeout_ms),
+        gate.clone(),
     );
     let partitions = crate::partition::Partitions::open(
         node_id,
@@ -216,6 +221,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
             request_timeout: Duration::from_millis(config.cluster.request_timeout_ms),
             raft: raft_config(&config)?,
             advertise: config.cluster.advertise(),
+            gate: geo_paired.then(|| gate.clone()),
         },
     )
     .await
@@ -240,6 +246,22 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
     let mut tasks: Vec<(&'static str, JoinHandle<()>)> = Vec::new();
 
     let control_slot: Arc<std::sync::OnceLock<crate::control::ControlPlane>> = Arc::default();
+    let region = crate::region::Region::new(
+        config.region.clone(),
+        config.node.region.clone(),
+        node_id,
+        hub.clone(),
+        partitions.clone(),
+        gate.clone(),
+        region_log,
+        config
+            .members()
+            .into_iter()
+            .map(|m| (m.id, m.grpc_addr))
+            .collect(),
+    );
+    let region_slot: Arc<std::sync::OnceLock<Arc<crate::region::Region>>> = Arc::default();
+    let _ = region_slot.set(region.clone());
 
     // ---- node-to-node grpc ----
     let grpc_listener = TcpListener::bind(config.cluster.grpc_listen)
@@ -253,6 +275,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
         let telemetry_for_grpc = telemetry.clone();
         let reader_for_grpc = event_reader.clone();
         let mqtt_for_grpc = mqtt.clone();
+        let region_for_grpc = region_slot.clone();
         let mut shutdown = shutdown.clone();
         tasks.push((
             "grpc",
@@ -280,6 +303,9 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
                     .add_service(TelemetryReadServer::new(TelemetryReadImpl::new(
                         reader_for_grpc,
                     )))
+                    .add_service(meridian_proto::region::region_server::RegionServer::new(
+                        crate::region::RegionService::new(region_for_grpc),
+                    ))
                     .serve_with_incoming_shutdown(incoming, async move {
                         let _ = shutdown.wait_for(|s| *s).await;
                     })
@@ -317,12 +343,15 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
             "drain-watch",
             tokio::spawn(async move {
                 loop {
+                    // A node of a region that is not the hub's primary takes no devices either:
+                    // they reconnect (the SDKs retry) and reach the primary region.
                     let draining = hub
                         .read(ReadConsistency::Stale, |s| {
                             Ok(s.draining.contains(&node_id))
                         })
                         .await
-                        .unwrap_or(false);
+                        .unwrap_or(false)
+                        || !hub.gate().is_primary();
                     let was = mqtt
                         .draining
                         .swap(draining, std::sync::atomic::Ordering::Relaxed);
@@ -367,6 +396,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
             }),
         ));
     }
+    tasks.push(("region", tokio::spawn(region.clone().run(shutdown.clone()))));
     tasks.push((
         "partition-rebalance",
         tokio::spawn(partitions.clone().rebalance(hub.clone(), shutdown.clone())),
@@ -389,7 +419,35 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
                         return;
                     }
                     let leader = hub.raft().metrics().borrow().current_leader;
+                    // In a geo-paired hub only the initial primary region creates the hub (with its
+                    // first epoch); the others receive it by copying the primary's log.
+                    let creates = !geo_paired
+                        || (!config.region.witness
+                            && config
+                                .region
+                                .primary
+                                .as_deref()
+                                .unwrap_or(&config.node.region)
+                                == config.node.region);
+                    if geo_paired && !creates {
+                        return;
+                    }
                     if leader == Some(node_id) {
+                        if geo_paired && hub.gate().epoch().number == 0 {
+                            let first = HubCommand::SetRegionEpoch {
+                                epoch: meridian_failover::RegionEpoch {
+                                    number: 1,
+                                    primary: config.node.region.clone(),
+                                },
+                                kind: "initial".into(),
+                                at_unix_secs: 0,
+                                reset_shipping: false,
+                                promoted_ends: None,
+                            };
+                            if let Err(e) = hub.write(first).await {
+                                tracing::warn!(error = %e, "first region epoch");
+                            }
+                        }
                         let settings = new_hub_settings(&config);
                         match hub.write(HubCommand::InitHub { settings }).await {
                             Ok(r) => tracing::info!(?r, "hub created"),
@@ -640,6 +698,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
                     gossip,
                     node_id,
                     mqtt.sessions.clone(),
+                    region.clone(),
                 );
                 let _ = control_slot.set(control.clone());
                 control

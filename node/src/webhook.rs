@@ -245,9 +245,10 @@ async fn deliver(
         let mut idle = true;
         for partition in 0..reader.partitions() {
             let key = endpoint.stream_id * STREAM_STRIDE + partition;
-            // The partition's leader delivers; its cursor is replicated in the partition group,
-            // so the next leader resumes where this one stopped.
-            if !partitions.is_leader(partition) {
+            // The partition's leader in the primary region delivers; its cursor is replicated
+            // (and copied to the secondary region), so the next leader resumes where this one
+            // stopped.
+            if !partitions.delivers(partition) {
                 continue;
             }
             let cursor_name = format!("webhook/{name}/{key}");
@@ -350,9 +351,10 @@ async fn write_files(
         let dir = std::path::PathBuf::from(endpoint.directory.clone().unwrap_or_default());
         for partition in 0..reader.partitions() {
             let key = endpoint.stream_id * STREAM_STRIDE + partition;
-            // The partition's leader delivers; its cursor is replicated in the partition group,
-            // so the next leader resumes where this one stopped.
-            if !partitions.is_leader(partition) {
+            // The partition's leader in the primary region delivers; its cursor is replicated
+            // (and copied to the secondary region), so the next leader resumes where this one
+            // stopped.
+            if !partitions.delivers(partition) {
                 continue;
             }
             let cursor_name = format!("file/{name}/{key}");

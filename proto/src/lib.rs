@@ -5,6 +5,7 @@
 //! * [`telemetry`]: reading a node's telemetry partitions (`proto/telemetry.proto`).
 //! * [`partition`]: appends forwarded to a partition group's leader, raw record reads for replicas
 //!   that install a snapshot (`proto/partition.proto`).
+//! * [`region`]: between the regions of a geo-paired hub (`proto/region.proto`).
 //! * [`error`]: the one error-code table that maps every hub error to Azure IoT Hub's HTTP status
 //!   and numeric error code, to a gRPC code and to MQTT behaviour.
 //!
@@ -28,6 +29,12 @@ pub mod hub {
 pub mod telemetry {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("meridian.telemetry.v1");
+}
+
+/// Between regions: health, fencing leases, votes, demotion and log shipping.
+pub mod region {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("meridian.region.v1");
 }
 
 /// The control-plane API (operators: membership, health, placement, drains).

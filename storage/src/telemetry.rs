@@ -185,6 +185,16 @@ impl TelemetryLog {
         Ok(())
     }
 
+    /// Deletes every record of `partition` from `offset` on (a returning old primary region
+    /// discards the records its successor never received).
+    pub fn delete_from(&self, partition: u32, offset: u64) -> Result<()> {
+        let cf = crate::cf(&self.inner.db, CF_TELEMETRY)?;
+        self.inner
+            .db
+            .delete_range_cf(cf, key(partition, offset), key(partition, u64::MAX))?;
+        Ok(())
+    }
+
     /// A delivery cursor (the next offset to deliver), 0 when never set.
     pub fn cursor(&self, name: &str) -> Result<u64> {
         let cf = crate::cf(&self.inner.db, CF_CURSORS)?;

@@ -1,5 +1,7 @@
 //! Commands proposed through Raft and the responses the state machine answers with.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -300,6 +302,39 @@ pub enum HubCommand {
         /// Last processed offset.
         offset: u64,
     },
+    /// Moves this region to a newer fencing epoch (region failover, failback, or an epoch heard
+    /// from another region). Refused when older than the current one.
+    SetRegionEpoch {
+        /// The epoch.
+        epoch: meridian_failover::RegionEpoch,
+        /// `manual`, `forced`, `automatic`, `initial` or `learned`.
+        kind: String,
+        /// Proposer's clock, Unix seconds (for the failover caps).
+        at_unix_secs: u64,
+        /// This region stops being primary: its copy of the new primary restarts from a whole state.
+        reset_shipping: bool,
+        /// This region becomes primary: its partitions' ends at promotion.
+        promoted_ends: Option<BTreeMap<u32, BTreeMap<u32, u64>>>,
+    },
+    /// Applies entries copied from the primary region's hub log (a secondary region's shipper).
+    ApplyShipped {
+        /// (source index, command) in index order; entries at or below the copied index are skipped.
+        entries: Vec<(u64, Option<HubCommand>)>,
+        /// The source index the copy reaches with these entries.
+        through_index: u64,
+        /// This region's initial voters (a copied `InitHub` keeps them, not the source's).
+        local_members: BTreeMap<u64, String>,
+    },
+    /// Replaces the hub with a whole state copied from the primary region (a new secondary, or
+    /// one whose place in the source log was purged, or a demoted old primary).
+    InstallShippedState {
+        /// The source's state.
+        state: Box<super::HubState>,
+        /// The source index it reflects.
+        index: u64,
+        /// This region's initial voters.
+        local_members: BTreeMap<u64, String>,
+    },
     /// Merges a device's reported-properties patch.
     UpdateReported {
         /// Device id.
@@ -351,6 +386,9 @@ impl HubCommand {
             HubCommand::CompleteFeedback { .. } => "complete_feedback",
             HubCommand::AbandonFeedback { .. } => "abandon_feedback",
             HubCommand::DeletePolicy { .. } => "delete_policy",
+            HubCommand::SetRegionEpoch { .. } => "set_region_epoch",
+            HubCommand::ApplyShipped { .. } => "apply_shipped",
+            HubCommand::InstallShippedState { .. } => "install_shipped_state",
         }
     }
 }

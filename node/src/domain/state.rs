@@ -111,6 +111,12 @@ pub struct HubState {
     /// Nodes being drained (control plane).
     #[serde(default)]
     pub draining: BTreeSet<u64>,
+    /// This region's fencing epoch and copy position (geo-paired hubs; region-local, never copied).
+    #[serde(default)]
+    pub region: super::region::RegionRecord,
+    /// Index of the last applied hub log entry (so a copy of the state names its position).
+    #[serde(default)]
+    pub applied_index: u64,
 }
 
 impl Default for HubState {
@@ -126,6 +132,8 @@ impl Default for HubState {
             consumer_groups: default_consumer_groups(),
             routing: Default::default(),
             draining: BTreeSet::new(),
+            region: Default::default(),
+            applied_index: 0,
         }
     }
 }
@@ -708,6 +716,64 @@ impl HubState {
                 let twin = self.twin_mut(&device_id, module_id.as_ref())?;
                 let version = twin.apply_reported(&patch, &limits, &now)?;
                 Ok(HubResponse::ReportedVersion(version))
+            }
+            HubCommand::SetRegionEpoch {
+                epoch,
+                kind,
+                at_unix_secs,
+                reset_shipping,
+                promoted_ends,
+            } => {
+                self.region
+                    .set_epoch(epoch, &kind, at_unix_secs, reset_shipping, promoted_ends)?;
+                Ok(HubResponse::Applied)
+            }
+            HubCommand::ApplyShipped {
+                entries,
+                through_index,
+                local_members,
+            } => {
+                let mut copied = self.region.shipped_index;
+                for (index, command) in entries {
+                    if copied.is_some_and(|c| index <= c) {
+                        continue;
+                    }
+                    copied = Some(index);
+                    let Some(command) = command else { continue };
+                    if !super::region::shipped_applies(&command) {
+                        continue;
+                    }
+                    let command = match command {
+                        HubCommand::InitHub { mut settings } => {
+                            settings.initial_members = local_members.clone();
+                            HubCommand::InitHub { settings }
+                        }
+                        other => other,
+                    };
+                    // The source answered this command already; a refusal there is one here too.
+                    let _ = self.apply(command);
+                }
+                if copied.is_none_or(|c| c < through_index) {
+                    copied = Some(through_index);
+                }
+                self.region.shipped_index = copied;
+                Ok(HubResponse::Applied)
+            }
+            HubCommand::InstallShippedState {
+                state,
+                index,
+                local_members,
+            } => {
+                let mut state = *state;
+                state.region = std::mem::take(&mut self.region);
+                state.region.shipped_index = Some(index);
+                state.draining = std::mem::take(&mut self.draining);
+                state.applied_index = self.applied_index;
+                if let Some(settings) = state.settings.as_mut() {
+                    settings.initial_members = local_members;
+                }
+                *self = state;
+                Ok(HubResponse::Applied)
             }
         }
     }

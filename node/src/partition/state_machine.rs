@@ -31,8 +31,8 @@ use meridian_storage::{SnapshotStore, StoredSnapshot, TelemetryLog};
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
 
-/// Delivery cursors of a partition, readable outside the state machine.
-pub type SharedCursors = Arc<RwLock<BTreeMap<String, u64>>>;
+/// What a partition has applied (ends, delivery cursors), readable outside the state machine.
+pub type SharedApplied = Arc<RwLock<Applied>>;
 
 /// What the state machine has applied.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -45,6 +45,9 @@ pub struct Applied {
     pub ends: BTreeMap<u32, u64>,
     /// Outbound delivery cursors.
     pub cursors: BTreeMap<String, u64>,
+    /// The last promotion epoch of another region this partition was cut back to.
+    #[serde(default)]
+    pub reconciled_epoch: u64,
 }
 
 /// A snapshot's body.
@@ -60,7 +63,7 @@ pub struct PartitionStateMachine {
     partition: u32,
     log: TelemetryLog,
     applied: Applied,
-    cursors: SharedCursors,
+    shared: SharedApplied,
     snapshots: SnapshotStore<PartitionTypeConfig>,
     advertise: String,
     snapshot_seq: u64,
@@ -98,7 +101,7 @@ impl PartitionStateMachine {
         };
         Ok(Self {
             partition,
-            cursors: Arc::new(RwLock::new(applied.cursors.clone())),
+            shared: Arc::new(RwLock::new(applied.clone())),
             log,
             applied,
             snapshots,
@@ -107,9 +110,9 @@ impl PartitionStateMachine {
         })
     }
 
-    /// The delivery cursors, shared with the node.
-    pub fn cursors(&self) -> SharedCursors {
-        self.cursors.clone()
+    /// The applied position, shared with the node.
+    pub fn shared(&self) -> SharedApplied {
+        self.shared.clone()
     }
 
     fn write(&mut self, records: &[(u32, u64, &[u8])]) -> Result<(), StorageError<NodeId>> {
@@ -118,9 +121,28 @@ impl PartitionStateMachine {
         self.log
             .write_at(records, &marker_name(self.partition), &marker)
             .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
-        if let Ok(mut c) = self.cursors.write() {
-            c.clone_from(&self.applied.cursors);
+        if let Ok(mut shared) = self.shared.write() {
+            shared.clone_from(&self.applied);
         }
+        Ok(())
+    }
+
+    /// Writes pending records (without moving the marker).
+    fn flush(
+        &mut self,
+        payloads: &mut Vec<(u32, u64, Vec<u8>)>,
+    ) -> Result<(), StorageError<NodeId>> {
+        if payloads.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<(u32, u64, &[u8])> = payloads
+            .iter()
+            .map(|(k, o, d)| (*k, *o, d.as_slice()))
+            .collect();
+        self.log
+            .write_at(&rows, &format!("partition-fetch/{}", self.partition), b"")
+            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+        payloads.clear();
         Ok(())
     }
 
@@ -240,6 +262,40 @@ impl RaftStateMachine<PartitionTypeConfig> for PartitionStateMachine {
                         let next = self.applied.ends.entry(r.key).or_insert(0);
                         payloads.push((r.key, *next, r.data));
                         *next += 1;
+                    }
+                }
+                EntryPayload::Normal(PartitionCommand::Ship {
+                    key,
+                    first_offset,
+                    records,
+                }) => {
+                    let next = self.applied.ends.entry(key).or_insert(0);
+                    if first_offset > *next {
+                        *next = first_offset;
+                    }
+                    for (i, data) in records.into_iter().enumerate() {
+                        let offset = first_offset + i as u64;
+                        if offset < *next {
+                            continue;
+                        }
+                        payloads.push((key, offset, data));
+                        *next = offset + 1;
+                    }
+                }
+                EntryPayload::Normal(PartitionCommand::Truncate { epoch, cuts }) => {
+                    if epoch > self.applied.reconciled_epoch {
+                        // Records before the cut are written first, in order, by this batch.
+                        self.flush(&mut payloads)?;
+                        for (key, end) in cuts {
+                            let current = self.applied.ends.entry(key).or_insert(0);
+                            if end < *current {
+                                self.log.delete_from(key, end).map_err(|e| {
+                                    io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e)
+                                })?;
+                                *current = end;
+                            }
+                        }
+                        self.applied.reconciled_epoch = epoch;
                     }
                 }
                 EntryPayload::Normal(PartitionCommand::SetCursor { name, next }) => {
@@ -391,9 +447,9 @@ mod tests {
             )])
             .await?;
             assert_eq!(
-                sm.cursors()
+                sm.shared()
                     .read()
-                    .map(|c| c.get("webhook/w/1026").copied())
+                    .map(|c| c.cursors.get("webhook/w/1026").copied())
                     .ok()
                     .flatten(),
                 Some(1)
@@ -418,13 +474,65 @@ mod tests {
         )])
         .await?;
         assert_eq!(
-            sm.cursors()
+            sm.shared()
                 .read()
-                .map(|c| c.get("webhook/w/1026").copied())
+                .map(|c| c.cursors.get("webhook/w/1026").copied())
                 .ok()
                 .flatten(),
             Some(1)
         );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn shipped_records_keep_their_offsets_and_a_truncation_cuts_once() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let log = TelemetryLog::open(&dir.path().join("t"), u64::MAX)?;
+        let (_l, snaps) = meridian_storage::open::<PartitionTypeConfig>(&dir.path().join("r"))?;
+        let mut sm = PartitionStateMachine::open(2, log.clone(), snaps, "a:1".into())?;
+        let ship = |first: u64, n: u64| PartitionCommand::Ship {
+            key: 2,
+            first_offset: first,
+            records: (first..first + n)
+                .map(|o| format!("s{o}").into_bytes())
+                .collect(),
+        };
+        sm.apply([entry(1, ship(0, 3))]).await?;
+        // An overlapping copy (a retried ship) adds only what is new.
+        sm.apply([entry(2, ship(1, 4))]).await?;
+        // A gap (the source's retention dropped 5..7) moves the end forward.
+        sm.apply([entry(3, ship(7, 2))]).await?;
+        let stored: Vec<(u64, Vec<u8>)> = log
+            .read(2, 0, 100)?
+            .into_iter()
+            .map(|r| (r.offset, r.data))
+            .collect();
+        let offsets: Vec<u64> = stored.iter().map(|r| r.0).collect();
+        assert_eq!(offsets, vec![0, 1, 2, 3, 4, 7, 8]);
+        assert!(
+            stored
+                .iter()
+                .all(|(o, d)| *d == format!("s{o}").into_bytes())
+        );
+        assert_eq!(sm.shared().read().map(|a| a.ends[&2]).ok(), Some(9));
+        let cut = |epoch: u64, end: u64| PartitionCommand::Truncate {
+            epoch,
+            cuts: BTreeMap::from([(2, end)]),
+        };
+        sm.apply([entry(4, cut(2, 4))]).await?;
+        assert_eq!(log.end_offset(2)?, 4);
+        assert_eq!(
+            sm.shared()
+                .read()
+                .map(|a| (a.ends[&2], a.reconciled_epoch))
+                .ok(),
+            Some((4, 2))
+        );
+        // The same promotion again cuts nothing more; appends go on at the cut.
+        sm.apply([entry(5, cut(2, 1)), entry(6, append(&[2]))])
+            .await?;
+        assert_eq!(log.end_offset(2)?, 5);
+        assert_eq!(log.read(2, 4, 10)?[0].data, b"r2");
         Ok(())
     }
 }

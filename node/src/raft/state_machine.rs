@@ -42,6 +42,8 @@ pub struct HubStateMachine {
     last_membership: Membership,
     snapshots: SnapshotStore<TypeConfig>,
     snapshot_seq: u64,
+    /// This node's region in a geo-paired hub (None: a one-region hub).
+    region: Option<String>,
 }
 
 fn io_err(
@@ -67,6 +69,15 @@ fn poisoned() -> StorageError<NodeId> {
 impl HubStateMachine {
     /// Opens the state machine, restoring it from the latest snapshot if there is one.
     pub fn open(snapshots: SnapshotStore<TypeConfig>) -> Result<Self, StorageError<NodeId>> {
+        Self::open_in_region(snapshots, None)
+    }
+
+    /// Opens the state machine of a node in `region` of a geo-paired hub: client commands apply
+    /// only while the region is primary ([`crate::domain::region::admits`]).
+    pub fn open_in_region(
+        snapshots: SnapshotStore<TypeConfig>,
+        region: Option<String>,
+    ) -> Result<Self, StorageError<NodeId>> {
         let (events, _) = tokio::sync::broadcast::channel(4096);
         let mut sm = Self {
             state: Arc::new(RwLock::new(HubState::default())),
@@ -75,6 +86,7 @@ impl HubStateMachine {
             last_membership: Membership::default(),
             snapshots,
             snapshot_seq: 0,
+            region,
         };
         let stored = sm
             .snapshots
@@ -162,11 +174,17 @@ impl RaftStateMachine<TypeConfig> for HubStateMachine {
         let mut out = Vec::new();
         for entry in entries {
             self.last_applied = Some(entry.log_id);
+            state.applied_index = entry.log_id.index;
             match entry.payload {
                 EntryPayload::Blank => out.push(Ok(HubResponse::Deleted)),
                 EntryPayload::Normal(command) => {
                     let watched = command.clone();
-                    let result = state.apply(command);
+                    let result = crate::domain::region::admits(
+                        &state.region,
+                        self.region.as_deref(),
+                        &command,
+                    )
+                    .and_then(|()| state.apply(command));
                     if let Ok(response) = &result {
                         for event in events_after(&state, &watched, response) {
                             // No receiver is fine (no front-end running, e.g. in storage tests).

@@ -416,7 +416,7 @@ impl Cluster {
     pub fn logs(&self) -> String {
         self.nodes
             .iter()
-            .map(|n| format!("--- node {} ---\n{}", n.id, n.log_tail(30)))
+            .map(|n| format!("--- node {} ---\n{}", n.id, n.log_tail(60)))
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -574,4 +574,83 @@ pub async fn wait_partition_voters(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// One region of a geo-paired test hub.
+pub struct RegionSpec {
+    pub name: &'static str,
+    pub nodes: usize,
+    pub witness: bool,
+}
+
+/// Starts geo-paired regions on loopback: node ids count up from 1 in the order given, each
+/// region is a cluster of its own, and every node names the other regions' nodes as peers.
+/// `region_toml` adds keys to every node's `[region]` section (lease, automatic failover, ...).
+/// Returns the cluster and each node's region.
+pub fn start_regions(
+    regions: &[RegionSpec],
+    primary: &str,
+    region_toml: &str,
+) -> Result<(Cluster, Vec<(u64, &'static str)>)> {
+    let dir = tempfile::tempdir()?;
+    let tls = meridian::tls::ensure_dev_certificates(&dir.path().join("tls"))?;
+    let ca = tls.ca_cert.clone().context("generated CA")?;
+    let total: usize = regions.iter().map(|r| r.nodes).sum();
+    let ports = free_ports(4 * total)?;
+    let mut placed = Vec::new();
+    let mut i = 0;
+    for r in regions {
+        for _ in 0..r.nodes {
+            placed.push((
+                i as u64 + 1,
+                r.name,
+                r.witness,
+                [
+                    ports[4 * i],
+                    ports[4 * i + 1],
+                    ports[4 * i + 2],
+                    ports[4 * i + 3],
+                ],
+            ));
+            i += 1;
+        }
+    }
+    let grpc_of = |name: &str| -> Vec<String> {
+        placed
+            .iter()
+            .filter(|p| p.1 == name)
+            .map(|p| format!("\"127.0.0.1:{}\"", p.3[1]))
+            .collect()
+    };
+    let mut nodes = Vec::new();
+    for (id, region, witness, ports) in &placed {
+        let members: Vec<String> = placed
+            .iter()
+            .filter(|p| p.1 == *region)
+            .map(|p| format!("{{ id = {}, grpc_addr = \"127.0.0.1:{}\" }}", p.0, p.3[1]))
+            .collect();
+        let mut node = configured_node(dir.path(), *id, *ports, &members.join(", "), &tls, &[])?;
+        let mut toml = std::fs::read_to_string(&node.config_path)?;
+        toml = toml.replacen(
+            &format!("[node]\nid = {id}\n"),
+            &format!("[node]\nid = {id}\nregion = \"{region}\"\n"),
+            1,
+        );
+        toml.push_str(&format!(
+            "\n[region]\nwitness = {witness}\nprimary = \"{primary}\"\n{region_toml}\n"
+        ));
+        for other in regions.iter().filter(|r| r.name != *region) {
+            toml.push_str(&format!(
+                "\n[[region.peers]]\nname = \"{}\"\nrole = \"{}\"\ngrpc_addrs = [{}]\n",
+                other.name,
+                if other.witness { "witness" } else { "data" },
+                grpc_of(other.name).join(", ")
+            ));
+        }
+        std::fs::write(&node.config_path, toml)?;
+        node.spawn()?;
+        nodes.push(node);
+    }
+    let map = placed.iter().map(|p| (p.0, p.1)).collect();
+    Ok((Cluster { dir, nodes, ca }, map))
 }
