@@ -374,6 +374,8 @@ mod tests {
         let config = Config::load(Some(&path), &HashMap::new()).expect("example config loads");
         assert_eq!(config.members().len(), 3);
         assert_eq!(config.hub.twin_limits.max_depth, 5);
+        assert_eq!(config.region.peers.len(), 2);
+        assert!(config.region.automatic_failover);
     }
 
     #[test]
