@@ -106,6 +106,40 @@ pub fn placement(
         .collect()
 }
 
+/// Like [`placement`], spread over regions first: the highest-ranked node of each region in
+/// rank order, then the next ranked nodes. With voters in three regions (2+2+1) and three
+/// replicas, every partition has one replica per region, so losing a whole region leaves each
+/// partition a majority (sync mode, docs/adr/009-regions.md). Nodes of unknown region count as
+/// one region. The highest-ranked node is always chosen, so [`preferred_leader`] is a replica.
+pub fn placement_in_regions(
+    partition: u32,
+    voters: &BTreeSet<u64>,
+    regions: &std::collections::BTreeMap<u64, String>,
+    replication_factor: usize,
+) -> BTreeSet<u64> {
+    let want = replication_factor.max(1);
+    let order = ranked(partition, voters);
+    let mut chosen: Vec<u64> = Vec::with_capacity(want);
+    let mut used: BTreeSet<&str> = BTreeSet::new();
+    for n in &order {
+        if chosen.len() == want {
+            break;
+        }
+        if used.insert(regions.get(n).map_or("", String::as_str)) {
+            chosen.push(*n);
+        }
+    }
+    for n in &order {
+        if chosen.len() == want {
+            break;
+        }
+        if !chosen.contains(n) {
+            chosen.push(*n);
+        }
+    }
+    chosen.into_iter().collect()
+}
+
 /// The replica that should lead `partition` when its group starts: the highest-ranked one.
 pub fn preferred_leader(partition: u32, voters: &BTreeSet<u64>) -> Option<u64> {
     ranked(partition, voters).first().copied()
@@ -117,6 +151,34 @@ mod tests {
 
     fn set(ids: &[u64]) -> BTreeSet<u64> {
         ids.iter().copied().collect()
+    }
+
+    #[test]
+    fn placement_spreads_replicas_over_regions() {
+        let voters = set(&[1, 2, 3, 4, 5]);
+        let regions: std::collections::BTreeMap<u64, String> = [
+            (1, "east"),
+            (2, "east"),
+            (3, "west"),
+            (4, "west"),
+            (5, "witness"),
+        ]
+        .into_iter()
+        .map(|(id, r)| (id, r.to_string()))
+        .collect();
+        for p in 0..64 {
+            let replicas = placement_in_regions(p, &voters, &regions, 3);
+            assert_eq!(replicas.len(), 3);
+            let spread: BTreeSet<&String> = replicas.iter().map(|id| &regions[id]).collect();
+            assert_eq!(spread.len(), 3, "partition {p}: {replicas:?}");
+            let leader = preferred_leader(p, &voters);
+            assert!(leader.is_some_and(|l| replicas.contains(&l)));
+        }
+        // Without regions it is plain rendezvous placement.
+        assert_eq!(
+            placement_in_regions(7, &voters, &Default::default(), 3),
+            placement(7, &voters, 3)
+        );
     }
 
     #[test]

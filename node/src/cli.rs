@@ -793,6 +793,7 @@ pub async fn run_demo(args: DemoArgs, env: &HashMap<String, String>) -> anyhow::
         .map(|id| crate::config::Member {
             id,
             grpc_addr: format!("127.0.0.1:{}", port(id, 2)),
+            region: None,
         })
         .collect();
     let shutdown = shutdown_on_signal();

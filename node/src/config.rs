@@ -81,6 +81,10 @@ pub struct Member {
     pub id: u64,
     /// Its gRPC address (`host:port`).
     pub grpc_addr: String,
+    /// Its region, when the cluster spans regions (sync mode): telemetry partition replicas are
+    /// spread over regions. Defaults to unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
 /// `[cluster]`
@@ -324,6 +328,7 @@ impl Config {
             vec![Member {
                 id: self.node.id,
                 grpc_addr: self.cluster.advertise(),
+                region: Some(self.node.region.clone()),
             }]
         } else {
             self.cluster.members.clone()

@@ -53,14 +53,120 @@ impl ControlPlane {
     }
 
     /// This node's region: epoch, role, writability, copy lag, failover history and progress.
+    /// In sync mode: the regions of the voters and where the leaders are.
     pub fn region_status(&self) -> Value {
-        self.region.status()
+        if !self.region.sync_mode() {
+            return self.region.status();
+        }
+        let regions = self.partitions.regions();
+        let m = self.hub.raft().metrics().borrow().clone();
+        let leader_region = m.current_leader.and_then(|l| regions.get(&l).cloned());
+        let partition_leaders: Vec<Value> = (0..self.partitions.count())
+            .map(|p| {
+                let leader = self.partitions.leader(p).map(|(id, _)| id);
+                json!({"partition": p, "leader": leader, "region": leader.and_then(|l| regions.get(&l))})
+            })
+            .collect();
+        json!({
+            "mode": "sync",
+            "region": self.region.my_region(),
+            "nodeId": self.node_id,
+            "primary": leader_region,
+            "role": if leader_region.as_deref() == Some(self.region.my_region()) { "primary" } else { "secondary" },
+            "writable": true,
+            "hubLeader": m.current_leader,
+            "regions": regions,
+            "partitionLeaders": partition_leaders,
+        })
     }
 
-    /// Fails the hub over to `region` (see [`crate::region::Region::failover`]).
+    /// Fails the hub over to `region` (see [`crate::region::Region::failover`]). In sync mode
+    /// no data moves: the hub's and the partitions' leaderships move to nodes of `region`.
     pub async fn failover(&self, region: &str, hub_name: &str, force: bool) -> HubResult<Value> {
-        let report = self.region.failover(region, hub_name, force).await?;
-        Ok(serde_json::to_value(report).unwrap_or(Value::Null))
+        if !self.region.sync_mode() {
+            let report = self.region.failover(region, hub_name, force).await?;
+            return Ok(serde_json::to_value(report).unwrap_or(Value::Null));
+        }
+        if hub_name != self.region.hub_name() {
+            return Err(HubError::invalid(format!(
+                "confirmation failed: the hub is named '{}', not '{hub_name}'",
+                self.region.hub_name()
+            )));
+        }
+        let started = std::time::Instant::now();
+        let regions = self.partitions.regions();
+        let voters: std::collections::BTreeSet<u64> = self
+            .hub
+            .raft()
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        let in_target: Vec<u64> = voters
+            .iter()
+            .copied()
+            .filter(|v| regions.get(v).is_some_and(|r| r == region))
+            .collect();
+        let Some(first) = in_target.first().copied() else {
+            return Err(HubError::invalid(format!(
+                "no voter is in region '{region}'"
+            )));
+        };
+        let mut steps = Vec::new();
+        // A transfer can lose its reply while leadership moves; it is retried until the leader
+        // is where it should be.
+        let mut attempts = 0;
+        loop {
+            let hub_leader = self.hub.raft().metrics().borrow().current_leader;
+            if hub_leader.is_some_and(|l| in_target.contains(&l)) {
+                break;
+            }
+            attempts += 1;
+            if let Err(e) = self.transfer_leadership(None, first).await {
+                if attempts >= 5 {
+                    return Err(e);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+        }
+        steps.push(json!([
+            "hub leader moved",
+            started.elapsed().as_millis() as u64
+        ]));
+        for p in 0..self.partitions.count() {
+            let replicas = self.partitions.placement(p, &voters);
+            let Some(to) = replicas.iter().copied().find(|r| in_target.contains(r)) else {
+                continue;
+            };
+            let mut attempts = 0;
+            loop {
+                let leader = self.partition_leader(p).await.map(|(id, _)| id);
+                if leader.is_some_and(|l| in_target.contains(&l)) {
+                    break;
+                }
+                attempts += 1;
+                if let Err(e) = self.transfer_leadership(Some(p), to).await {
+                    if attempts >= 5 {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                }
+            }
+        }
+        steps.push(json!([
+            "partition leaders moved",
+            started.elapsed().as_millis() as u64
+        ]));
+        Ok(json!({
+            "mode": "sync",
+            "primary": region,
+            "kind": "manual",
+            "steps": steps,
+            "done": true,
+            "totalMs": started.elapsed().as_millis() as u64,
+        }))
     }
 
     fn devices_here(&self) -> usize {
@@ -207,6 +313,46 @@ impl ControlPlane {
             .await
     }
 
+    /// The leader of partition `p` and its address: as this node's replica sees it, else as a
+    /// replica reports it (a node that holds no replica of `p` knows no leader).
+    async fn partition_leader(&self, p: u32) -> Option<(u64, String)> {
+        if let Some(known) = self.partitions.leader(p) {
+            return Some(known);
+        }
+        let membership = self
+            .hub
+            .raft()
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .clone();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        for replica in self.partitions.placement(p, &voters) {
+            let Some(addr) = membership.get_node(&replica).map(|n| n.addr.clone()) else {
+                continue;
+            };
+            let Ok(channel) = crate::raft::network::channel(&addr) else {
+                continue;
+            };
+            let reply = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                meridian_proto::hub::hub_forward_client::HubForwardClient::new(channel)
+                    .group_leader(meridian_proto::hub::GroupLeaderRequest { group: p + 1 }),
+            )
+            .await;
+            if let Ok(Ok(r)) = reply {
+                let leader = r.into_inner().leader;
+                if leader != 0
+                    && let Some(n) = membership.get_node(&leader)
+                {
+                    return Some((leader, n.addr.clone()));
+                }
+            }
+        }
+        None
+    }
+
     /// Moves leadership of the hub group (`partition` None) or of a partition's group to `to`
     /// (see `raft::transfer`): asks the group's current leader to step aside for it.
     pub async fn transfer_leadership(&self, partition: Option<u32>, to: u64) -> HubResult<()> {
@@ -227,7 +373,7 @@ impl ControlPlane {
                     if p >= self.partitions.count() {
                         return Err(HubError::invalid(format!("no partition {p}")));
                     }
-                    self.partitions.leader(p).map(|(_, addr)| addr)
+                    self.partition_leader(p).await.map(|(_, addr)| addr)
                 }
             };
             if let Some(addr) = leader_addr {

@@ -139,6 +139,8 @@ struct Inner {
     clients: std::sync::Mutex<HashMap<String, PartitionServiceClient<Channel>>>,
     /// The region write gate: appends are refused unless this region is the writable primary.
     gate: Option<Arc<crate::region::RegionGate>>,
+    /// Region of each known node (placement spreads replicas over regions).
+    regions: std::sync::RwLock<BTreeMap<NodeId, String>>,
     /// Where to send appends of partitions this node does not replicate (it has no leader for
     /// them): the last leader a peer named, else the placement's nodes in turn.
     routes: std::sync::Mutex<HashMap<u32, Route>>,
@@ -221,6 +223,7 @@ impl Partitions {
                 clients: std::sync::Mutex::new(HashMap::new()),
                 routes: std::sync::Mutex::new(HashMap::new()),
                 gate: settings.gate.clone(),
+                regions: std::sync::RwLock::new(BTreeMap::new()),
             }),
         };
         for (p, rx) in queues.into_iter().enumerate() {
@@ -279,6 +282,40 @@ impl Partitions {
                     .and_then(|a| a.cursors.get(name).copied())
             })
             .unwrap_or(0)
+    }
+
+    /// The configured region of each node (sync mode).
+    pub fn regions(&self) -> BTreeMap<NodeId, String> {
+        self.inner
+            .regions
+            .read()
+            .map(|r| r.clone())
+            .unwrap_or_default()
+    }
+
+    /// The replicas `partition` should have among `voters`, spread over the nodes' regions.
+    pub fn placement(&self, partition: u32, voters: &BTreeSet<NodeId>) -> BTreeSet<NodeId> {
+        let regions = self
+            .inner
+            .regions
+            .read()
+            .map(|r| r.clone())
+            .unwrap_or_default();
+        meridian_control_plane::placement_in_regions(
+            partition,
+            voters,
+            &regions,
+            self.inner.replication_factor,
+        )
+    }
+
+    /// Records the regions of nodes (from the configuration and gossip), for placement.
+    pub fn learn_regions(&self, regions: impl IntoIterator<Item = (NodeId, String)>) {
+        if let Ok(mut known) = self.inner.regions.write() {
+            for (id, region) in regions {
+                known.entry(id).or_insert(region);
+            }
+        }
     }
 
     /// Whether this node delivers `partition` to outbound endpoints: it leads the partition in
@@ -564,8 +601,7 @@ impl Partitions {
             {
                 continue;
             }
-            let replicas =
-                meridian_control_plane::placement(p as u32, &voters, self.inner.replication_factor);
+            let replicas = self.placement(p as u32, &voters);
             let nodes: BTreeMap<NodeId, BasicNode> = replicas
                 .iter()
                 .filter_map(|id| members.get(id).map(|a| (*id, BasicNode::new(a.clone()))))
@@ -607,14 +643,11 @@ impl Partitions {
             }
             for p in 0..self.count() {
                 if let Ok(mut routes) = self.inner.routes.lock() {
-                    routes.entry(p).or_default().placement = meridian_control_plane::placement(
-                        p,
-                        &voters,
-                        self.inner.replication_factor,
-                    )
-                    .iter()
-                    .filter_map(|id| addrs.get(id).cloned())
-                    .collect();
+                    routes.entry(p).or_default().placement = self
+                        .placement(p, &voters)
+                        .iter()
+                        .filter_map(|id| addrs.get(id).cloned())
+                        .collect();
                 }
                 let label = p.to_string();
                 let gauges = crate::observability::metrics();
@@ -626,8 +659,7 @@ impl Partitions {
                     .partition_is_replica
                     .with_label_values(&[label.as_str()])
                     .set(i64::from(self.is_replica(p)));
-                let desired =
-                    meridian_control_plane::placement(p, &voters, self.inner.replication_factor);
+                let desired = self.placement(p, &voters);
                 if let Err(e) = self.reconcile(p, &desired, &addrs).await {
                     tracing::warn!(partition = p, error = %e, "partition rebalance");
                 }

@@ -39,6 +39,19 @@ pub enum PeerRole {
     Witness,
 }
 
+/// How the hub's regions replicate (docs/adr/009-regions.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicationMode {
+    /// Each region is a cluster of its own; the secondary copies the primary's logs
+    /// asynchronously (writes at LAN latency; a region loss loses the copy lag).
+    #[default]
+    Async,
+    /// One cluster whose voters span three regions (e.g. 2+2+1), telemetry replicas spread over
+    /// them: a lost region loses no acknowledged write, at the cost of WAN latency on writes.
+    Sync,
+}
+
 /// Another region of the hub.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -56,6 +69,9 @@ pub struct RegionPeer {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RegionSection {
+    /// `async` (default): regions are separate clusters, the secondary copies the primary.
+    /// `sync`: one cluster spanning the regions named in `cluster.members[].region`.
+    pub mode: ReplicationMode,
     /// Whether this node's region only arbitrates (a witness) (default false).
     pub witness: bool,
     /// The other regions (default none).
@@ -85,6 +101,7 @@ pub struct RegionSection {
 impl Default for RegionSection {
     fn default() -> Self {
         Self {
+            mode: ReplicationMode::Async,
             witness: false,
             peers: Vec::new(),
             primary: None,
@@ -103,6 +120,13 @@ impl Default for RegionSection {
 impl RegionSection {
     /// Checks the cross-field rules for a node of `my_region`.
     pub fn validate(&self, my_region: &str) -> Result<(), String> {
+        if self.mode == ReplicationMode::Sync && !self.peers.is_empty() {
+            return Err(
+                "region.mode = \"sync\" runs one cluster: list every node in cluster.members (with \
+                 its region), not in region.peers"
+                    .into(),
+            );
+        }
         if self.peers.is_empty() {
             return Ok(());
         }
@@ -372,9 +396,24 @@ impl Region {
         })
     }
 
-    /// Whether the hub is geo-paired.
+    /// Whether the hub is geo-paired (async mode).
     pub fn enabled(&self) -> bool {
         !self.section.peers.is_empty()
+    }
+
+    /// Whether the cluster spans regions synchronously.
+    pub fn sync_mode(&self) -> bool {
+        self.section.mode == ReplicationMode::Sync
+    }
+
+    /// The hub's name, which a failover request repeats as confirmation.
+    pub fn hub_name(&self) -> &str {
+        &self.section.hub_name
+    }
+
+    /// This node's region.
+    pub fn my_region(&self) -> &str {
+        &self.my_region
     }
 
     fn now(&self) -> u64 {

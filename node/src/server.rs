@@ -226,6 +226,15 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
     )
     .await
     .map_err(StartError::Raft)?;
+    // Regions of the configured members (identical on every node, so every node computes the
+    // same placement): replicas spread over regions when the cluster spans them (sync mode).
+    partitions.learn_regions(
+        config
+            .cluster
+            .members
+            .iter()
+            .filter_map(|m| m.region.clone().map(|r| (m.id, r))),
+    );
     let event_reader = crate::telemetry_api::EventReader::new(
         telemetry.clone(),
         config.mqtt.partitions,

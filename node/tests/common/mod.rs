@@ -654,3 +654,57 @@ pub fn start_regions(
     let map = placed.iter().map(|p| (p.0, p.1)).collect();
     Ok((Cluster { dir, nodes, ca }, map))
 }
+
+/// Starts one cluster whose nodes span regions (sync mode): `regions` gives each region's name
+/// and node count; ids count up from 1 in that order; every member entry names its region.
+pub fn start_sync_regions(
+    regions: &[(&'static str, usize)],
+) -> Result<(Cluster, Vec<(u64, &'static str)>)> {
+    let dir = tempfile::tempdir()?;
+    let tls = meridian::tls::ensure_dev_certificates(&dir.path().join("tls"))?;
+    let ca = tls.ca_cert.clone().context("generated CA")?;
+    let total: usize = regions.iter().map(|r| r.1).sum();
+    let ports = free_ports(4 * total)?;
+    let mut placed = Vec::new();
+    for (name, n) in regions {
+        for _ in 0..*n {
+            let i = placed.len();
+            placed.push((
+                i as u64 + 1,
+                *name,
+                [
+                    ports[4 * i],
+                    ports[4 * i + 1],
+                    ports[4 * i + 2],
+                    ports[4 * i + 3],
+                ],
+            ));
+        }
+    }
+    let members: Vec<String> = placed
+        .iter()
+        .map(|(id, region, p)| {
+            format!(
+                "{{ id = {id}, grpc_addr = \"127.0.0.1:{}\", region = \"{region}\" }}",
+                p[1]
+            )
+        })
+        .collect();
+    let members = members.join(", ");
+    let mut nodes = Vec::new();
+    for (id, region, ports) in &placed {
+        let mut node = configured_node(dir.path(), *id, *ports, &members, &tls, &[])?;
+        let mut toml = std::fs::read_to_string(&node.config_path)?;
+        toml = toml.replacen(
+            &format!("[node]\nid = {id}\n"),
+            &format!("[node]\nid = {id}\nregion = \"{region}\"\n"),
+            1,
+        );
+        toml.push_str("\n[region]\nmode = \"sync\"\nhub_name = \"meridian\"\n");
+        std::fs::write(&node.config_path, toml)?;
+        node.spawn()?;
+        nodes.push(node);
+    }
+    let map = placed.iter().map(|p| (p.0, p.1)).collect();
+    Ok((Cluster { dir, nodes, ca }, map))
+}
