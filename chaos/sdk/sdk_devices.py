@@ -127,7 +127,14 @@ def run(device_id, key):
         connection_retry=True,
         connection_retry_interval=1,
     )
-    client.connect()
+    # The first connect is the application's to retry (the SDK retries only once connected): a
+    # node of a secondary region refuses it (CONNACK 3) and the relay moves on to the next node.
+    while True:
+        try:
+            client.connect()
+            break
+        except Exception:
+            time.sleep(0.5)
     connected.wait()
     seq = 1
     while not os.path.exists(stop_file):

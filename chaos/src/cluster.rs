@@ -27,6 +27,43 @@ pub struct ClusterOptions {
     pub netns: bool,
     /// Log filter of the nodes.
     pub log_filter: String,
+    /// Regions (None: one region). Node ids count up from 1 over the regions in order.
+    pub regions: Option<RegionLayout>,
+}
+
+/// How the nodes are spread over regions.
+#[derive(Debug, Clone)]
+pub struct RegionLayout {
+    /// `sync`: one cluster over all regions; `async`: a cluster per region, geo-paired.
+    pub sync: bool,
+    /// (name, nodes, witness) per region; the first is the initial primary.
+    pub regions: Vec<(String, usize, bool)>,
+    /// Extra keys of every node's `[region]` section (leases, automatic failover).
+    pub region_toml: String,
+    /// Added to every call between nodes of different regions (one way).
+    pub wan_delay: Duration,
+}
+
+impl RegionLayout {
+    /// The region of node `id`.
+    pub fn region_of(&self, id: u64) -> Option<&str> {
+        let mut next = 1u64;
+        for (name, n, _) in &self.regions {
+            if id < next + *n as u64 {
+                return Some(name);
+            }
+            next += *n as u64;
+        }
+        None
+    }
+
+    /// The node ids of region `name`.
+    pub fn nodes_of(&self, name: &str) -> Vec<u64> {
+        let total: usize = self.regions.iter().map(|r| r.1).sum();
+        (1..=total as u64)
+            .filter(|id| self.region_of(*id) == Some(name))
+            .collect()
+    }
 }
 
 impl ClusterOptions {
@@ -39,6 +76,7 @@ impl ClusterOptions {
             partitions: 4,
             netns: false,
             log_filter: "info,openraft=warn".into(),
+            regions: None,
         }
     }
 }
@@ -73,6 +111,8 @@ pub struct ChaosCluster {
     pub operator: ServiceClient,
     /// Partition count.
     pub partitions: u32,
+    /// The region layout, if any.
+    pub regions: Option<RegionLayout>,
     // Declared last: dropped after the processes.
     net: Option<Netns>,
 }
@@ -83,7 +123,10 @@ impl ChaosCluster {
     pub async fn start(opts: &ClusterOptions, dir: &Path) -> Result<Self> {
         let tls = meridian::tls::ensure_dev_certificates(&dir.join("tls"))?;
         let ca = tls.ca_cert.clone().context("generated CA")?;
-        let n = opts.nodes;
+        let n = opts
+            .regions
+            .as_ref()
+            .map_or(opts.nodes, |l| l.regions.iter().map(|r| r.1).sum());
         let net = if opts.netns {
             Some(Netns::create(n)?)
         } else {
@@ -98,9 +141,22 @@ impl ChaosCluster {
                 }
             }
         };
-        let members: Vec<String> = (1..=n as u64)
-            .map(|id| format!("{{ id = {id}, grpc_addr = \"{}\" }}", addr_of(id, 1)))
-            .collect();
+        let layout = opts.regions.clone();
+        let region_of = |id: u64| -> String {
+            layout
+                .as_ref()
+                .and_then(|l| l.region_of(id))
+                .unwrap_or("local")
+                .to_string()
+        };
+        let member = |id: u64| match &layout {
+            Some(l) if l.sync => format!(
+                "{{ id = {id}, grpc_addr = \"{}\", region = \"{}\" }}",
+                addr_of(id, 1),
+                region_of(id)
+            ),
+            _ => format!("{{ id = {id}, grpc_addr = \"{}\" }}", addr_of(id, 1)),
+        };
         let mut nodes = Vec::new();
         for id in 1..=n as u64 {
             let (https, grpc, metrics, mqtt) = (
@@ -110,17 +166,51 @@ impl ChaosCluster {
                 addr_of(id, 3),
             );
             let config = dir.join(format!("node{id}.toml"));
+            // Async regions are clusters of their own; otherwise one cluster of every node.
+            let members: Vec<String> = (1..=n as u64)
+                .filter(|m| match &layout {
+                    Some(l) if !l.sync => region_of(*m) == region_of(id),
+                    _ => true,
+                })
+                .map(member)
+                .collect();
+            let mut region_section = String::new();
+            if let Some(l) = &layout {
+                let primary = &l.regions[0].0;
+                let witness = l.regions.iter().any(|r| r.0 == region_of(id) && r.2);
+                if l.sync {
+                    region_section.push_str("[region]\nmode = \"sync\"\nhub_name = \"meridian\"\n");
+                } else {
+                    region_section.push_str(&format!(
+                        "[region]\nwitness = {witness}\nprimary = \"{primary}\"\nhub_name = \"meridian\"\n{}\n",
+                        l.region_toml
+                    ));
+                    for (name, _, is_witness) in l.regions.iter().filter(|r| r.0 != region_of(id)) {
+                        let addrs: Vec<String> = l
+                            .nodes_of(name)
+                            .iter()
+                            .map(|m| format!("\"{}\"", addr_of(*m, 1)))
+                            .collect();
+                        region_section.push_str(&format!(
+                            "[[region.peers]]\nname = \"{name}\"\nrole = \"{}\"\ngrpc_addrs = [{}]\n",
+                            if *is_witness { "witness" } else { "data" },
+                            addrs.join(", ")
+                        ));
+                    }
+                }
+            }
             std::fs::write(
                 &config,
                 format!(
-                    "[node]\nid = {id}\ndata_dir = \"{d}\"\n[cluster]\ngrpc_listen = \"{grpc}\"\nmembers = [{m}]\nreplication_factor = {rf}\n[api]\nhttps_listen = \"{https}\"\n[tls]\ncert = \"{c}\"\nkey = \"{k}\"\n[observability]\nmetrics_listen = \"{metrics}\"\n[mqtt]\ntls_listen = \"{mqtt}\"\npartitions = {p}\n",
+                    "[node]\nid = {id}\nregion = \"{r}\"\ndata_dir = \"{d}\"\n[cluster]\ngrpc_listen = \"{grpc}\"\nmembers = [{m}]\nreplication_factor = {rf}\n[api]\nhttps_listen = \"{https}\"\n[tls]\ncert = \"{c}\"\nkey = \"{k}\"\n[observability]\nmetrics_listen = \"{metrics}\"\n[mqtt]\ntls_listen = \"{mqtt}\"\npartitions = {p}\n",
                     d = dir.join(format!("node{id}")).display(),
                     m = members.join(", "),
                     rf = opts.replication_factor,
                     c = tls.cert.display(),
                     k = tls.key.display(),
                     p = opts.partitions,
-                ),
+                    r = region_of(id),
+                ) + &region_section,
             )?;
             let mut cmd = Vec::new();
             if let Some(net) = &net {
@@ -177,8 +267,28 @@ impl ChaosCluster {
             service,
             operator,
             partitions: opts.partitions,
+            regions: layout.clone(),
             net,
         };
+        if let Some(l) = &layout
+            && !l.wan_delay.is_zero()
+        {
+            for node in &cluster.nodes {
+                let mine = region_of(node.id);
+                // A witness only answers (leases, votes); it calls no one and has no hub (so no
+                // operator credential) to configure it with.
+                if l.regions.iter().any(|r| r.0 == mine && r.2) {
+                    continue;
+                }
+                let remote: Vec<String> = cluster
+                    .nodes
+                    .iter()
+                    .filter(|o| region_of(o.id) != mine)
+                    .map(|o| o.grpc.to_string())
+                    .collect();
+                cluster.set_wan_delay(node.id, l.wan_delay, &remote).await?;
+            }
+        }
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let leaders = cluster.partition_leaders().await;
@@ -271,6 +381,40 @@ impl ChaosCluster {
         Ok(())
     }
 
+    /// Delays node `id`'s calls to `remote` (other regions' gRPC addresses) by `delay`.
+    pub async fn set_wan_delay(&self, id: u64, delay: Duration, remote: &[String]) -> Result<()> {
+        // The operator credential arrives with the hub: a secondary region may need a moment.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let reply = async {
+                let mut c = self
+                    .operator
+                    .with_addr(self.node(id)?.https)
+                    .connect()
+                    .await?;
+                let r = c
+                    .json(
+                        "PUT",
+                        "/meridian/cluster/faults",
+                        Some(&serde_json::json!({
+                            "wanDelayMs": delay.as_millis() as u64,
+                            "wanPeers": remote,
+                        })),
+                    )
+                    .await?;
+                Ok::<u16, anyhow::Error>(r.status)
+            }
+            .await;
+            if matches!(reply, Ok(204)) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("set the WAN delay on node {id}: {reply:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// SIGKILL node `id`.
     pub fn kill9(&mut self, id: u64) -> Result<()> {
         self.node_mut(id)?.proc.kill9();
@@ -300,6 +444,22 @@ impl ChaosCluster {
             .as_ref()
             .context("link cuts need a cluster in network namespaces")?
             .isolate(id)
+    }
+
+    /// Cuts the link between nodes `a` and `b`. Needs `netns`.
+    pub fn cut(&self, a: u64, b: u64) -> Result<()> {
+        self.net
+            .as_ref()
+            .context("link cuts need a cluster in network namespaces")?
+            .cut(a, b)
+    }
+
+    /// Heals [`ChaosCluster::cut`].
+    pub fn heal(&self, a: u64, b: u64) -> Result<()> {
+        self.net
+            .as_ref()
+            .context("link cuts need a cluster in network namespaces")?
+            .heal(a, b)
     }
 
     /// Heals [`ChaosCluster::isolate`].

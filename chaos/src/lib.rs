@@ -11,12 +11,17 @@
 //!   SIGSTOP and network partitions (nodes in network namespaces) under telemetry and registry
 //!   load — with the checker ([`checker`]) and a JSON + Markdown report ([`report`]).
 //!
+//! * `chaos --regions async|sync`: the regions scenario of [`regions::regions`] — planned
+//!   failover and failback, region loss, a partition between regions — with RTO and RPO per data
+//!   type next to Azure IoT Hub's documented figures.
+//!
 //! Nothing depends on this crate.
 
 pub mod checker;
 pub mod cluster;
 pub mod netns;
 pub mod proc;
+pub mod regions;
 pub mod report;
 pub mod scenario;
 pub mod workload;

@@ -44,10 +44,15 @@ pub async fn progress(acked: &Acked, more: usize, timeout: Duration) -> Result<D
     Ok(start.elapsed())
 }
 
+/// When each acknowledged message was acknowledged (same order as [`Acked`]).
+pub type AckTimes = Arc<Mutex<BTreeMap<String, Vec<Instant>>>>;
+
 /// A running telemetry workload.
 pub struct TelemetryLoad {
     /// What was acknowledged.
     pub acked: Acked,
+    /// When.
+    pub times: AckTimes,
     stop: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<Result<()>>>,
 }
@@ -60,6 +65,7 @@ impl TelemetryLoad {
         ca: &std::path::Path,
     ) -> Self {
         let acked: Acked = Arc::default();
+        let times: AckTimes = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let tasks = devices
             .into_iter()
@@ -71,12 +77,17 @@ impl TelemetryLoad {
                     nodes.clone(),
                     i % nodes.len().max(1),
                     ca.to_path_buf(),
-                    acked.clone(),
+                    (acked.clone(), times.clone()),
                     stop.clone(),
                 ))
             })
             .collect();
-        Self { acked, stop, tasks }
+        Self {
+            acked,
+            times,
+            stop,
+            tasks,
+        }
     }
 
     /// Stops every device and returns what was acknowledged.
@@ -95,7 +106,7 @@ async fn device_loop(
     nodes: Vec<SocketAddr>,
     mut node: usize,
     ca: std::path::PathBuf,
-    acked: Acked,
+    (acked, times): (Acked, AckTimes),
     stop: Arc<AtomicBool>,
 ) -> Result<()> {
     let tls = tls_config(&ca)?;
@@ -127,6 +138,9 @@ async fn device_loop(
                 if let Ok(mut a) = acked.lock() {
                     a.entry(id.clone()).or_default().push(seq);
                 }
+                if let Ok(mut t) = times.lock() {
+                    t.entry(id.clone()).or_default().push(Instant::now());
+                }
                 seq += 1;
             } else {
                 node = (node + 1) % nodes.len();
@@ -139,7 +153,7 @@ async fn device_loop(
 
 /// A running registry writer.
 pub struct RegistryLoad {
-    acked: Arc<Mutex<Vec<String>>>,
+    acked: Arc<Mutex<Vec<(String, Instant)>>>,
     stop: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -147,7 +161,7 @@ pub struct RegistryLoad {
 impl RegistryLoad {
     /// Creates devices `{prefix}-{n}` one after another, each through the next of `clients`.
     pub fn start(prefix: &str, clients: Vec<ServiceClient>) -> Self {
-        let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+        let acked: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let (a, s, prefix) = (acked.clone(), stop.clone(), prefix.to_string());
         let task = tokio::spawn(async move {
@@ -169,7 +183,7 @@ impl RegistryLoad {
                 };
                 if ok {
                     if let Ok(mut a) = a.lock() {
-                        a.push(id);
+                        a.push((id, Instant::now()));
                     }
                 } else {
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -186,6 +200,15 @@ impl RegistryLoad {
 
     /// Stops and returns the acknowledged device ids.
     pub async fn stop(self) -> Vec<String> {
+        self.stop_with_times()
+            .await
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect()
+    }
+
+    /// Stops and returns the acknowledged device ids with when each was acknowledged.
+    pub async fn stop_with_times(self) -> Vec<(String, Instant)> {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.task.await;
         self.acked.lock().map(|a| a.clone()).unwrap_or_default()

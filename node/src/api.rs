@@ -770,22 +770,35 @@ async fn drain_node(
 #[derive(Debug, serde::Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct FaultSpec {
+    #[serde(default)]
     peer_delay_ms: u64,
+    /// Extra delay of calls to `wan_peers` (gRPC addresses of other regions' nodes).
+    #[serde(default)]
+    wan_delay_ms: u64,
+    #[serde(default)]
+    wan_peers: Vec<String>,
 }
 
 async fn get_faults(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
     authorize_operator(&s, &headers).await?;
-    Ok(ok_json(
-        json!({"peerDelayMs": crate::faults::peer_delay().as_millis() as u64}),
-    ))
+    let (wan, peers) = crate::faults::wan_delay();
+    Ok(ok_json(json!({
+        "peerDelayMs": crate::faults::peer_delay().as_millis() as u64,
+        "wanDelayMs": wan.as_millis() as u64,
+        "wanPeers": peers,
+    })))
 }
 
 async fn put_faults(State(s): State<ApiState>, headers: HeaderMap, body: Bytes) -> ApiResult {
     authorize_operator(&s, &headers).await?;
     let spec: FaultSpec = parse_body(&body)?;
-    if spec.peer_delay_ms > 10_000 {
-        return Err(HubError::invalid("peerDelayMs must be at most 10000").into());
+    if spec.peer_delay_ms > 10_000 || spec.wan_delay_ms > 10_000 {
+        return Err(HubError::invalid("peerDelayMs and wanDelayMs must be at most 10000").into());
     }
+    crate::faults::set_wan_delay(
+        std::time::Duration::from_millis(spec.wan_delay_ms),
+        spec.wan_peers.clone(),
+    );
     tracing::warn!(
         peer_delay_ms = spec.peer_delay_ms,
         "fault injection: delaying node-to-node calls"

@@ -190,7 +190,7 @@ impl Hub {
         // the caller gets 503 and decides whether to retry, instead of waiting out the timeout.
         let leader_changed = self.until_leader_changes(leader_id);
         let call = tokio::time::timeout(self.inner.request_timeout, async move {
-            crate::faults::before_peer_call().await;
+            crate::faults::before_peer_call_to(addr).await;
             client
                 .client_write(ClientWriteRequest { command_json })
                 .await
@@ -363,7 +363,7 @@ impl Hub {
             .forward_client(addr)
             .map_err(|e| tonic::Status::unavailable(e.message))?;
         let call = tokio::time::timeout(self.inner.request_timeout, async move {
-            crate::faults::before_peer_call().await;
+            crate::faults::before_peer_call_to(addr).await;
             client.read_index(ReadIndexRequest {}).await
         });
         // A read is safe to retry: when another leader appears, ask it instead of waiting out a

@@ -538,7 +538,7 @@ impl Partitions {
                     let call = tokio::time::timeout(
                         deadline.saturating_duration_since(Instant::now()),
                         async move {
-                            crate::faults::before_peer_call().await;
+                            crate::faults::before_peer_call_to(&addr).await;
                             client.append(request).await
                         },
                     );

@@ -321,6 +321,8 @@ pub struct Region {
     primary_last_seen: AtomicU64,
     /// Local ms when the copy last matched the source's applied index.
     caught_up_at: AtomicU64,
+    /// Per partition this node leads: local ms when its copy last matched the source.
+    partition_caught_up: Mutex<BTreeMap<u32, u64>>,
     auto: Mutex<AutoState>,
     progress: Mutex<Option<FailoverReport>>,
     failover_lock: tokio::sync::Mutex<()>,
@@ -356,7 +358,9 @@ fn unix_secs() -> u64 {
 
 const CALL_TIMEOUT: Duration = Duration::from_millis(1500);
 
+/// A client for one call to `addr` (after the injected WAN delay, in chaos runs).
 async fn client(addr: &str) -> Result<RegionClient<tonic::transport::Channel>, String> {
+    crate::faults::before_peer_call_to(addr).await;
     crate::raft::network::channel(addr)
         .map(RegionClient::new)
         .map_err(|e| format!("{addr}: {e}"))
@@ -390,6 +394,7 @@ impl Region {
             leader_since: AtomicU64::new(u64::MAX),
             primary_last_seen: AtomicU64::new(now),
             caught_up_at: AtomicU64::new(now),
+            partition_caught_up: Mutex::new(BTreeMap::new()),
             auto: Mutex::new(AutoState::default()),
             progress: Mutex::new(None),
             failover_lock: tokio::sync::Mutex::new(()),
@@ -471,19 +476,51 @@ impl Region {
             "leader": self.is_leader(),
             "shippedIndex": shipped,
             "lagMs": self.lag_ms(),
+            "partitionLagMs": self.partition_lags(),
             "peers": self.section.peers,
             "history": history,
             "lastFailover": self.progress.lock().ok().and_then(|p| p.clone()),
         })
     }
 
+    /// Per partition this node leads (secondary regions): how far behind its copy is, in ms.
+    fn partition_lags(&self) -> BTreeMap<u32, u64> {
+        if self.gate.is_primary() || self.section.witness {
+            return BTreeMap::new();
+        }
+        let now = self.now();
+        let caught = self
+            .partition_caught_up
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_default();
+        (0..self.partitions.count())
+            .filter(|p| self.partitions.is_leader(*p))
+            .map(|p| (p, now.saturating_sub(caught.get(&p).copied().unwrap_or(0))))
+            .collect()
+    }
+
+    /// How far behind the primary this node's copies are: the hub log (on the region's leader)
+    /// and the partitions it leads; the time since each last matched its source.
     fn lag_ms(&self) -> u64 {
         if self.gate.is_primary() || self.section.witness {
-            0
-        } else {
-            self.now()
-                .saturating_sub(self.caught_up_at.load(Ordering::Relaxed))
+            return 0;
         }
+        let now = self.now();
+        let mut oldest = if self.is_leader() {
+            self.caught_up_at.load(Ordering::Relaxed)
+        } else {
+            now
+        };
+        if let Ok(caught) = self.partition_caught_up.lock() {
+            for p in 0..self.partitions.count() {
+                if self.partitions.is_leader(p) {
+                    // Never matched since this node took the partition: as old as the node.
+                    oldest = oldest.min(caught.get(&p).copied().unwrap_or(0));
+                }
+            }
+        }
+        now.saturating_sub(oldest)
     }
 
     /// Runs the region loops until shutdown.
@@ -876,6 +913,9 @@ impl Region {
         let shipped = self.state(|s| s.region.shipped_index).flatten();
         let from = shipped.map_or(0, |i| i + 1);
         let mut last_error = String::from("no address");
+        // Once the copy reaches the source's applied index of this answer, it is current as of
+        // when the request was sent: the lag is the age of that moment.
+        let asked_at = self.now();
         for addr in self.section.addrs(source) {
             let mut c = client(&addr).await?;
             let reply = tokio::time::timeout(
@@ -935,14 +975,14 @@ impl Region {
                 }
             } else {
                 if shipped.is_some_and(|s| s >= r.applied_index) {
-                    self.caught_up_at.store(self.now(), Ordering::Relaxed);
+                    self.caught_up_at.store(asked_at, Ordering::Relaxed);
                 }
                 return Ok(false);
             };
             self.hub.write(command).await.map_err(|e| e.message)?;
             let shipped = self.state(|s| s.region.shipped_index).flatten();
             if shipped.is_some_and(|s| s >= r.applied_index) {
-                self.caught_up_at.store(self.now(), Ordering::Relaxed);
+                self.caught_up_at.store(asked_at, Ordering::Relaxed);
             }
             metrics_lag(self.lag_ms());
             return Ok(true);
@@ -957,6 +997,7 @@ impl Region {
         };
         let local = self.partitions.applied(partition).unwrap_or_default();
         let mut last_error = String::from("no replica answered");
+        let asked_at = self.now();
         for addr in self.section.addrs(source) {
             let mut c = client(&addr).await?;
             let ends = match tokio::time::timeout(
@@ -990,6 +1031,8 @@ impl Region {
                 return Ok(true);
             }
             let mut copied = false;
+            // Whether this pass copies everything the source had when asked.
+            let mut complete = true;
             let channel = crate::raft::network::channel(&addr).map_err(|e| e.to_string())?;
             let mut records_client = PartitionServiceClient::new(channel);
             for (key, remote_end) in &ends.ends {
@@ -997,6 +1040,7 @@ impl Region {
                 if *remote_end <= local_end {
                     continue;
                 }
+                crate::faults::before_peer_call_to(&addr).await;
                 let read = tokio::time::timeout(
                     CALL_TIMEOUT,
                     records_client.read_raw(ReadRawRequest {
@@ -1013,6 +1057,9 @@ impl Region {
                 .records;
                 let Some(first) = read.first() else { continue };
                 let first_offset = first.offset;
+                if read.last().is_some_and(|l| l.offset + 1 < *remote_end) {
+                    complete = false;
+                }
                 // Offsets are consecutive in a replica (retention only removes a prefix).
                 let records = read.into_iter().map(|r| r.data).collect();
                 raft.client_write(PartitionCommand::Ship {
@@ -1023,6 +1070,9 @@ impl Region {
                 .await
                 .map_err(|e| e.to_string())?;
                 copied = true;
+            }
+            if complete && let Ok(mut caught) = self.partition_caught_up.lock() {
+                caught.insert(partition, asked_at);
             }
             for (name, next) in &ends.cursors {
                 if local.cursors.get(name).is_none_or(|l| l < next) {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Parser;
 use meridian_chaos::cluster::ClusterOptions;
+use meridian_chaos::regions::{RegionsOptions, regions};
 use meridian_chaos::scenario::{NemesesOptions, cluster_nemeses};
 
 #[derive(Parser, Debug)]
@@ -38,6 +39,19 @@ struct Args {
     /// Directory for the report (`<scenario>.json`, `<scenario>.md`).
     #[arg(long, default_value = "chaos-report")]
     out: PathBuf,
+    /// Run the regions scenario instead: `async` (geo-paired regions with a witness) or `sync`
+    /// (one cluster over three regions).
+    #[arg(long)]
+    regions: Option<String>,
+    /// Regions scenario: nodes per data region.
+    #[arg(long, default_value_t = 2)]
+    nodes_per_region: usize,
+    /// Regions scenario: devices registered besides the connected ones.
+    #[arg(long, default_value_t = 1000)]
+    registered: usize,
+    /// Regions scenario: WAN delay between regions, ms (one way).
+    #[arg(long, default_value_t = 40)]
+    wan_delay_ms: u64,
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -45,6 +59,45 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
     println!("work dir: {}", dir.path().display());
+    if let Some(mode) = &args.regions {
+        anyhow::ensure!(
+            mode == "async" || mode == "sync",
+            "--regions is async or sync"
+        );
+        let mut opts = RegionsOptions::new(
+            args.meridian_bin.clone(),
+            mode == "sync",
+            args.nodes_per_region,
+        );
+        opts.devices = args.devices;
+        opts.sdk_devices = args.sdk_devices;
+        opts.registered = args.registered;
+        opts.wan_delay = Duration::from_millis(args.wan_delay_ms);
+        if let Some(layout) = opts.cluster.regions.as_mut() {
+            layout.wan_delay = opts.wan_delay;
+        }
+        let report = match regions(&opts, dir.path()).await {
+            Ok(r) => r,
+            Err(e) => {
+                let kept = dir.keep();
+                anyhow::bail!("regions run failed: {e:#}; logs kept in {}", kept.display());
+            }
+        };
+        report.write(&args.out)?;
+        println!("\n{}", report.markdown());
+        if !report.passed {
+            let kept = dir.keep();
+            anyhow::bail!(
+                "regions run failed: {:?}; logs kept in {}",
+                report.failures,
+                kept.display()
+            );
+        }
+        if args.keep {
+            println!("work dir kept: {}", dir.keep().display());
+        }
+        return Ok(());
+    }
     let mut cluster = ClusterOptions::new(args.meridian_bin.clone());
     cluster.nodes = args.nodes;
     cluster.netns = !args.loopback;

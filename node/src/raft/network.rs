@@ -121,8 +121,9 @@ impl GrpcNetwork {
             group: self.group,
         };
         let mut client = client;
+        let addr = self.addr.clone();
         let fut = async move {
-            crate::faults::before_peer_call().await;
+            crate::faults::before_peer_call_to(&addr).await;
             match rpc {
                 Rpc::AppendEntries => client.append_entries(payload).await,
                 Rpc::Vote => client.vote(payload).await,
