@@ -40,6 +40,8 @@ pub struct RegionLayout {
     pub regions: Vec<(String, usize, bool)>,
     /// Extra keys of every node's `[region]` section (leases, automatic failover).
     pub region_toml: String,
+    /// Extra keys of every node's `[cluster]` section (Raft timing across a WAN).
+    pub cluster_toml: String,
     /// Added to every call between nodes of different regions (one way).
     pub wan_delay: Duration,
 }
@@ -202,7 +204,7 @@ impl ChaosCluster {
             std::fs::write(
                 &config,
                 format!(
-                    "[node]\nid = {id}\nregion = \"{r}\"\ndata_dir = \"{d}\"\n[cluster]\ngrpc_listen = \"{grpc}\"\nmembers = [{m}]\nreplication_factor = {rf}\n[api]\nhttps_listen = \"{https}\"\n[tls]\ncert = \"{c}\"\nkey = \"{k}\"\n[observability]\nmetrics_listen = \"{metrics}\"\n[mqtt]\ntls_listen = \"{mqtt}\"\npartitions = {p}\n",
+                    "[node]\nid = {id}\nregion = \"{r}\"\ndata_dir = \"{d}\"\n[cluster]\ngrpc_listen = \"{grpc}\"\nmembers = [{m}]\nreplication_factor = {rf}\n{cx}[api]\nhttps_listen = \"{https}\"\n[tls]\ncert = \"{c}\"\nkey = \"{k}\"\n[observability]\nmetrics_listen = \"{metrics}\"\n[mqtt]\ntls_listen = \"{mqtt}\"\npartitions = {p}\n",
                     d = dir.join(format!("node{id}")).display(),
                     m = members.join(", "),
                     rf = opts.replication_factor,
@@ -210,6 +212,7 @@ impl ChaosCluster {
                     k = tls.key.display(),
                     p = opts.partitions,
                     r = region_of(id),
+                    cx = layout.as_ref().map_or("", |l| l.cluster_toml.as_str()),
                 ) + &region_section,
             )?;
             let mut cmd = Vec::new();

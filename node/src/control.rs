@@ -125,10 +125,11 @@ impl ControlPlane {
             }
             attempts += 1;
             if let Err(e) = self.transfer_leadership(None, first).await {
-                if attempts >= 5 {
+                // A target still catching up ("not replicating") gets time to.
+                if attempts >= 40 {
                     return Err(e);
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             }
         }
         steps.push(json!([
@@ -148,10 +149,11 @@ impl ControlPlane {
                 }
                 attempts += 1;
                 if let Err(e) = self.transfer_leadership(Some(p), to).await {
-                    if attempts >= 5 {
+                    // A target still catching up ("not replicating") gets time to.
+                    if attempts >= 40 {
                         return Err(e);
                     }
-                    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                 }
             }
         }
