@@ -46,6 +46,8 @@ pub struct RegionsOptions {
     pub warmup_messages: usize,
     /// WAN delay between regions (one way, added by the nodes' transport).
     pub wan_delay: Duration,
+    /// Each Rust device waits this long after each acknowledged message (zero: as fast as acked).
+    pub send_interval: Duration,
 }
 
 impl RegionsOptions {
@@ -80,6 +82,7 @@ impl RegionsOptions {
             sdk_devices: 5,
             warmup_messages: 2000,
             wan_delay: Duration::from_millis(40),
+            send_interval: Duration::ZERO,
         }
     }
 }
@@ -131,6 +134,8 @@ pub struct RegionsReport {
     pub devices: usize,
     /// Official SDK devices connected.
     pub sdk_devices: usize,
+    /// Each Rust device's pause after each acknowledged message, ms (0: as fast as acknowledged).
+    pub send_interval_ms: u64,
     /// The steps.
     pub steps: Vec<StepResult>,
     /// Acknowledged operations per data type over the run.
@@ -537,7 +542,8 @@ pub async fn regions(opts: &RegionsOptions, dir: &Path) -> Result<RegionsReport>
     } else {
         None
     };
-    let telemetry = TelemetryLoad::start(devices, mqtt.clone(), &cluster.ca);
+    let telemetry =
+        TelemetryLoad::start_paced(devices, mqtt.clone(), &cluster.ca, opts.send_interval);
     let registry = crate::workload::RegistryLoad::start("geo-reg", clients.clone());
     let service = ServiceLoad::start(clients.clone(), twin_devices.clone(), c2d_sinks.clone());
     progress(
@@ -1000,6 +1006,7 @@ pub async fn regions(opts: &RegionsOptions, dir: &Path) -> Result<RegionsReport>
             + c2d_sinks.len(),
         devices: opts.devices,
         sdk_devices: opts.sdk_devices,
+        send_interval_ms: opts.send_interval.as_millis() as u64,
         steps: steps.into_iter().map(|s| s.result).collect(),
         acknowledged,
         telemetry: telemetry_check,
@@ -1021,14 +1028,19 @@ impl RegionsReport {
     pub fn markdown(&self) -> String {
         let mut md = format!(
             "# Regions run: {}\n\n{}; {} ms WAN delay between regions (one way, in the nodes' transport); \
-             {} devices registered, {} Rust devices + {} official Python SDK devices connected, sending \
-             all the time; registry creates, twin desired patches and C2D sends running throughout. \
+             {} devices registered, {} Rust devices{} + {} official Python SDK devices connected and \
+             sending; registry creates, twin desired patches and C2D sends running throughout. \
              {:.0} s. Verdict: **{}**.\n\n",
             self.scenario,
             self.layout,
             self.wan_delay_ms,
             self.registered,
             self.devices,
+            if self.send_interval_ms > 0 {
+                format!(" (one message every {} ms each)", self.send_interval_ms)
+            } else {
+                " (as fast as acknowledged)".to_string()
+            },
             self.sdk_devices,
             self.duration_secs,
             if self.passed { "passed" } else { "FAILED" }

@@ -64,6 +64,17 @@ impl TelemetryLoad {
         nodes: Vec<SocketAddr>,
         ca: &std::path::Path,
     ) -> Self {
+        Self::start_paced(devices, nodes, ca, Duration::ZERO)
+    }
+
+    /// Like [`TelemetryLoad::start`], each device waiting `interval` after each acknowledged
+    /// message (a fleet sending periodically rather than as fast as it can).
+    pub fn start_paced(
+        devices: Vec<(String, String)>,
+        nodes: Vec<SocketAddr>,
+        ca: &std::path::Path,
+        interval: Duration,
+    ) -> Self {
         let acked: Acked = Arc::default();
         let times: AckTimes = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
@@ -78,7 +89,7 @@ impl TelemetryLoad {
                     i % nodes.len().max(1),
                     ca.to_path_buf(),
                     (acked.clone(), times.clone()),
-                    stop.clone(),
+                    (stop.clone(), interval),
                 ))
             })
             .collect();
@@ -107,19 +118,30 @@ async fn device_loop(
     mut node: usize,
     ca: std::path::PathBuf,
     (acked, times): (Acked, AckTimes),
-    stop: Arc<AtomicBool>,
+    (stop, interval): (Arc<AtomicBool>, Duration),
 ) -> Result<()> {
     let tls = tls_config(&ca)?;
     let token = device_token("localhost", &id, &key, 3600)?;
     let mut seq = 1u64;
+    // Like the SDKs: exponential backoff with jitter between failed connects, so a fleet refused
+    // by a region that is not primary does not turn into a TLS handshake storm.
+    let mut backoff = Duration::from_millis(100);
     while !stop.load(Ordering::Relaxed) {
         let connected =
             RawMqtt::connect_with(nodes[node], None, tls.clone(), &id, &token, true, 60).await;
         let mut device = match connected {
-            Ok((d, ConnAckCode::Success, _)) => d,
+            Ok((d, ConnAckCode::Success, _)) => {
+                backoff = Duration::from_millis(100);
+                d
+            }
             _ => {
                 node = (node + 1) % nodes.len();
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                let jitter = Duration::from_millis({
+                    use std::hash::BuildHasher;
+                    std::collections::hash_map::RandomState::new().hash_one(&id) % 100
+                });
+                tokio::time::sleep(backoff + jitter).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
             }
         };
@@ -142,6 +164,9 @@ async fn device_loop(
                     t.entry(id.clone()).or_default().push(Instant::now());
                 }
                 seq += 1;
+                if !interval.is_zero() {
+                    tokio::time::sleep(interval).await;
+                }
             } else {
                 node = (node + 1) % nodes.len();
                 break;

@@ -271,6 +271,14 @@ pub struct DemoArgs {
     /// First port; each node uses four consecutive ports from here (HTTPS, MQTT, gRPC, metrics).
     #[arg(long, default_value_t = 18440)]
     pub base_port: u16,
+    /// Geo-paired regions (1 or 2). With 2, regions `east` (the hub's primary) and `west` of
+    /// `--nodes-per-region` nodes each, plus a one-node witness region `witness`, with automatic
+    /// failover; `--nodes` is then ignored.
+    #[arg(long, default_value_t = 1)]
+    pub regions: u64,
+    /// Nodes in each data region when `--regions 2`.
+    #[arg(long, default_value_t = 2)]
+    pub nodes_per_region: u64,
 }
 
 /// One node in `cluster.json`.
@@ -278,7 +286,7 @@ pub struct DemoArgs {
 pub struct DemoNode {
     /// Raft node id.
     pub id: u64,
-    /// Region (all demo nodes share one).
+    /// Region.
     pub region: String,
     /// HTTPS service API (and MQTT over WebSockets).
     pub https: String,
@@ -288,7 +296,8 @@ pub struct DemoNode {
     pub grpc: String,
     /// Prometheus metrics.
     pub metrics: String,
-    /// Service connection string pointing at this node.
+    /// Service connection string pointing at this node (empty on a witness, which holds no
+    /// hub).
     pub service_connection_string: String,
 }
 
@@ -301,6 +310,10 @@ pub struct DemoCluster {
     pub ca_cert: PathBuf,
     /// Operator credential of the control-plane API (`meridian cluster`).
     pub operator_connection_string: String,
+    /// The hub's primary region when the demo started.
+    pub primary_region: String,
+    /// The hub's name (`meridian cluster failover --hub-name`).
+    pub hub_name: String,
 }
 
 /// How to reach a hub's service API.
@@ -785,27 +798,82 @@ pub async fn run_routing(args: RoutingArgs) -> anyhow::Result<()> {
 
 /// Runs `meridian demo`: N nodes in this process, one Raft group, shared TLS certificate.
 pub async fn run_demo(args: DemoArgs, env: &HashMap<String, String>) -> anyhow::Result<()> {
-    anyhow::ensure!((1..=9).contains(&args.nodes), "--nodes must be 1 to 9");
+    anyhow::ensure!(
+        args.regions == 1 || args.regions == 2,
+        "--regions must be 1 or 2"
+    );
+    // (region, nodes, witness) in node-id order.
+    let layout: Vec<(String, u64, bool)> = if args.regions == 2 {
+        anyhow::ensure!(
+            (1..=4).contains(&args.nodes_per_region),
+            "--nodes-per-region must be 1 to 4"
+        );
+        vec![
+            ("east".into(), args.nodes_per_region, false),
+            ("west".into(), args.nodes_per_region, false),
+            ("witness".into(), 1, true),
+        ]
+    } else {
+        anyhow::ensure!((1..=9).contains(&args.nodes), "--nodes must be 1 to 9");
+        vec![("local".into(), args.nodes, false)]
+    };
+    let total: u64 = layout.iter().map(|r| r.1).sum();
+    let region_of = |id: u64| -> (String, bool) {
+        let mut next = 1;
+        for (name, n, witness) in &layout {
+            if id < next + n {
+                return (name.clone(), *witness);
+            }
+            next += n;
+        }
+        (String::new(), false)
+    };
     std::fs::create_dir_all(&args.data_dir)?;
     let tls = crate::tls::ensure_dev_certificates(&args.data_dir.join("tls"))?;
     let port = |node: u64, slot: u16| args.base_port + (node as u16 - 1) * 4 + slot;
-    let members: Vec<crate::config::Member> = (1..=args.nodes)
-        .map(|id| crate::config::Member {
-            id,
-            grpc_addr: format!("127.0.0.1:{}", port(id, 2)),
-            region: None,
-        })
-        .collect();
+    let grpc = |id: u64| format!("127.0.0.1:{}", port(id, 2));
+    let primary_region = layout[0].0.clone();
     let shutdown = shutdown_on_signal();
     let mut running = Vec::new();
-    for id in 1..=args.nodes {
+    for id in 1..=total {
+        let (region, witness) = region_of(id);
         let mut config = Config::load(None, env)?;
         config.node.id = id;
+        config.node.region = region.clone();
         config.node.data_dir = args.data_dir.join(format!("node{id}"));
         config.api.https_listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port(id, 0)));
         config.mqtt.tls_listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port(id, 1)));
         config.cluster.grpc_listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port(id, 2)));
-        config.cluster.members = members.clone();
+        // Each region is a cluster of its own (async pair): members are its own nodes.
+        config.cluster.members = (1..=total)
+            .filter(|m| region_of(*m).0 == region)
+            .map(|m| crate::config::Member {
+                id: m,
+                grpc_addr: grpc(m),
+                region: None,
+            })
+            .collect();
+        if args.regions == 2 {
+            config.region.witness = witness;
+            config.region.primary = Some(primary_region.clone());
+            config.region.automatic_failover = true;
+            config.region.peers = layout
+                .iter()
+                .filter(|(name, _, _)| *name != region)
+                .map(|(name, _, is_witness)| crate::region::RegionPeer {
+                    name: name.clone(),
+                    role: if *is_witness {
+                        crate::region::PeerRole::Witness
+                    } else {
+                        crate::region::PeerRole::Data
+                    },
+                    grpc_addrs: (1..=total)
+                        .filter(|m| region_of(*m).0 == *name)
+                        .map(grpc)
+                        .collect(),
+                })
+                .collect();
+        }
         config.observability.metrics_listen =
             Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port(id, 3))));
         config.tls.cert = Some(tls.cert.clone());
@@ -816,25 +884,34 @@ pub async fn run_demo(args: DemoArgs, env: &HashMap<String, String>) -> anyhow::
     let mut nodes = Vec::new();
     let mut operator_connection_string = String::new();
     for (id, node) in &running {
-        let credentials = node
-            .credentials(Duration::from_secs(60))
-            .await
-            .ok_or_else(|| anyhow::anyhow!("the hub was not created within 60 s"))?;
+        let (region, witness) = region_of(*id);
+        // A witness holds no hub; the other regions' nodes get it by copying the primary.
+        let service_connection_string = if witness {
+            String::new()
+        } else {
+            let credentials = node
+                .credentials(Duration::from_secs(60))
+                .await
+                .ok_or_else(|| anyhow::anyhow!("the hub was not created within 60 s"))?;
+            operator_connection_string = credentials.operator_connection_string;
+            credentials.service_connection_string
+        };
         nodes.push(DemoNode {
             id: *id,
-            region: "local".into(),
+            region,
             https: node.https_addr.to_string(),
             mqtt: node.mqtt_addr.to_string(),
             grpc: node.grpc_addr.to_string(),
             metrics: node.metrics_addr.map(|a| a.to_string()).unwrap_or_default(),
-            service_connection_string: credentials.service_connection_string,
+            service_connection_string,
         });
-        operator_connection_string = credentials.operator_connection_string;
     }
     let cluster = DemoCluster {
         nodes,
         ca_cert: std::fs::canonicalize(tls.ca_cert.clone().unwrap_or_default())?,
         operator_connection_string,
+        primary_region,
+        hub_name: "meridian".into(),
     };
     let path = args.data_dir.join("cluster.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&cluster)?)?;
@@ -843,8 +920,19 @@ pub async fn run_demo(args: DemoArgs, env: &HashMap<String, String>) -> anyhow::
         cluster.nodes.len()
     );
     for n in &cluster.nodes {
-        println!("  node {}: https://{} mqtts://{}", n.id, n.https, n.mqtt);
-        println!("    {}", n.service_connection_string);
+        println!(
+            "  node {} (region {}): https://{} mqtts://{}",
+            n.id, n.region, n.https, n.mqtt
+        );
+        if !n.service_connection_string.is_empty() {
+            println!("    {}", n.service_connection_string);
+        }
+    }
+    if args.regions == 2 {
+        println!(
+            "  primary region: {} (fail over: meridian cluster failover --to west --hub-name {})",
+            cluster.primary_region, cluster.hub_name
+        );
     }
     println!("  CA certificate: {}", cluster.ca_cert.display());
     println!(

@@ -362,7 +362,9 @@ const CALL_TIMEOUT: Duration = Duration::from_millis(1500);
 async fn client(addr: &str) -> Result<RegionClient<tonic::transport::Channel>, String> {
     crate::faults::before_peer_call_to(addr).await;
     crate::raft::network::channel(addr)
-        .map(RegionClient::new)
+        .map(|c| {
+            RegionClient::new(c).max_decoding_message_size(crate::raft::network::MAX_MESSAGE_BYTES)
+        })
         .map_err(|e| format!("{addr}: {e}"))
 }
 
@@ -783,6 +785,17 @@ impl Region {
         if let Ok(mut p) = self.promiser.lock() {
             p.observe(&next);
         }
+        // This node may be a follower: the index it answers must cover the demotion entry, so
+        // wait until it applied it (everything before it is what the new primary must copy).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.gate.epoch() != next {
+            if tokio::time::Instant::now() > deadline {
+                return Err(Status::unavailable(
+                    "the demotion was not applied here in time",
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let hub_index = self.state(|s| s.applied_index).unwrap_or(0);
         tracing::info!(epoch = next.number, primary = %next.primary, hub_index, "demoted for a planned failover");
         Ok(pb::DemoteResponse { hub_index })
@@ -888,13 +901,19 @@ impl Region {
                             Err(e) => tracing::debug!(error = %e, "hub shipping"),
                         }
                     }
-                    for p in 0..self.partitions.count() {
-                        if self.partitions.is_leader(p) {
-                            match self.ship_partition(&source, p).await {
-                                Ok(more) => busy |= more,
-                                Err(e) => {
-                                    tracing::debug!(partition = p, error = %e, "partition shipping")
-                                }
+                    // Partitions copy concurrently (each is its own Raft group and source).
+                    let this: &Region = &self;
+                    let copies = (0..self.partitions.count())
+                        .filter(|p| this.partitions.is_leader(*p))
+                        .map(|p| {
+                            let source = source.clone();
+                            async move { (p, this.ship_partition(&source, p).await) }
+                        });
+                    for (p, result) in futures::future::join_all(copies).await {
+                        match result {
+                            Ok(more) => busy |= more,
+                            Err(e) => {
+                                tracing::debug!(partition = p, error = %e, "partition shipping")
                             }
                         }
                     }
@@ -918,8 +937,9 @@ impl Region {
         let asked_at = self.now();
         for addr in self.section.addrs(source) {
             let mut c = client(&addr).await?;
+            // A whole state (a new or demoted secondary) can take seconds to build and send.
             let reply = tokio::time::timeout(
-                CALL_TIMEOUT,
+                Duration::from_secs(30),
                 c.pull_hub(pb::PullHubRequest {
                     from_index: from,
                     max_entries: 256,
@@ -943,15 +963,35 @@ impl Region {
                 self.learn_epoch(source_epoch).await;
             }
             let command = if !r.snapshot_json.is_empty() {
-                let state: HubState =
+                let mut state: HubState =
                     serde_json::from_slice(&r.snapshot_json).map_err(|e| e.to_string())?;
                 tracing::info!(
                     index = r.snapshot_index,
+                    devices = state.devices.len(),
                     "installing the primary's whole hub state"
                 );
-                HubCommand::InstallShippedState {
-                    state: Box::new(state),
-                    index: r.snapshot_index,
+                // In Raft entries of bounded size: the state, the devices in chunks, then the
+                // copy position.
+                let devices: Vec<_> = std::mem::take(&mut state.devices).into_iter().collect();
+                self.hub
+                    .write(HubCommand::InstallShippedState {
+                        state: Box::new(state),
+                        index: r.snapshot_index,
+                        local_members: self.local_members.clone(),
+                    })
+                    .await
+                    .map_err(|e| e.message)?;
+                for chunk in devices.chunks(200) {
+                    self.hub
+                        .write(HubCommand::InstallShippedDevices {
+                            devices: chunk.to_vec(),
+                        })
+                        .await
+                        .map_err(|e| e.message)?;
+                }
+                HubCommand::ApplyShipped {
+                    entries: Vec::new(),
+                    through_index: r.snapshot_index,
                     local_members: self.local_members.clone(),
                 }
             } else if let Some(last) = r.entries.last() {
@@ -1446,9 +1486,16 @@ impl Region {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         step("old primary fenced");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        // The old primary writes nothing any more: wait for the copy as long as it progresses
+        // (a stall of 60 s gives up; the failover can be run again and resumes here).
+        let mut deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut last = None;
         loop {
             let shipped = self.state(|s| s.region.shipped_index).flatten();
+            if shipped != last {
+                last = shipped;
+                deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            }
             let hub_done = shipped.is_some_and(|s| s >= hub_index);
             let partitions_done = hub_done && self.partitions_caught_up(&source).await;
             if partitions_done {
@@ -1456,7 +1503,7 @@ impl Region {
             }
             if tokio::time::Instant::now() > deadline {
                 return Err(unavailable(format!(
-                    "copy not complete after 60 s (hub {shipped:?} of {hub_index})"
+                    "copy stalled for 60 s (hub {shipped:?} of {hub_index}); run the failover again to resume"
                 )));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -292,10 +292,13 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
                 let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener)
                     .with_nodelay(Some(true));
                 let result = tonic::transport::Server::builder()
-                    .add_service(RaftServiceServer::new(RaftServiceImpl::new(
-                        raft.clone(),
-                        partitions_for_grpc.clone(),
-                    )))
+                    .add_service(
+                        RaftServiceServer::new(RaftServiceImpl::new(
+                            raft.clone(),
+                            partitions_for_grpc.clone(),
+                        ))
+                        .max_decoding_message_size(crate::raft::network::MAX_MESSAGE_BYTES),
+                    )
                     .add_service(
                         meridian_proto::control::control_plane_server::ControlPlaneServer::new(
                             crate::control::ControlPlaneService::new(control_for_grpc),
@@ -305,16 +308,19 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
                         partitions_for_grpc,
                         telemetry_for_grpc,
                     )))
-                    .add_service(HubForwardServer::new(HubForwardImpl::new(
-                        raft,
-                        mqtt_for_grpc,
-                    )))
+                    .add_service(
+                        HubForwardServer::new(HubForwardImpl::new(raft, mqtt_for_grpc))
+                            .max_decoding_message_size(crate::raft::network::MAX_MESSAGE_BYTES),
+                    )
                     .add_service(TelemetryReadServer::new(TelemetryReadImpl::new(
                         reader_for_grpc,
                     )))
-                    .add_service(meridian_proto::region::region_server::RegionServer::new(
-                        crate::region::RegionService::new(region_for_grpc),
-                    ))
+                    .add_service(
+                        meridian_proto::region::region_server::RegionServer::new(
+                            crate::region::RegionService::new(region_for_grpc),
+                        )
+                        .max_decoding_message_size(crate::raft::network::MAX_MESSAGE_BYTES),
+                    )
                     .serve_with_incoming_shutdown(incoming, async move {
                         let _ = shutdown.wait_for(|s| *s).await;
                     })

@@ -107,3 +107,90 @@ async fn demo_starts_a_three_node_cluster_and_stops_cleanly() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_with_two_regions_fails_over_to_the_secondary() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let base = free_run(12)?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args([
+            "demo",
+            "--regions",
+            "2",
+            "--nodes-per-region",
+            "1",
+            "--base-port",
+            &base.to_string(),
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .env("MERIDIAN_OBSERVABILITY__LOG_FILTER", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let path = dir.path().join("cluster.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let cluster: Value = loop {
+        if let Ok(bytes) = std::fs::read(&path)
+            && let Ok(v) = serde_json::from_slice(&bytes)
+        {
+            break v;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("no cluster.json");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let result = async {
+        let nodes = cluster["nodes"].as_array().context("nodes")?.clone();
+        let regions: Vec<&str> = nodes.iter().filter_map(|n| n["region"].as_str()).collect();
+        assert_eq!(regions, vec!["east", "west", "witness"]);
+        assert_eq!(cluster["primary_region"], "east");
+        let ca = std::path::PathBuf::from(cluster["ca_cert"].as_str().context("ca")?);
+        let operator = cluster["operator_connection_string"]
+            .as_str()
+            .context("operator")?;
+        let west = nodes[1]["https"].as_str().context("west")?.to_string();
+        let out = Command::new(env!("CARGO_BIN_EXE_meridian"))
+            .args(["cluster", "--address", &west])
+            .args(["failover", "--to", "west", "--hub-name", "meridian"])
+            .env("MERIDIAN_OPERATOR_CONNECTION_STRING", operator)
+            .env("MERIDIAN_CA_CERT", &ca)
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        anyhow::ensure!(
+            out.status.success(),
+            "failover: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("epoch 2"), "{text}");
+        let west_client = ServiceClient::new(
+            nodes[1]["service_connection_string"]
+                .as_str()
+                .unwrap_or_default(),
+            west.parse()?,
+            &ca,
+        )?;
+        let r = west_client
+            .connect()
+            .await?
+            .json("PUT", "/devices/after", Some(&json!({"deviceId": "after"})))
+            .await?;
+        assert_eq!(r.status, 200);
+        Ok::<(), anyhow::Error>(())
+    }
+    .await;
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("demo did not stop on SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    result
+}

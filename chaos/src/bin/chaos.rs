@@ -52,6 +52,10 @@ struct Args {
     /// Regions scenario: WAN delay between regions, ms (one way).
     #[arg(long, default_value_t = 40)]
     wan_delay_ms: u64,
+    /// Regions scenario: each Rust device sends one message per this many ms (0: as fast as
+    /// acknowledged).
+    #[arg(long, default_value_t = 0)]
+    send_interval_ms: u64,
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -73,6 +77,7 @@ async fn main() -> Result<()> {
         opts.sdk_devices = args.sdk_devices;
         opts.registered = args.registered;
         opts.wan_delay = Duration::from_millis(args.wan_delay_ms);
+        opts.send_interval = Duration::from_millis(args.send_interval_ms);
         if let Some(layout) = opts.cluster.regions.as_mut() {
             layout.wan_delay = opts.wan_delay;
         }

@@ -326,7 +326,9 @@ pub enum HubCommand {
         local_members: BTreeMap<u64, String>,
     },
     /// Replaces the hub with a whole state copied from the primary region (a new secondary, or
-    /// one whose place in the source log was purged, or a demoted old primary).
+    /// one whose place in the source log was purged, or a demoted old primary). Devices follow in
+    /// `InstallShippedDevices` chunks; an empty `ApplyShipped` through `index` then marks the copy
+    /// complete (until then the copy position is unset, so an interrupted install starts over).
     InstallShippedState {
         /// The source's state.
         state: Box<super::HubState>,
@@ -334,6 +336,12 @@ pub enum HubCommand {
         index: u64,
         /// This region's initial voters.
         local_members: BTreeMap<u64, String>,
+    },
+    /// Adds devices of a whole state being copied (after `InstallShippedState`, in chunks small
+    /// enough for one Raft entry each).
+    InstallShippedDevices {
+        /// Devices with their twins, modules and C2D queues.
+        devices: Vec<(DeviceId, super::state::DeviceEntry)>,
     },
     /// Merges a device's reported-properties patch.
     UpdateReported {
@@ -389,6 +397,7 @@ impl HubCommand {
             HubCommand::SetRegionEpoch { .. } => "set_region_epoch",
             HubCommand::ApplyShipped { .. } => "apply_shipped",
             HubCommand::InstallShippedState { .. } => "install_shipped_state",
+            HubCommand::InstallShippedDevices { .. } => "install_shipped_devices",
         }
     }
 }

@@ -115,13 +115,19 @@ pub fn admits(
     let primary = record.epoch.primary == mine;
     match command {
         HubCommand::SetRegionEpoch { .. } | HubCommand::SetNodeDraining { .. } => Ok(()),
-        HubCommand::ApplyShipped { .. } | HubCommand::InstallShippedState { .. } if primary => {
+        HubCommand::ApplyShipped { .. }
+        | HubCommand::InstallShippedState { .. }
+        | HubCommand::InstallShippedDevices { .. }
+            if primary =>
+        {
             Err(HubError::new(
                 ErrorCode::PreconditionFailed,
                 "this region is primary: it takes no copy of another region's log",
             ))
         }
-        HubCommand::ApplyShipped { .. } | HubCommand::InstallShippedState { .. } => Ok(()),
+        HubCommand::ApplyShipped { .. }
+        | HubCommand::InstallShippedState { .. }
+        | HubCommand::InstallShippedDevices { .. } => Ok(()),
         _ if primary => Ok(()),
         _ => Err(not_primary(record)),
     }
@@ -148,6 +154,7 @@ pub fn shipped_applies(command: &HubCommand) -> bool {
             | HubCommand::SetRegionEpoch { .. }
             | HubCommand::ApplyShipped { .. }
             | HubCommand::InstallShippedState { .. }
+            | HubCommand::InstallShippedDevices { .. }
     )
 }
 

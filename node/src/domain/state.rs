@@ -766,13 +766,19 @@ impl HubState {
             } => {
                 let mut state = *state;
                 state.region = std::mem::take(&mut self.region);
-                state.region.shipped_index = Some(index);
+                // Complete only once the devices are in (an empty `ApplyShipped` through `index`).
+                let _ = index;
+                state.region.shipped_index = None;
                 state.draining = std::mem::take(&mut self.draining);
                 state.applied_index = self.applied_index;
                 if let Some(settings) = state.settings.as_mut() {
                     settings.initial_members = local_members;
                 }
                 *self = state;
+                Ok(HubResponse::Applied)
+            }
+            HubCommand::InstallShippedDevices { devices } => {
+                self.devices.extend(devices);
                 Ok(HubResponse::Applied)
             }
         }

@@ -56,11 +56,16 @@ where
         GrpcNetwork {
             target,
             group: self.group,
-            client: channel(&node.addr).map(RaftServiceClient::new),
+            client: channel(&node.addr)
+                .map(|c| RaftServiceClient::new(c).max_decoding_message_size(MAX_MESSAGE_BYTES)),
             addr: node.addr.clone(),
         }
     }
 }
+
+/// Largest node-to-node gRPC message: a copied whole hub state (`InstallShippedState`, one Raft
+/// entry; about 1.5 KB per device) must fit. tonic's default is 4 MiB.
+pub const MAX_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
 
 /// Builds a lazily connecting channel to a peer's gRPC address (`host:port`).
 pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
