@@ -391,11 +391,17 @@ impl ControlPlane {
                         if reply.error_json.is_empty() {
                             return Ok(());
                         }
-                        return Err(serde_json::from_slice(&reply.error_json).unwrap_or_else(
-                            |e| {
+                        let error: HubError = serde_json::from_slice(&reply.error_json)
+                            .unwrap_or_else(|e| {
                                 HubError::new(meridian_proto::ErrorCode::ServerError, e.to_string())
-                            },
-                        ));
+                            });
+                        // A target the (possibly new) leader has not heard from yet may catch up
+                        // in a moment: try again until the deadline.
+                        if !error.message.contains("not replicating")
+                            || std::time::Instant::now() > deadline
+                        {
+                            return Err(error);
+                        }
                     }
                     // That node stopped leading meanwhile: look again.
                     Err(status) if status.code() == tonic::Code::FailedPrecondition => {}
