@@ -519,7 +519,7 @@ pub async fn regions(opts: &RegionsOptions, dir: &Path) -> Result<RegionsReport>
     let probes = create_many(&primary_client, &probe_ids("geo-probe", cluster.partitions)).await?;
     let twin_devices: Vec<String> = ids.iter().take(20).cloned().collect();
     let c2d_sinks: Vec<String> = (0..20).map(|i| format!("geo-c2d-{i}")).collect();
-    create_many(&primary_client, &c2d_sinks).await?;
+    let c2d_sink_keys = create_many(&primary_client, &c2d_sinks).await?;
     timeline.note(format!(
         "{} devices registered",
         opts.registered + opts.devices + probes.len() + c2d_sinks.len()
@@ -901,16 +901,31 @@ pub async fn regions(opts: &RegionsOptions, dir: &Path) -> Result<RegionsReport>
             lost.entry("twins").or_default().push(*at);
         }
     }
-    let mut queued: BTreeMap<String, u64> = BTreeMap::new();
-    for d in &c2d_sinks {
-        let r = c.json("GET", &format!("/devices/{d}"), None).await?;
-        queued.insert(
-            d.clone(),
-            r.json()["cloudToDeviceMessageCount"].as_u64().unwrap_or(0),
-        );
+    // Each C2D sink device connects once at the end and receives its queue: an acknowledged send
+    // is lost when its body (`{"n": k}`) is not among what the device receives.
+    let sink_keys = c2d_sink_keys.clone();
+    let final_mqtt = cluster.node(final_node)?.mqtt;
+    let mut received: std::collections::BTreeSet<(String, u64)> = std::collections::BTreeSet::new();
+    for (d, key) in &sink_keys {
+        let bodies = meridian::client::device::receive_c2d_bodies(
+            final_mqtt,
+            &cluster.ca,
+            d,
+            key,
+            Duration::from_secs(2),
+        )
+        .await?;
+        for b in bodies {
+            if let Some(n) = serde_json::from_slice::<Value>(&b)
+                .ok()
+                .and_then(|v| v["n"].as_u64())
+            {
+                received.insert((d.clone(), n));
+            }
+        }
     }
     for (d, n, at) in &c2d {
-        if queued.get(d).copied().unwrap_or(0) < *n {
+        if !received.contains(&(d.clone(), *n)) {
             lost.entry("c2d").or_default().push(*at);
         }
     }

@@ -239,3 +239,41 @@ impl RawMqtt {
         }
     }
 }
+
+/// Connects as device `id` through `addr`, subscribes to its cloud-to-device messages and
+/// completes (PUBACKs) every one delivered, until none arrives for `quiet`. Returns their bodies
+/// in delivery order: a checker's view of what a device's queue held.
+pub async fn receive_c2d_bodies(
+    addr: std::net::SocketAddr,
+    ca: &Path,
+    id: &str,
+    key: &str,
+    quiet: Duration,
+) -> Result<Vec<Vec<u8>>> {
+    use rumqttc::mqttbytes::v4::{PubAck, Subscribe};
+    let token = device_token("localhost", id, key, 600)?;
+    let (mut client, code, _) = RawMqtt::connect(addr, ca, id, &token, true, 60).await?;
+    if code != ConnectReturnCode::Success {
+        return Err(transport(format!("{id}: CONNACK {code:?}")));
+    }
+    client
+        .send(Packet::Subscribe(Subscribe::new(
+            format!("devices/{id}/messages/devicebound/#"),
+            QoS::AtLeastOnce,
+        )))
+        .await?;
+    let mut bodies = Vec::new();
+    loop {
+        match client.recv(quiet).await {
+            Ok(Some(Packet::Publish(p))) => {
+                if p.qos == QoS::AtLeastOnce {
+                    client.send(Packet::PubAck(PubAck::new(p.pkid))).await?;
+                }
+                bodies.push(p.payload.to_vec());
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(ClientError::Timeout(_)) => return Ok(bodies),
+            Err(e) => return Err(e),
+        }
+    }
+}
