@@ -777,6 +777,9 @@ struct FaultSpec {
     wan_delay_ms: u64,
     #[serde(default)]
     wan_peers: Vec<String>,
+    /// Calls to these peers are blackholed (a partition seen from this node); empty heals.
+    #[serde(default)]
+    blocked_peers: Vec<String>,
 }
 
 async fn get_faults(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
@@ -786,6 +789,7 @@ async fn get_faults(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult 
         "peerDelayMs": crate::faults::peer_delay().as_millis() as u64,
         "wanDelayMs": wan.as_millis() as u64,
         "wanPeers": peers,
+        "blockedPeers": crate::faults::blocked(),
     })))
 }
 
@@ -799,6 +803,7 @@ async fn put_faults(State(s): State<ApiState>, headers: HeaderMap, body: Bytes) 
         std::time::Duration::from_millis(spec.wan_delay_ms),
         spec.wan_peers.clone(),
     );
+    crate::faults::set_blocked(spec.blocked_peers.clone());
     tracing::warn!(
         peer_delay_ms = spec.peer_delay_ms,
         "fault injection: delaying node-to-node calls"

@@ -15,6 +15,28 @@ use std::time::Duration;
 static PEER_DELAY_MS: AtomicU64 = AtomicU64::new(0);
 static WAN_DELAY_MS: AtomicU64 = AtomicU64::new(0);
 static WAN_PEERS: RwLock<BTreeSet<String>> = RwLock::new(BTreeSet::new());
+static BLOCKED_PEERS: RwLock<BTreeSet<String>> = RwLock::new(BTreeSet::new());
+
+/// Blackholes this node's calls to `peers` (a partition from this side: calls hang until their
+/// own timeouts, as with dropped packets). Empty heals.
+pub fn set_blocked(peers: impl IntoIterator<Item = String>) {
+    if let Ok(mut p) = BLOCKED_PEERS.write() {
+        *p = peers.into_iter().collect();
+    }
+}
+
+/// Whether calls to `addr` are blackholed.
+pub fn is_blocked(addr: &str) -> bool {
+    BLOCKED_PEERS.read().is_ok_and(|p| p.contains(addr))
+}
+
+/// The peers whose calls are blackholed.
+pub fn blocked() -> Vec<String> {
+    BLOCKED_PEERS
+        .read()
+        .map(|p| p.iter().cloned().collect())
+        .unwrap_or_default()
+}
 
 /// Sets the extra delay of calls to `peers` (gRPC addresses: the nodes of other regions).
 pub fn set_wan_delay(delay: Duration, peers: impl IntoIterator<Item = String>) {
@@ -35,8 +57,12 @@ pub fn wan_delay() -> (Duration, Vec<String>) {
     )
 }
 
-/// Waits the injected delays, if any, before a call to the node at `addr`.
+/// Waits the injected delays, if any, before a call to the node at `addr`; a call to a blocked
+/// peer waits until the block is lifted (its caller's timeout fires first).
 pub async fn before_peer_call_to(addr: &str) {
+    while BLOCKED_PEERS.read().is_ok_and(|p| p.contains(addr)) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut delay = peer_delay();
     let wan = WAN_DELAY_MS.load(Ordering::Relaxed);
     if wan > 0 && WAN_PEERS.read().is_ok_and(|p| p.contains(addr)) {

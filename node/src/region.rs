@@ -360,6 +360,11 @@ const CALL_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// A client for one call to `addr` (after the injected WAN delay, in chaos runs).
 async fn client(addr: &str) -> Result<RegionClient<tonic::transport::Channel>, String> {
+    if crate::faults::is_blocked(addr) {
+        // A blackholed peer: the call would time out.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        return Err(format!("{addr}: timed out (blocked)"));
+    }
     crate::faults::before_peer_call_to(addr).await;
     crate::raft::network::channel(addr)
         .map(|c| {
@@ -834,8 +839,13 @@ impl Region {
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?;
             for entry in read {
+                // Region bookkeeping (epochs, this region's own copies of another's log) is not
+                // applied by a copy, and must not travel: copies of copies would nest without end
+                // after failovers back and forth.
                 let command_json = match &entry.payload {
-                    openraft::EntryPayload::Normal(c) => {
+                    openraft::EntryPayload::Normal(c)
+                        if crate::domain::region::shipped_applies(c) =>
+                    {
                         serde_json::to_vec(c).map_err(|e| Status::internal(e.to_string()))?
                     }
                     _ => Vec::new(),
@@ -1005,6 +1015,7 @@ impl Region {
                             serde_json::from_slice::<HubCommand>(&e.command_json)
                                 .map_err(|e| e.to_string())?,
                         )
+                        .filter(crate::domain::region::shipped_applies)
                     };
                     entries.push((e.index, command));
                 }

@@ -481,3 +481,139 @@ async fn the_secondary_promotes_itself_when_the_primary_region_is_lost() -> Resu
     ensure!(try_create(&mut cluster, 1, "old").await? == 503);
     Ok(())
 }
+
+/// Blackholes node `id`'s calls to `peers` (its side of a partition); empty heals.
+async fn block(cluster: &mut Cluster, id: u64, peers: &[String]) -> Result<()> {
+    let op = cluster.operator(id).await?;
+    let r = op
+        .connect()
+        .await?
+        .json(
+            "PUT",
+            "/meridian/cluster/faults",
+            Some(&json!({"blockedPeers": peers})),
+        )
+        .await?;
+    ensure!(r.status == 204, "faults on node {id}: {}", r.status);
+    Ok(())
+}
+
+/// Randomized partitions between three regions (east, west, witness) with automatic failover:
+/// each round cuts a random set of links for a random time; writability of both data regions is
+/// sampled every 50 ms throughout, and two writable regions must never be seen. After each heal
+/// exactly one region must be writable again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "liveness bug it found, not fixed yet: with east and west cut from each other but both \
+            reaching the witness, the regions take turns promoting, and after healing no region was \
+            writable within 30 s in some runs (safety held: never two writable). Run with --ignored."]
+async fn random_partitions_between_regions_never_yield_two_primaries() -> Result<()> {
+    let regions = [
+        RegionSpec {
+            name: "east",
+            nodes: 1,
+            witness: false,
+        },
+        RegionSpec {
+            name: "west",
+            nodes: 1,
+            witness: false,
+        },
+        RegionSpec {
+            name: "arbiter",
+            nodes: 1,
+            witness: true,
+        },
+    ];
+    let toml = "lease_ms = 600\nlease_margin_ms = 100\nship_interval_ms = 50\nautomatic_failover = true\nfailover_grace_ms = 1500\n";
+    let (mut cluster, _) = start_regions(&regions, "east", toml)?;
+    cluster.credentials(Duration::from_secs(60)).await?;
+    wait_status(
+        &mut cluster,
+        1,
+        "east writable",
+        Duration::from_secs(60),
+        |s| s["writable"] == true,
+    )
+    .await?;
+    // The witness has no hub (no operator credential): cuts are made from the data nodes' side,
+    // which blackholes both directions of their links.
+    let grpc: Vec<String> = cluster.nodes.iter().map(|n| n.grpc.to_string()).collect();
+    let mut seed = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut samples = 0usize;
+    let mut failovers = 0usize;
+    let mut last_primary = String::from("east");
+    for round in 0..8 {
+        // 0: east cut off; 1: west cut off; 2: east–west only; 3: no cut (control).
+        let cut = next(4);
+        let (east_blocks, west_blocks): (Vec<String>, Vec<String>) = match cut {
+            0 => (
+                vec![grpc[1].clone(), grpc[2].clone()],
+                vec![grpc[0].clone()],
+            ),
+            1 => (
+                vec![grpc[1].clone()],
+                vec![grpc[0].clone(), grpc[2].clone()],
+            ),
+            2 => (vec![grpc[1].clone()], vec![grpc[0].clone()]),
+            _ => (vec![], vec![]),
+        };
+        // The witness answers whoever reaches it; cutting it off from one side is done on
+        // that side (its replies are never sent when requests never arrive).
+        block(&mut cluster, 1, &east_blocks).await?;
+        block(&mut cluster, 2, &west_blocks).await?;
+        let hold = Duration::from_millis(1000 + next(5000));
+        let until = Instant::now() + hold;
+        while Instant::now() < until {
+            let e = status(&mut cluster, 1).await.map(|s| s["writable"] == true);
+            let w = status(&mut cluster, 2).await.map(|s| s["writable"] == true);
+            samples += 1;
+            ensure!(
+                !(e == Some(true) && w == Some(true)),
+                "round {round} (cut {cut}): both regions writable"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        block(&mut cluster, 1, &[]).await?;
+        block(&mut cluster, 2, &[]).await?;
+        // Healed: exactly one region takes writes again, never both.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let primary = loop {
+            let e = status(&mut cluster, 1).await.map(|s| s["writable"] == true);
+            let w = status(&mut cluster, 2).await.map(|s| s["writable"] == true);
+            samples += 1;
+            ensure!(
+                !(e == Some(true) && w == Some(true)),
+                "round {round}: both regions writable after healing"
+            );
+            if e == Some(true) {
+                break "east";
+            }
+            if w == Some(true) {
+                break "west";
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "round {round}: no writable region 30 s after healing\n{}",
+                cluster.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        if primary != last_primary {
+            failovers += 1;
+            last_primary = primary.to_string();
+        }
+        println!("round {round}: cut {cut} for {hold:?}; primary now {primary}");
+    }
+    println!("{samples} samples, {failovers} failovers, never two writable regions");
+    ensure!(
+        failovers >= 1,
+        "the rounds must move the primary at least once"
+    );
+    Ok(())
+}
