@@ -24,7 +24,8 @@ use crate::checker::{self, TelemetryCheck, check_telemetry};
 use crate::cluster::{ChaosCluster, ClusterOptions, RegionLayout};
 use crate::report::Timeline;
 use crate::workload::{
-    SdkLoad, TelemetryLoad, all_partitions_writable, probe_ids, progress, registry_writable,
+    SdkLoad, TelemetryLoad, all_partitions_writable, create_many, probe_ids, progress,
+    registry_writable,
 };
 
 /// Settings of [`regions`].
@@ -264,45 +265,6 @@ impl ServiceLoad {
             self.c2d.lock().map(|a| a.clone()).unwrap_or_default(),
         )
     }
-}
-
-async fn create_many(client: &ServiceClient, ids: &[String]) -> Result<Vec<(String, String)>> {
-    // A few connections in parallel: 10k registrations take seconds, not minutes.
-    let chunks: Vec<Vec<String>> = ids
-        .chunks(ids.len().div_ceil(8).max(1))
-        .map(<[String]>::to_vec)
-        .collect();
-    let tasks: Vec<_> = chunks
-        .into_iter()
-        .map(|chunk| {
-            let client = client.clone();
-            tokio::spawn(async move {
-                let mut c = client.connect().await?;
-                let mut out = Vec::new();
-                for id in chunk {
-                    let r = c
-                        .json(
-                            "PUT",
-                            &format!("/devices/{id}"),
-                            Some(&json!({"deviceId": id})),
-                        )
-                        .await?;
-                    anyhow::ensure!(r.status == 200, "create {id}: {} {}", r.status, r.json());
-                    let key = r.json()["authentication"]["symmetricKey"]["primaryKey"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_string();
-                    out.push((id, key));
-                }
-                Ok::<_, anyhow::Error>(out)
-            })
-        })
-        .collect();
-    let mut out = Vec::new();
-    for t in tasks {
-        out.extend(t.await??);
-    }
-    Ok(out)
 }
 
 async fn region_status(cluster: &ChaosCluster, id: u64) -> Option<Value> {
@@ -560,62 +522,51 @@ pub async fn regions(opts: &RegionsOptions, dir: &Path) -> Result<RegionsReport>
     let mut steps: Vec<Step> = Vec::new();
     let mut failures = Vec::new();
 
-    // 1. Planned failover east → west (async: demote, copy, promote; sync: leaders move).
-    let lag = wait_caught_up(&cluster, &layout, "west").await;
-    timeline.note(format!("west's copy lag before the step: {lag:?} ms"));
-    let trigger = Instant::now();
-    let report = failover_api(&cluster, west[0], "west", false).await;
-    timeline.note(format!("planned failover to west: {report:?}"));
-    if let Err(e) = &report {
-        failures.push(format!("planned failover: {e}"));
+    // 1-2. Planned failover east → west, then failback west → east (async: demote, copy,
+    // promote; sync: leaders move).
+    for (target, via, what, name) in [
+        (
+            "west",
+            west[0],
+            "planned failover",
+            "planned failover east → west",
+        ),
+        (
+            "east",
+            east[0],
+            "planned failback",
+            "planned failback west → east",
+        ),
+    ] {
+        let lag = wait_caught_up(&cluster, &layout, target).await;
+        timeline.note(format!("{target}'s copy lag before the step: {lag:?} ms"));
+        let trigger = Instant::now();
+        let report = failover_api(&cluster, via, target, false).await;
+        timeline.note(format!("{what} to {target}: {report:?}"));
+        if let Err(e) = &report {
+            failures.push(format!("{what}: {e}"));
+        }
+        let mut r = measure(
+            &cluster,
+            &layout,
+            target,
+            trigger,
+            &probes,
+            &telemetry.times,
+            opts.devices,
+            what,
+        )
+        .await;
+        if let Ok(v) = &report {
+            r.notes.push(format!("API answered in {} ms", v["totalMs"]));
+        }
+        steps.push(Step {
+            name: name.into(),
+            trigger,
+            result: r,
+        });
+        progress(&telemetry.acked, 500, Duration::from_secs(60)).await?;
     }
-    let mut r = measure(
-        &cluster,
-        &layout,
-        "west",
-        trigger,
-        &probes,
-        &telemetry.times,
-        opts.devices,
-        "planned failover",
-    )
-    .await;
-    if let Ok(v) = &report {
-        r.notes.push(format!("API answered in {} ms", v["totalMs"]));
-    }
-    steps.push(Step {
-        name: "planned failover east → west".into(),
-        trigger,
-        result: r,
-    });
-    progress(&telemetry.acked, 500, Duration::from_secs(60)).await?;
-
-    // 2. Planned failback west → east.
-    let lag = wait_caught_up(&cluster, &layout, "east").await;
-    timeline.note(format!("east's copy lag before the step: {lag:?} ms"));
-    let trigger = Instant::now();
-    let report = failover_api(&cluster, east[0], "east", false).await;
-    timeline.note(format!("planned failback to east: {report:?}"));
-    if let Err(e) = &report {
-        failures.push(format!("planned failback: {e}"));
-    }
-    let r = measure(
-        &cluster,
-        &layout,
-        "east",
-        trigger,
-        &probes,
-        &telemetry.times,
-        opts.devices,
-        "planned failback",
-    )
-    .await;
-    steps.push(Step {
-        name: "planned failback west → east".into(),
-        trigger,
-        result: r,
-    });
-    progress(&telemetry.acked, 500, Duration::from_secs(60)).await?;
 
     // 3. Region loss: kill -9 every node of the primary region (east).
     let lag = wait_caught_up(&cluster, &layout, "west").await;

@@ -11,8 +11,8 @@ use crate::checker::{self, check_registry, check_telemetry};
 use crate::cluster::{ChaosCluster, ClusterOptions};
 use crate::report::{NemesisResult, Report, Timeline};
 use crate::workload::{
-    RegistryLoad, SdkLoad, TelemetryLoad, all_partitions_writable, probe_ids, progress,
-    registry_writable,
+    RegistryLoad, SdkLoad, TelemetryLoad, all_partitions_writable, create_many, probe_ids,
+    progress, registry_writable,
 };
 
 /// Settings of [`cluster_nemeses`].
@@ -28,27 +28,6 @@ pub struct NemesesOptions {
     pub warmup_messages: usize,
     /// How long a paused node stays paused.
     pub pause: Duration,
-}
-
-async fn create_devices(cluster: &ChaosCluster, ids: &[String]) -> Result<Vec<(String, String)>> {
-    let mut c = cluster.service.connect().await?;
-    let mut out = Vec::new();
-    for id in ids {
-        let r = c
-            .json(
-                "PUT",
-                &format!("/devices/{id}"),
-                Some(&json!({"deviceId": id})),
-            )
-            .await?;
-        anyhow::ensure!(r.status == 200, "create {id}: {} {}", r.status, r.json());
-        let key = r.json()["authentication"]["symmetricKey"]["primaryKey"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        out.push((id.clone(), key));
-    }
-    Ok(out)
 }
 
 /// Median latency of `n` sequential creates through `client`.
@@ -93,19 +72,19 @@ pub async fn cluster_nemeses(opts: &NemesesOptions, dir: &Path) -> Result<Report
     let n = cluster.nodes.len() as u64;
     timeline.note(format!("{n} nodes up, every partition has a leader"));
     let ids: Vec<String> = (0..opts.devices).map(|i| format!("chaos-{i}")).collect();
-    let devices = create_devices(&cluster, &ids).await?;
-    let probe_key = create_devices(&cluster, &["chaos-probe".to_string()])
+    let devices = create_many(&cluster.service, &ids).await?;
+    let probe_key = create_many(&cluster.service, &["chaos-probe".to_string()])
         .await?
         .remove(0)
         .1;
     // One device per partition measures "every partition writable again".
-    let probes = create_devices(&cluster, &probe_ids("chaos-pp", cluster.partitions)).await?;
+    let probes = create_many(&cluster.service, &probe_ids("chaos-pp", cluster.partitions)).await?;
     let mqtt: Vec<_> = cluster.nodes.iter().map(|n| n.mqtt).collect();
     let sdk = if opts.sdk_devices > 0 {
         let ids: Vec<String> = (0..opts.sdk_devices)
             .map(|i| format!("chaos-sdk-{i}"))
             .collect();
-        let sdk_devices = create_devices(&cluster, &ids).await?;
+        let sdk_devices = create_many(&cluster.service, &ids).await?;
         let load = SdkLoad::start(&sdk_devices, &mqtt, &cluster.ca, dir).await?;
         timeline.note(format!(
             "{} official Python SDK devices connected",

@@ -26,6 +26,27 @@ fn free_run(n: u16) -> Result<u16> {
     bail!("no run of {n} free ports")
 }
 
+/// Waits (up to 60 s) for the demo to write `cluster.json`; kills it if it never does.
+async fn wait_cluster_json(
+    dir: &std::path::Path,
+    child: &mut std::process::Child,
+) -> Result<Value> {
+    let path = dir.join("cluster.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(bytes) = std::fs::read(&path)
+            && let Ok(v) = serde_json::from_slice(&bytes)
+        {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("no cluster.json");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_starts_a_three_node_cluster_and_stops_cleanly() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -44,20 +65,7 @@ async fn demo_starts_a_three_node_cluster_and_stops_cleanly() -> Result<()> {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
-    let path = dir.path().join("cluster.json");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let cluster: Value = loop {
-        if let Ok(bytes) = std::fs::read(&path)
-            && let Ok(v) = serde_json::from_slice(&bytes)
-        {
-            break v;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            bail!("no cluster.json");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let cluster = wait_cluster_json(dir.path(), &mut child).await?;
     let nodes = cluster["nodes"].as_array().context("nodes")?.clone();
     assert_eq!(nodes.len(), 3);
     let ca = std::path::PathBuf::from(cluster["ca_cert"].as_str().context("ca")?);
@@ -128,20 +136,7 @@ async fn demo_with_two_regions_fails_over_to_the_secondary() -> Result<()> {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
-    let path = dir.path().join("cluster.json");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let cluster: Value = loop {
-        if let Ok(bytes) = std::fs::read(&path)
-            && let Ok(v) = serde_json::from_slice(&bytes)
-        {
-            break v;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            bail!("no cluster.json");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let cluster = wait_cluster_json(dir.path(), &mut child).await?;
     let result = async {
         let nodes = cluster["nodes"].as_array().context("nodes")?.clone();
         let regions: Vec<&str> = nodes.iter().filter_map(|n| n["region"].as_str()).collect();

@@ -31,6 +31,20 @@ fn two_regions() -> [RegionSpec; 2] {
     ]
 }
 
+/// `two_regions()` and a one-node witness region `arbiter`.
+fn with_witness() -> [RegionSpec; 3] {
+    let [east, west] = two_regions();
+    [
+        east,
+        west,
+        RegionSpec {
+            name: "arbiter",
+            nodes: 1,
+            witness: true,
+        },
+    ]
+}
+
 /// `GET /meridian/region` on node `id` (None while it does not answer).
 async fn status(cluster: &mut Cluster, id: u64) -> Option<Value> {
     let op = cluster.operator(id).await.ok()?;
@@ -411,23 +425,7 @@ async fn forced_failover_after_losing_the_primary_and_the_old_primary_rejoins_as
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_secondary_promotes_itself_when_the_primary_region_is_lost() -> Result<()> {
-    let regions = [
-        RegionSpec {
-            name: "east",
-            nodes: 1,
-            witness: false,
-        },
-        RegionSpec {
-            name: "west",
-            nodes: 1,
-            witness: false,
-        },
-        RegionSpec {
-            name: "arbiter",
-            nodes: 1,
-            witness: true,
-        },
-    ];
+    let regions = with_witness();
     let toml = format!("{LEASE}automatic_failover = true\nfailover_grace_ms = 3000\n");
     let (mut cluster, _) = start_regions(&regions, "east", &toml)?;
     cluster.credentials(Duration::from_secs(60)).await?;
@@ -507,23 +505,7 @@ async fn block(cluster: &mut Cluster, id: u64, peers: &[String]) -> Result<()> {
             reaching the witness, the regions take turns promoting, and after healing no region was \
             writable within 30 s in some runs (safety held: never two writable). Run with --ignored."]
 async fn random_partitions_between_regions_never_yield_two_primaries() -> Result<()> {
-    let regions = [
-        RegionSpec {
-            name: "east",
-            nodes: 1,
-            witness: false,
-        },
-        RegionSpec {
-            name: "west",
-            nodes: 1,
-            witness: false,
-        },
-        RegionSpec {
-            name: "arbiter",
-            nodes: 1,
-            witness: true,
-        },
-    ];
+    let regions = with_witness();
     let toml = "lease_ms = 600\nlease_margin_ms = 100\nship_interval_ms = 50\nautomatic_failover = true\nfailover_grace_ms = 1500\n";
     let (mut cluster, _) = start_regions(&regions, "east", toml)?;
     cluster.credentials(Duration::from_secs(60)).await?;
