@@ -1,6 +1,7 @@
 //! A cluster of real `meridian node` processes for chaos runs and benchmarks: on loopback ports,
 //! or each node in its own network namespace so links between nodes can be cut.
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -115,6 +116,9 @@ pub struct ChaosCluster {
     pub partitions: u32,
     /// The region layout, if any.
     pub regions: Option<RegionLayout>,
+    /// The faults set on each node (the fault API replaces them all at once; a restarted node
+    /// starts without any and gets them again from here).
+    faults: std::sync::Mutex<BTreeMap<u64, serde_json::Map<String, serde_json::Value>>>,
     // Declared last: dropped after the processes.
     net: Option<Netns>,
 }
@@ -271,6 +275,7 @@ impl ChaosCluster {
             operator,
             partitions: opts.partitions,
             regions: layout.clone(),
+            faults: Default::default(),
             net,
         };
         if let Some(l) = &layout
@@ -363,29 +368,46 @@ impl ChaosCluster {
     /// Delays every node-to-node call node `id` sends by `delay` (0 turns it off): latency
     /// injection through the node's fault API, since `tc netem` is not available everywhere.
     pub async fn set_peer_delay(&self, id: u64, delay: Duration) -> Result<()> {
-        let mut c = self
-            .operator
-            .with_addr(self.node(id)?.https)
-            .connect()
-            .await?;
-        let r = c
-            .json(
-                "PUT",
-                "/meridian/cluster/faults",
-                Some(&serde_json::json!({"peerDelayMs": delay.as_millis() as u64})),
-            )
-            .await?;
-        anyhow::ensure!(
-            r.status == 204,
-            "set faults on node {id}: {} {}",
-            r.status,
-            r.json()
-        );
-        Ok(())
+        self.set_faults(
+            id,
+            serde_json::json!({"peerDelayMs": delay.as_millis() as u64}),
+        )
+        .await
     }
 
     /// Delays node `id`'s calls to `remote` (other regions' gRPC addresses) by `delay`.
     pub async fn set_wan_delay(&self, id: u64, delay: Duration, remote: &[String]) -> Result<()> {
+        self.set_faults(
+            id,
+            serde_json::json!({"wanDelayMs": delay.as_millis() as u64, "wanPeers": remote}),
+        )
+        .await
+    }
+
+    /// Skews node `id`'s wall clock by `ms` (negative: behind; 0 removes the skew).
+    pub async fn set_clock_skew(&self, id: u64, ms: i64) -> Result<()> {
+        self.set_faults(id, serde_json::json!({"clockSkewMs": ms}))
+            .await
+    }
+
+    /// Sets the faults of node `id` again (after a restart, which loses them).
+    pub async fn reapply_faults(&self, id: u64) -> Result<()> {
+        self.set_faults(id, serde_json::json!({})).await
+    }
+
+    /// Merges `fields` into node `id`'s faults and sends them all.
+    async fn set_faults(&self, id: u64, fields: serde_json::Value) -> Result<()> {
+        let body = {
+            let mut all = self
+                .faults
+                .lock()
+                .map_err(|_| anyhow::anyhow!("faults lock poisoned"))?;
+            let mine = all.entry(id).or_default();
+            for (k, v) in fields.as_object().into_iter().flatten() {
+                mine.insert(k.clone(), v.clone());
+            }
+            serde_json::Value::Object(mine.clone())
+        };
         // The operator credential arrives with the hub: a secondary region may need a moment.
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -396,14 +418,7 @@ impl ChaosCluster {
                     .connect()
                     .await?;
                 let r = c
-                    .json(
-                        "PUT",
-                        "/meridian/cluster/faults",
-                        Some(&serde_json::json!({
-                            "wanDelayMs": delay.as_millis() as u64,
-                            "wanPeers": remote,
-                        })),
-                    )
+                    .json("PUT", "/meridian/cluster/faults", Some(&body))
                     .await?;
                 Ok::<u16, anyhow::Error>(r.status)
             }
@@ -412,7 +427,7 @@ impl ChaosCluster {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("set the WAN delay on node {id}: {reply:?}");
+                bail!("set faults {body} on node {id}: {reply:?}");
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

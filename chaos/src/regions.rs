@@ -344,44 +344,50 @@ struct Step {
     result: StepResult,
 }
 
-/// Measures a step's RTO from `trigger`, once `target` is primary.
-#[allow(clippy::too_many_arguments)]
+/// Measures a step's RTO from `trigger`: the probes try every data node in turn, so they find
+/// whichever region (and node) takes writes again.
 async fn measure(
     cluster: &ChaosCluster,
     layout: &RegionLayout,
-    target: &str,
     trigger: Instant,
     probes: &[(String, String)],
     times: &crate::workload::AckTimes,
     devices: usize,
     name: &str,
 ) -> StepResult {
-    let node = layout.nodes_of(target)[0];
-    let (mqtt, api) = match cluster.node(node) {
-        Ok(n) => (n.mqtt, cluster.service_for(node).ok()),
-        Err(_) => return StepResult::default(),
-    };
+    let data_nodes = data_nodes(layout);
+    let mqtt: Vec<SocketAddr> = data_nodes
+        .iter()
+        .filter_map(|id| cluster.node(*id).ok().map(|n| n.mqtt))
+        .collect();
+    let apis: Vec<ServiceClient> = data_nodes
+        .iter()
+        .filter_map(|id| cluster.service_for(*id).ok())
+        .collect();
     let probe_id = format!("rto-{}", name.replace(' ', "-"));
     let (telemetry, registry, all) = tokio::join!(
-        all_partitions_writable(mqtt, &cluster.ca, probes, trigger, Duration::from_secs(90)),
-        async {
-            match &api {
-                Some(api) => {
-                    registry_writable(api, &probe_id, trigger, Duration::from_secs(90)).await
-                }
-                None => None,
-            }
-        },
+        all_partitions_writable(&mqtt, &cluster.ca, probes, trigger, Duration::from_secs(90)),
+        registry_writable(&apis, &probe_id, trigger, Duration::from_secs(90)),
         all_devices_again(times, devices, trigger, Duration::from_secs(120)),
     );
     StepResult {
         step: name.into(),
-        new_primary: target.into(),
+        new_primary: current_primary(cluster, layout).await.unwrap_or_default(),
         rto_telemetry_ms: telemetry.ok().map(|d| d.as_millis() as u64),
         rto_registry_ms: registry.map(|d| d.as_millis() as u64),
         rto_all_devices_ms: all.map(|d| d.as_millis() as u64),
         ..Default::default()
     }
+}
+
+/// The nodes of the data regions (not the witness).
+fn data_nodes(layout: &RegionLayout) -> Vec<u64> {
+    layout
+        .regions
+        .iter()
+        .filter(|r| !r.2)
+        .flat_map(|r| layout.nodes_of(&r.0))
+        .collect()
 }
 
 /// Waits until the leader of `region` (a secondary) reports a copy lag under 1 s.
@@ -549,7 +555,6 @@ pub async fn regions(opts: &RegionsOptions, dir: &Path) -> Result<RegionsReport>
         let mut r = measure(
             &cluster,
             &layout,
-            target,
             trigger,
             &probes,
             &telemetry.times,
@@ -583,7 +588,6 @@ pub async fn regions(opts: &RegionsOptions, dir: &Path) -> Result<RegionsReport>
     let mut r = measure(
         &cluster,
         &layout,
-        "west",
         trigger,
         &probes,
         &telemetry.times,
@@ -684,7 +688,6 @@ pub async fn regions(opts: &RegionsOptions, dir: &Path) -> Result<RegionsReport>
         let mut r = measure(
             &cluster,
             &layout,
-            "east",
             trigger,
             &probes,
             &telemetry.times,

@@ -141,13 +141,18 @@ pub async fn cluster_nemeses(opts: &NemesesOptions, dir: &Path) -> Result<Report
         let probe_id = format!("chaos-kill-{victim}-{}", killed.len());
         let (telemetry_took, registry_took) = tokio::join!(
             all_partitions_writable(
-                survivor,
+                std::slice::from_ref(&survivor),
                 &cluster.ca,
                 &probes,
                 trigger,
                 Duration::from_secs(30)
             ),
-            registry_writable(&survivor_api, &probe_id, trigger, Duration::from_secs(30)),
+            registry_writable(
+                std::slice::from_ref(&survivor_api),
+                &probe_id,
+                trigger,
+                Duration::from_secs(30)
+            ),
         );
         if telemetry_took.is_err() {
             failures.push(format!(
@@ -185,14 +190,14 @@ pub async fn cluster_nemeses(opts: &NemesesOptions, dir: &Path) -> Result<Report
     ));
     let (telemetry_took, registry_took) = tokio::join!(
         all_partitions_writable(
-            survivor,
+            std::slice::from_ref(&survivor),
             &cluster.ca,
             &probes,
             paused,
             Duration::from_secs(30)
         ),
         registry_writable(
-            &survivor_api,
+            std::slice::from_ref(&survivor_api),
             "chaos-paused",
             paused,
             Duration::from_secs(30)

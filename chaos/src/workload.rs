@@ -258,7 +258,7 @@ pub fn probe_ids(prefix: &str, partitions: u32) -> Vec<String> {
 /// Publishes from `(id, key)` through `addr` until a PUBACK arrives (reconnecting as needed);
 /// returns when.
 pub async fn probe_until_acked(
-    addr: SocketAddr,
+    addrs: Vec<SocketAddr>,
     ca: std::path::PathBuf,
     (id, key): (String, String),
     deadline: Instant,
@@ -267,9 +267,19 @@ pub async fn probe_until_acked(
     let token = device_token("localhost", &id, &key, 3600)?;
     let topic = format!("devices/{id}/messages/events/");
     let mut seq = 0u64;
+    // Each failed try moves to the next node: the probe finds whichever region or node takes
+    // writes now (a paused node accepts TCP but never answers, hence the bound on each try).
+    let mut next = 0usize;
     while Instant::now() < deadline {
-        let Ok((mut c, ConnAckCode::Success, _)) =
-            RawMqtt::connect_with(addr, None, tls.clone(), &id, &token, true, 60).await
+        let Some(addr) = addrs.get(next % addrs.len().max(1)).copied() else {
+            bail!("{id}: no address to probe");
+        };
+        next += 1;
+        let Ok(Ok((mut c, ConnAckCode::Success, _))) = tokio::time::timeout(
+            Duration::from_secs(2),
+            RawMqtt::connect_with(addr, None, tls.clone(), &id, &token, true, 60),
+        )
+        .await
         else {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
@@ -291,9 +301,9 @@ pub async fn probe_until_acked(
     bail!("{id}: no PUBACK before the deadline")
 }
 
-/// Time from `trigger` until every probe (one per partition) got a PUBACK through `addr`.
+/// Time from `trigger` until every probe (one per partition) got a PUBACK through one of `addrs`.
 pub async fn all_partitions_writable(
-    addr: SocketAddr,
+    addrs: &[SocketAddr],
     ca: &std::path::Path,
     probes: &[(String, String)],
     trigger: Instant,
@@ -304,7 +314,7 @@ pub async fn all_partitions_writable(
         .cloned()
         .map(|p| {
             tokio::spawn(probe_until_acked(
-                addr,
+                addrs.to_vec(),
                 ca.to_path_buf(),
                 p,
                 trigger + timeout,
@@ -318,27 +328,33 @@ pub async fn all_partitions_writable(
     Ok(last - trigger)
 }
 
-/// Time from `trigger` until a create through `client` is answered 200.
+/// Time from `trigger` until a create through one of `clients` (tried in turn) is answered 200.
 pub async fn registry_writable(
-    client: &ServiceClient,
+    clients: &[ServiceClient],
     id: &str,
     trigger: Instant,
     timeout: Duration,
 ) -> Option<Duration> {
+    let mut next = 0usize;
     while trigger.elapsed() < timeout {
-        if let Ok(mut c) = client.connect().await
-            && let Ok(r) = c
+        let client = clients.get(next % clients.len().max(1))?;
+        next += 1;
+        let attempt = async {
+            let mut c = client.connect().await.ok()?;
+            let r = c
                 .json(
                     "PUT",
                     &format!("/devices/{id}"),
                     Some(&json!({"deviceId": id})),
                 )
                 .await
-            && r.status == 200
-        {
+                .ok()?;
+            (r.status == 200).then_some(())
+        };
+        if let Ok(Some(())) = tokio::time::timeout(Duration::from_secs(3), attempt).await {
             return Some(trigger.elapsed());
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     None
 }

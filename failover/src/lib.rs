@@ -179,6 +179,9 @@ pub struct Promiser {
     promised_until: u64,
     /// No promise is given once a promotion is being prepared; since this local time.
     sealed: Option<u64>,
+    /// Local time of the last lease request from the primary's confirmed hub leader: proof that
+    /// the primary region is alive and can write.
+    primary_alive_at: Option<u64>,
 }
 
 impl Promiser {
@@ -190,6 +193,7 @@ impl Promiser {
             lease_ms,
             promised_until: now + lease_ms,
             sealed: None,
+            primary_alive_at: None,
         }
     }
 
@@ -203,11 +207,21 @@ impl Promiser {
         if epoch.number > self.epoch.number {
             self.epoch = epoch.clone();
             self.sealed = None;
+            self.primary_alive_at = None;
         }
     }
 
     /// A lease request from a node of `region` that believes in `epoch`, received at `now`.
-    pub fn lease(&mut self, region: &str, epoch: &RegionEpoch, now: u64) -> LeaseReply {
+    /// `leader_confirmed`: the requester leads its region's hub group with a quorum behind it
+    /// (so the primary region can write; the other nodes of a region that lost its quorum still
+    /// ask, and must not keep it looking alive).
+    pub fn lease(
+        &mut self,
+        region: &str,
+        epoch: &RegionEpoch,
+        now: u64,
+        leader_confirmed: bool,
+    ) -> LeaseReply {
         if epoch.number < self.epoch.number {
             return LeaseReply::Fenced(self.epoch.clone());
         }
@@ -217,6 +231,9 @@ impl Promiser {
                 "{region} is not the primary at epoch {}",
                 self.epoch.number
             ));
+        }
+        if leader_confirmed {
+            self.primary_alive_at = Some(now);
         }
         // A seal whose candidate never came back (it crashed, or the primary recovered) is
         // lifted after two leases, so the primary does not lose its lease for good.
@@ -259,6 +276,19 @@ impl Promiser {
         }
         if proposed.number == self.epoch.number {
             return VoteReply::Granted;
+        }
+        // A primary that still renews its lease here is alive and writable: the candidate only
+        // lost its own link to it. Promoting would take a working primary down (and the two data
+        // regions would then take turns promoting as long as their link is cut).
+        if let Some(alive) = self.primary_alive_at
+            && now < alive + self.lease_ms
+        {
+            self.sealed = None;
+            return VoteReply::Refused(format!(
+                "the primary region {} is alive (it renewed its lease {} ms ago)",
+                self.epoch.primary,
+                now.saturating_sub(alive)
+            ));
         }
         // Stop promising the old primary right away, then wait for the last promise to run out.
         self.sealed.get_or_insert(now);
@@ -425,17 +455,21 @@ mod tests {
             VoteReply::Wait(2000),
             "a restarted promiser assumes it just promised"
         );
-        // Sealed by the vote request: no new promise for the old primary.
+        // Sealed by the vote request: no new promise for the old primary (asked by a node that
+        // does not lead its region, so it says nothing about the primary being alive).
         assert!(matches!(
-            p.lease("a", &epoch(1, "a"), 1500),
+            p.lease("a", &epoch(1, "a"), 1500, false),
             LeaseReply::Refused(_)
         ));
         assert_eq!(p.vote(&epoch(2, "b"), 3000), VoteReply::Granted);
         assert_eq!(
-            p.lease("a", &epoch(1, "a"), 3001),
+            p.lease("a", &epoch(1, "a"), 3001, true),
             LeaseReply::Fenced(epoch(2, "b"))
         );
-        assert_eq!(p.lease("b", &epoch(2, "b"), 3001), LeaseReply::Granted);
+        assert_eq!(
+            p.lease("b", &epoch(2, "b"), 3001, true),
+            LeaseReply::Granted
+        );
         assert!(matches!(
             p.vote(&epoch(2, "a"), 9000),
             VoteReply::Refused(_)
@@ -444,6 +478,34 @@ mod tests {
             p.vote(&epoch(1, "a"), 9000),
             VoteReply::Refused(_)
         ));
+    }
+
+    #[test]
+    fn witness_refuses_to_depose_a_primary_whose_leader_still_renews() {
+        let mut p = Promiser::new(epoch(1, "a"), 3000, 0);
+        assert_eq!(
+            p.lease("a", &epoch(1, "a"), 5000, true),
+            LeaseReply::Granted
+        );
+        // The secondary lost its link to the primary, the witness did not.
+        assert!(
+            matches!(p.vote(&epoch(2, "b"), 7000), VoteReply::Refused(r) if r.contains("alive"))
+        );
+        assert!(
+            !p.is_sealed(),
+            "a refused vote must not cost the primary its lease"
+        );
+        assert_eq!(
+            p.lease("a", &epoch(1, "a"), 7500, true),
+            LeaseReply::Granted
+        );
+        // Only followers of a region that lost its quorum still ask: the primary is not alive.
+        assert_eq!(
+            p.lease("a", &epoch(1, "a"), 8000, false),
+            LeaseReply::Granted
+        );
+        assert_eq!(p.vote(&epoch(2, "b"), 10_600), VoteReply::Wait(400));
+        assert_eq!(p.vote(&epoch(2, "b"), 11_000), VoteReply::Granted);
     }
 
     #[test]
@@ -499,6 +561,49 @@ mod tests {
             truncation_points(&local, &promoted),
             BTreeMap::from([(1, 8), (3, 0)])
         );
+    }
+
+    /// The liveness bug the node-level randomized test found: with only the link between the two
+    /// data regions cut, the secondary must not depose a primary that the witness still hears.
+    #[test]
+    fn a_cut_between_data_regions_alone_causes_no_failover() {
+        const LEASE: u64 = 3000;
+        let mut witness = Promiser::new(epoch(1, "a"), LEASE, 0);
+        let mut fence = Fence::new(LeaseMode::Continuous, LEASE, 300);
+        let mut b_promiser = Promiser::new(epoch(1, "a"), LEASE, 0);
+        let mut sealed_until = None;
+        let b_epoch = epoch(1, "a");
+        for now in (0..120_000u64).step_by(250) {
+            if now % 750 == 0
+                && witness.lease("a", &epoch(1, "a"), now, true) == LeaseReply::Granted
+            {
+                fence.on_granted(now);
+            }
+            let view = AutoView {
+                my_region: "b",
+                epoch: &b_epoch,
+                enabled: true,
+                primary_last_seen: 0,
+                leader_since: 0,
+                grace_ms: 5000,
+                lease_ms: LEASE,
+                sealed_until,
+                witness_granted: false,
+                caps_allow: true,
+                now,
+            };
+            match plan_automatic(&view) {
+                AutoDecision::SealUntil(t) => sealed_until = Some(b_promiser.seal(now).max(t)),
+                AutoDecision::RequestVote(next) => {
+                    assert!(matches!(witness.vote(&next, now), VoteReply::Refused(_)));
+                }
+                AutoDecision::Wait => {}
+                AutoDecision::Promote(_) => panic!("promoted at {now}"),
+            }
+            if now > 1000 {
+                assert_eq!(fence.check("a", &epoch(1, "a"), now), Ok(()), "at {now}");
+            }
+        }
     }
 
     /// A small deterministic generator, so the property test needs no dependency.
@@ -633,7 +738,7 @@ mod tests {
                         }
                         let pnow = nodes[promiser].now(real + rng.below(200));
                         let my_epoch = epochs[holder].clone();
-                        match promisers[promiser].lease(names[holder], &my_epoch, pnow) {
+                        match promisers[promiser].lease(names[holder], &my_epoch, pnow, true) {
                             LeaseReply::Granted => {
                                 let delay = rng.below(LEASE);
                                 grants.push((real + delay, holder, sent, my_epoch));

@@ -68,7 +68,7 @@ impl IntoResponse for ApiError {
         let code = self.0.code;
         let status =
             StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let now = chrono::Utc::now().format("%m/%d/%Y %H:%M:%S");
+        let now = crate::clock::utc_now().format("%m/%d/%Y %H:%M:%S");
         let body = json!({
             "Message": format!("ErrorCode:{};{}", code.name(), self.0.message),
             "ExceptionMessage": format!("ErrorCode:{} ({});TimeStamp:{now}", code.name(), code.azure_code()),
@@ -780,6 +780,9 @@ struct FaultSpec {
     /// Calls to these peers are blackholed (a partition seen from this node); empty heals.
     #[serde(default)]
     blocked_peers: Vec<String>,
+    /// Skew of this node's wall clock in ms (negative: behind); 0 removes it.
+    #[serde(default)]
+    clock_skew_ms: i64,
 }
 
 async fn get_faults(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
@@ -790,6 +793,7 @@ async fn get_faults(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult 
         "wanDelayMs": wan.as_millis() as u64,
         "wanPeers": peers,
         "blockedPeers": crate::faults::blocked(),
+        "clockSkewMs": crate::clock::skew_ms(),
     })))
 }
 
@@ -799,11 +803,19 @@ async fn put_faults(State(s): State<ApiState>, headers: HeaderMap, body: Bytes) 
     if spec.peer_delay_ms > 10_000 || spec.wan_delay_ms > 10_000 {
         return Err(HubError::invalid("peerDelayMs and wanDelayMs must be at most 10000").into());
     }
+    if spec.clock_skew_ms.unsigned_abs() > 86_400_000 {
+        return Err(HubError::invalid("clockSkewMs must be within one day").into());
+    }
     crate::faults::set_wan_delay(
         std::time::Duration::from_millis(spec.wan_delay_ms),
         spec.wan_peers.clone(),
     );
     crate::faults::set_blocked(spec.blocked_peers.clone());
+    crate::clock::set_skew_ms(spec.clock_skew_ms);
+    tracing::warn!(
+        clock_skew_ms = spec.clock_skew_ms,
+        "fault injection: wall clock skew"
+    );
     tracing::warn!(
         peer_delay_ms = spec.peer_delay_ms,
         "fault injection: delaying node-to-node calls"

@@ -144,6 +144,43 @@ struct Inner {
     /// Where to send appends of partitions this node does not replicate (it has no leader for
     /// them): the last leader a peer named, else the placement's nodes in turn.
     routes: std::sync::Mutex<HashMap<u32, Route>>,
+    /// Per peer address: how far its wall clock is ahead of this node's, as measured on appends
+    /// (expiry times sent there are translated to its clock).
+    clock_offsets: std::sync::Mutex<HashMap<String, ClockOffset>>,
+}
+
+/// One peer's wall-clock offset, NTP-style from an append's send and reply times and the time
+/// the peer stamped on its answer: `offset = t_peer - (t_sent + t_answered) / 2`, within
+/// ± half the round trip.
+#[derive(Debug, Clone, Copy)]
+struct ClockOffset {
+    offset_ms: i64,
+    error_ms: u64,
+    measured: Instant,
+}
+
+impl ClockOffset {
+    /// The sample to keep: the more precise one, unless the kept one is old (clocks drift and
+    /// get stepped).
+    fn better(self, old: Option<Self>) -> Self {
+        match old {
+            Some(o)
+                if o.error_ms < self.error_ms && o.measured.elapsed() < Duration::from_secs(30) =>
+            {
+                o
+            }
+            _ => self,
+        }
+    }
+}
+
+/// Metadata key with which a partition service stamps its wall clock (ms since the Unix epoch)
+/// on every append answer, so the sender can measure the clock offset.
+pub const CLOCK_METADATA: &str = "x-meridian-unix-ms";
+
+/// The wall-clock stamp in an answer's metadata.
+fn stamped_clock(metadata: &tonic::metadata::MetadataMap) -> Option<u64> {
+    metadata.get(CLOCK_METADATA)?.to_str().ok()?.parse().ok()
 }
 
 #[derive(Default)]
@@ -222,6 +259,7 @@ impl Partitions {
                 request_timeout: settings.request_timeout,
                 clients: std::sync::Mutex::new(HashMap::new()),
                 routes: std::sync::Mutex::new(HashMap::new()),
+                clock_offsets: std::sync::Mutex::new(HashMap::new()),
                 gate: settings.gate.clone(),
                 regions: std::sync::RwLock::new(BTreeMap::new()),
             }),
@@ -490,6 +528,41 @@ impl Partitions {
         }
     }
 
+    /// How far `addr`'s wall clock is ahead of this node's, in ms (0 until measured).
+    fn clock_offset(&self, addr: &str) -> i64 {
+        self.inner
+            .clock_offsets
+            .lock()
+            .ok()
+            .and_then(|o| o.get(addr).map(|c| c.offset_ms))
+            .unwrap_or(0)
+    }
+
+    /// Records the offset of `addr`'s clock from an answer stamped with it.
+    fn learn_clock_offset(&self, addr: &str, sent: u64, metadata: &tonic::metadata::MetadataMap) {
+        let Some(peer) = stamped_clock(metadata) else {
+            return;
+        };
+        let answered = crate::clock::unix_ms().max(sent);
+        let sample = ClockOffset {
+            offset_ms: peer as i64 - ((sent + answered) / 2) as i64,
+            error_ms: (answered - sent) / 2,
+            measured: Instant::now(),
+        };
+        if let Ok(mut offsets) = self.inner.clock_offsets.lock() {
+            let kept = sample.better(offsets.get(addr).copied());
+            let previous = offsets.get(addr).map_or(0, |c| c.offset_ms);
+            if (kept.offset_ms - previous).abs() > 1000 {
+                tracing::warn!(
+                    peer = addr,
+                    offset_ms = kept.offset_ms,
+                    "a peer's wall clock differs from this node's by more than 1 s"
+                );
+            }
+            offsets.insert(addr.to_string(), kept);
+        }
+    }
+
     /// Proposes a batch on the partition's leader, wherever it is, retrying while there is none
     /// or while a peer answers that it is not the leader (nothing was proposed then).
     async fn submit(
@@ -522,10 +595,12 @@ impl Partitions {
                 }
                 Some((target_leader, addr)) => {
                     let mut client = self.client(&addr)?;
+                    // The expiry on the leader's clock: a skewed clock there must neither refuse
+                    // every forwarded append nor accept stale ones.
+                    let offset = self.clock_offset(&addr);
+                    let expires = unix_ms_after(deadline.saturating_duration_since(Instant::now()));
                     let request = AppendRequest {
-                        expires_unix_ms: unix_ms_after(
-                            deadline.saturating_duration_since(Instant::now()),
-                        ),
+                        expires_unix_ms: expires.saturating_add_signed(offset).max(1),
                         partition,
                         records: records
                             .iter()
@@ -537,9 +612,11 @@ impl Partitions {
                     };
                     let call = tokio::time::timeout(
                         deadline.saturating_duration_since(Instant::now()),
-                        async move {
+                        async {
                             crate::faults::before_peer_call_to(&addr).await;
-                            client.append(request).await
+                            let sent = crate::clock::unix_ms();
+                            let answer = client.append(request).await;
+                            (sent, answer)
                         },
                     );
                     // A replica that learns of a new leader stops waiting for the old one (cut
@@ -555,8 +632,20 @@ impl Partitions {
                             ));
                         }
                     };
-                    match call {
+                    if let Ok((sent, answer)) = &call {
+                        let metadata = match answer {
+                            Ok(r) => r.metadata(),
+                            Err(status) => status.metadata(),
+                        };
+                        self.learn_clock_offset(&addr, *sent, metadata);
+                    }
+                    match call.map(|(_, answer)| answer) {
                         Ok(Ok(_)) => return Ok(()),
+                        // Refused as expired on the leader's clock: nothing was proposed, and the
+                        // offset just measured corrects the next expiry.
+                        Ok(Err(status))
+                            if status.code() == tonic::Code::DeadlineExceeded
+                                && Instant::now() < deadline => {}
                         Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
                             self.note_leader_hint(partition, status.message());
                         }
@@ -718,9 +807,7 @@ pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_millis(500);
 
 /// Milliseconds since the Unix epoch, `after` from now.
 pub fn unix_ms_after(after: Duration) -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| (d + after).as_millis() as u64)
+    crate::clock::unix_ms() + after.as_millis() as u64
 }
 
 fn is_connect_error(status: &tonic::Status) -> bool {

@@ -319,6 +319,9 @@ pub struct Region {
     /// Local ms since which this node leads its region's hub group (u64::MAX: not leader).
     leader_since: AtomicU64,
     primary_last_seen: AtomicU64,
+    /// Local ms when this node, leading its region's hub group, last had that confirmed by a
+    /// quorum (u64::MAX: never).
+    leader_confirmed_at: AtomicU64,
     /// Local ms when the copy last matched the source's applied index.
     caught_up_at: AtomicU64,
     /// Per partition this node leads: local ms when its copy last matched the source.
@@ -350,10 +353,7 @@ fn from_pb(e: Option<pb::RegionEpoch>) -> RegionEpoch {
 }
 
 fn unix_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    crate::clock::unix_now()
 }
 
 const CALL_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -400,6 +400,7 @@ impl Region {
             local_members,
             leader_since: AtomicU64::new(u64::MAX),
             primary_last_seen: AtomicU64::new(now),
+            leader_confirmed_at: AtomicU64::new(u64::MAX),
             caught_up_at: AtomicU64::new(now),
             partition_caught_up: Mutex::new(BTreeMap::new()),
             auto: Mutex::new(AutoState::default()),
@@ -574,11 +575,40 @@ impl Region {
 
     // ---------------------------------------------------------------- leases (primary side)
 
-    async fn lease_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    async fn lease_loop(self: Arc<Self>, shutdown: watch::Receiver<bool>) {
+        // One loop per other region plus one confirming this node's leadership, so that a region
+        // that does not answer (a blackholed link waits out the call timeout) never holds back
+        // the renewal from one that does.
+        let mut tasks = vec![tokio::spawn(self.clone().every_lease_period(
+            shutdown.clone(),
+            |r: Arc<Self>| async move {
+                r.confirm_leadership().await;
+            },
+        ))];
+        for peer in 0..self.section.peers.len() {
+            tasks.push(tokio::spawn(self.clone().every_lease_period(
+                shutdown.clone(),
+                move |r: Arc<Self>| async move { r.renew_lease_from(peer).await },
+            )));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Runs `step` every quarter lease while this node's region is primary.
+    async fn every_lease_period<F, Fut>(
+        self: Arc<Self>,
+        mut shutdown: watch::Receiver<bool>,
+        step: F,
+    ) where
+        F: Fn(Arc<Self>) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
         let period = Duration::from_millis((self.section.lease_ms / 4).max(50));
         loop {
             if !self.section.witness && self.gate.is_primary() {
-                self.renew_lease().await;
+                step(self.clone()).await;
             }
             tokio::select! {
                 _ = tokio::time::sleep(period) => {}
@@ -587,59 +617,71 @@ impl Region {
         }
     }
 
-    /// Asks every other region for a promise; one grant renews the lease.
-    async fn renew_lease(&self) {
+    /// Asks the region `peers[peer]` for a promise; a grant renews the lease.
+    async fn renew_lease_from(&self, peer: usize) {
         let epoch = self.gate.epoch();
+        let Some(peer) = self.section.peers.get(peer) else {
+            return;
+        };
         if epoch.number == 0 {
             return;
         }
         let sent = self.now();
-        let calls = self.section.peers.iter().map(|peer| {
-            let epoch = epoch.clone();
-            async move {
-                for addr in &peer.grpc_addrs {
-                    let Ok(mut c) = client(addr).await else {
-                        continue;
-                    };
-                    let reply = tokio::time::timeout(
-                        CALL_TIMEOUT,
-                        c.lease(pb::LeaseRequest {
-                            region: self.my_region.clone(),
-                            epoch: Some(pb_epoch(&epoch)),
-                        }),
-                    )
-                    .await;
-                    match reply {
-                        Ok(Ok(r)) => {
-                            let r = r.into_inner();
-                            if r.granted {
-                                return Some(Ok(()));
-                            }
-                            if let Some(newer) = r.newer
-                                && newer.number > epoch.number
-                            {
-                                return Some(Err(from_pb(Some(newer))));
-                            }
-                            // Refused (not that region's leader, or sealed): try its next node.
-                        }
-                        _ => continue,
-                    }
-                }
-                None
+        let leader_confirmed = self.leadership_fresh();
+        for addr in &peer.grpc_addrs {
+            let Ok(mut c) = client(addr).await else {
+                continue;
+            };
+            let reply = tokio::time::timeout(
+                CALL_TIMEOUT,
+                c.lease(pb::LeaseRequest {
+                    region: self.my_region.clone(),
+                    epoch: Some(pb_epoch(&epoch)),
+                    leader_confirmed,
+                }),
+            )
+            .await;
+            let Ok(Ok(r)) = reply else {
+                continue;
+            };
+            let r = r.into_inner();
+            if r.granted {
+                self.gate.granted(sent);
+                return;
             }
-        });
-        let replies = futures::future::join_all(calls).await;
-        for reply in replies.into_iter().flatten() {
-            match reply {
-                Ok(()) => self.gate.granted(sent),
-                Err(newer) => {
-                    tracing::warn!(epoch = newer.number, primary = %newer.primary, "another region holds a newer epoch: demoting");
-                    self.gate.revoke();
-                    self.learn_epoch(newer).await;
-                    return;
-                }
+            if let Some(newer) = r.newer
+                && newer.number > epoch.number
+            {
+                let newer = from_pb(Some(newer));
+                tracing::warn!(epoch = newer.number, primary = %newer.primary, "another region holds a newer epoch: demoting");
+                self.gate.revoke();
+                self.learn_epoch(newer).await;
+                return;
             }
+            // Refused (not that region's leader, or sealed): try its next node.
         }
+    }
+
+    /// Whether this node leads its region's hub group with a quorum behind it right now.
+    async fn confirm_leadership(&self) -> bool {
+        if !self.is_leader() {
+            return false;
+        }
+        let confirmed = matches!(
+            tokio::time::timeout(CALL_TIMEOUT, self.hub.raft().ensure_linearizable()).await,
+            Ok(Ok(_))
+        );
+        if confirmed {
+            self.leader_confirmed_at
+                .store(self.now(), Ordering::Relaxed);
+        }
+        confirmed
+    }
+
+    /// Whether a quorum confirmed this node's leadership within the last half lease.
+    fn leadership_fresh(&self) -> bool {
+        let at = self.leader_confirmed_at.load(Ordering::Relaxed);
+        self.is_leader() && at != u64::MAX && self.now() < at + self.section.lease_ms / 2
     }
 
     /// Commits an epoch heard from another region.
@@ -692,7 +734,7 @@ impl Region {
         let reply = match self.promiser.lock() {
             Ok(mut p) => {
                 p.observe(&self.gate.epoch());
-                p.lease(&req.region, &asked, now)
+                p.lease(&req.region, &asked, now, req.leader_confirmed)
             }
             Err(_) => return refused("promiser lock poisoned"),
         };
@@ -967,7 +1009,6 @@ impl Region {
                     continue;
                 }
             };
-            self.primary_last_seen.store(self.now(), Ordering::Relaxed);
             let source_epoch = from_pb(r.epoch.clone());
             if source_epoch.number > self.gate.epoch().number {
                 self.learn_epoch(source_epoch).await;
@@ -1163,15 +1204,18 @@ impl Region {
         }
     }
 
-    /// Whether any node of `region` answers a status call.
+    /// Whether `region` is alive and can write: one of its nodes leads its hub group with a quorum
+    /// confirmed within the last lease (answering nodes of a region that lost its quorum do not
+    /// count).
     async fn probe(&self, region: &str) -> bool {
         for addr in self.section.addrs(region) {
             let Ok(mut c) = client(&addr).await else {
                 continue;
             };
-            if let Ok(Ok(_)) =
+            if let Ok(Ok(r)) =
                 tokio::time::timeout(Duration::from_millis(700), c.status(pb::StatusRequest {}))
                     .await
+                && r.into_inner().leader_confirmed
             {
                 return true;
             }
@@ -1715,6 +1759,7 @@ impl pb::region_server::Region for RegionService {
             hub_applied_index: applied,
             shipped_index: shipped.unwrap_or(0),
             lag_ms: r.lag_ms(),
+            leader_confirmed: r.leadership_fresh(),
         }))
     }
 

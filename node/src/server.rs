@@ -565,8 +565,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
                         .await
                         .unwrap_or(false);
                     if any_expired {
-                        let now =
-                            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                        let now = crate::clock::iso_now();
                         if let Err(e) = hub.write(HubCommand::ExpireC2d { now_ms, now }).await {
                             tracing::warn!(error = %e, "c2d expiry");
                         }
@@ -593,7 +592,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
                     }
                     let cutoff =
                         chrono::TimeDelta::try_seconds(retention.min(i64::MAX as u64) as i64)
-                            .and_then(|d| chrono::Utc::now().checked_sub_signed(d))
+                            .and_then(|d| crate::clock::utc_now().checked_sub_signed(d))
                             .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC)
                             .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
                     match reader.apply_retention(&cutoff).await {

@@ -365,7 +365,7 @@ async fn write_files(
             let (Some(first), Some(last)) = (events.first(), events.last()) else {
                 continue;
             };
-            let now = chrono::Utc::now();
+            let now = crate::clock::utc_now();
             let path = dir
                 .join("meridian")
                 .join(partition.to_string())

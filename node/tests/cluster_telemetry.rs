@@ -116,3 +116,44 @@ async fn single_replica_partitions_take_appends_from_every_node() -> Result<()> 
     println!("RF=1: stored {stored}, duplicates {duplicates}, lost 0");
     Ok(())
 }
+
+/// Wall clocks minutes apart (one node ahead, one behind): appends forwarded to a partition's
+/// only replica carry their expiry in the receiver's time (offset measured on earlier answers),
+/// so none is refused as expired and every device gets PUBACKs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skewed_wall_clocks_do_not_stop_forwarded_appends() -> Result<()> {
+    let mut cluster = start_cluster(3, &[("MERIDIAN_CLUSTER__REPLICATION_FACTOR", "1")])?;
+    cluster.wait_leader(Duration::from_secs(30)).await?;
+    for (node, skew_ms) in [(1u64, 600_000i64), (2, -600_000)] {
+        let mut op = cluster.operator(node).await?.connect().await?;
+        let r = op
+            .json(
+                "PUT",
+                "/meridian/cluster/faults",
+                Some(&serde_json::json!({"clockSkewMs": skew_ms})),
+            )
+            .await?;
+        anyhow::ensure!(r.status == 204, "set skew: {} {}", r.status, r.json());
+    }
+    let client = cluster.client(3).await?;
+    let mut svc = client.connect().await?;
+    let mut keys = Vec::new();
+    for i in 0..30 {
+        let id = format!("skew-{i}");
+        keys.push((id.clone(), create_device(&mut svc, &id).await?));
+    }
+    let nodes: Vec<SocketAddr> = cluster.nodes.iter().map(|n| n.mqtt).collect();
+    let tasks = Devices::start(keys, nodes.clone(), cluster.ca.clone());
+    let acked = tasks.acked.clone();
+    progress(&acked, 1500, Duration::from_secs(60))
+        .await
+        .with_context(|| cluster.logs())?;
+    let acked = tasks.stop().await?;
+    anyhow::ensure!(
+        acked.len() == 30,
+        "only {} of 30 devices got PUBACKs\n{}",
+        acked.len(),
+        cluster.logs()
+    );
+    Ok(())
+}

@@ -155,7 +155,7 @@ async fn recovery_trials(cluster: &mut ChaosCluster, trials: usize) -> Result<Ve
         let killed = Instant::now();
         cluster.kill9(victim)?;
         let took = all_partitions_writable(
-            survivor,
+            &[survivor],
             &cluster.ca,
             &probes,
             killed,

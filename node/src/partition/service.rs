@@ -23,16 +23,15 @@ impl PartitionServiceImpl {
     }
 }
 
-#[tonic::async_trait]
-impl PartitionService for PartitionServiceImpl {
-    async fn append(
+impl PartitionServiceImpl {
+    /// An append, refused when it expired (on this node's clock) before it got here.
+    async fn append_checked(
         &self,
-        request: Request<AppendRequest>,
+        req: AppendRequest,
+        received: u64,
     ) -> Result<Response<AppendResponse>, Status> {
-        let req = request.into_inner();
         if req.expires_unix_ms != 0
-            && super::unix_ms_after(std::time::Duration::ZERO)
-                > req.expires_unix_ms + super::CLOCK_SKEW_ALLOWANCE.as_millis() as u64
+            && received > req.expires_unix_ms + super::CLOCK_SKEW_ALLOWANCE.as_millis() as u64
         {
             return Err(Status::deadline_exceeded(
                 "append expired before it reached the leader; not proposed",
@@ -63,6 +62,36 @@ impl PartitionService for PartitionServiceImpl {
                     .unwrap_or_default()
             ))),
             Err(Some(e)) => Err(Status::new(e.code.grpc_code(), e.message)),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl PartitionService for PartitionServiceImpl {
+    async fn append(
+        &self,
+        request: Request<AppendRequest>,
+    ) -> Result<Response<AppendResponse>, Status> {
+        let received = crate::clock::unix_ms();
+        let req = request.into_inner();
+        // Every answer carries this node's clock, so the sender measures the offset between the
+        // two clocks and sends expiry times in this node's time.
+        let stamp = |mut metadata: tonic::metadata::MetadataMap| {
+            if let Ok(v) = received.to_string().parse() {
+                metadata.insert(super::CLOCK_METADATA, v);
+            }
+            metadata
+        };
+        let result = self.append_checked(req, received).await;
+        match result {
+            Ok(mut r) => {
+                *r.metadata_mut() = stamp(std::mem::take(r.metadata_mut()));
+                Ok(r)
+            }
+            Err(mut status) => {
+                *status.metadata_mut() = stamp(std::mem::take(status.metadata_mut()));
+                Err(status)
+            }
         }
     }
 
