@@ -28,6 +28,11 @@ use crate::workload::{
     registry_writable,
 };
 
+/// Region lease length in the scenario's layout (ms).
+const LEASE_MS: u64 = 1000;
+/// Automatic failover grace time in the scenario's layout (ms).
+const GRACE_MS: u64 = 4000;
+
 /// Settings of [`regions`].
 #[derive(Debug, Clone)]
 pub struct RegionsOptions {
@@ -64,7 +69,9 @@ impl RegionsOptions {
                 ("west".into(), nodes_per_region, false),
                 ("arbiter".into(), 1, !sync),
             ],
-            region_toml: "lease_ms = 1000\nlease_margin_ms = 100\nautomatic_failover = true\nfailover_grace_ms = 4000\nship_interval_ms = 50\n".into(),
+            region_toml: format!(
+                "lease_ms = {LEASE_MS}\nlease_margin_ms = 100\nautomatic_failover = true\nfailover_grace_ms = {GRACE_MS}\nship_interval_ms = 50\n"
+            ),
             // One Raft group over a WAN (sync) needs heartbeats and elections slower than the
             // round trip plus a replication batch; inside a region (async) the defaults fit.
             cluster_toml: if sync {
@@ -380,6 +387,76 @@ async fn measure(
     }
 }
 
+/// Region status samples taken while a fault lasts.
+#[derive(Debug, Default)]
+struct Sampled {
+    samples: usize,
+    two_writable: usize,
+    /// Per region: samples in which it took writes.
+    writable: BTreeMap<String, usize>,
+}
+
+impl Sampled {
+    fn describe(&self, primary: &str) -> String {
+        format!(
+            "{} status samples: {} with two writable regions; {primary} writable in {}",
+            self.samples,
+            self.two_writable,
+            self.writable.get(primary).copied().unwrap_or(0)
+        )
+    }
+
+    fn add_to(&self, samples: usize, two: usize) -> (usize, usize) {
+        (samples + self.samples, two + self.two_writable)
+    }
+}
+
+/// Samples every data node's region status every 100 ms for `hold`. Sync mode has no region
+/// fencing to sample (Raft keeps a cut-off minority from committing): only the primary's name.
+async fn sample_writable(cluster: &ChaosCluster, layout: &RegionLayout, hold: Duration) -> Sampled {
+    let mut out = Sampled::default();
+    let started = Instant::now();
+    while started.elapsed() < hold {
+        let mut writable = std::collections::BTreeSet::new();
+        if layout.sync {
+            if let Some(p) = current_primary(cluster, layout).await {
+                writable.insert(p);
+            }
+        } else {
+            for id in data_nodes(layout) {
+                if let Some(s) = region_status(cluster, id).await
+                    && s["writable"] == true
+                {
+                    writable.insert(layout.region_of(id).unwrap_or("").to_string());
+                }
+            }
+        }
+        out.samples += 1;
+        out.two_writable += usize::from(writable.len() > 1);
+        for r in writable {
+            *out.writable.entry(r).or_default() += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    out
+}
+
+/// The node leading `region`'s hub group (sync mode: the one hub group).
+async fn region_leader(cluster: &ChaosCluster, layout: &RegionLayout, region: &str) -> Option<u64> {
+    if layout.sync {
+        return cluster.hub_leader().await;
+    }
+    for id in layout.nodes_of(region) {
+        if region_status(cluster, id)
+            .await
+            .is_some_and(|s| s["leader"] == true)
+        {
+            return Some(id);
+        }
+    }
+    None
+}
+
 /// The nodes of the data regions (not the witness).
 fn data_nodes(layout: &RegionLayout) -> Vec<u64> {
     layout
@@ -601,7 +678,9 @@ pub async fn regions(opts: &RegionsOptions, dir: &Path) -> Result<RegionsReport>
     for id in &east {
         cluster.restart(*id)?;
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    for id in &east {
+        cluster.reapply_faults(*id).await?;
+    }
     if !opts.sync {
         let mut rejoined = true;
         for id in &east {
@@ -740,6 +819,205 @@ pub async fn regions(opts: &RegionsOptions, dir: &Path) -> Result<RegionsReport>
         }
         steps.push(Step {
             name: "partition: primary region cut off".into(),
+            trigger,
+            result: r,
+        });
+        progress(&telemetry.acked, 500, Duration::from_secs(90)).await?;
+    }
+
+    // 5-9. Faults that must not move the primary (or, for a region that loses its quorum, move
+    // it safely): a cut between the data regions only, the primary's hub leader cut off,
+    // paused, a crash-restart of one of its nodes, and its wall clock skewed.
+    let lease_wait = Duration::from_millis(GRACE_MS + 2 * LEASE_MS);
+    let nodes_of_primary = |primary: &str| layout.nodes_of(primary);
+    if opts.cluster.netns {
+        let before = current_primary(&cluster, &layout).await.unwrap_or_default();
+        let trigger = Instant::now();
+        for e in &east {
+            for w in &west {
+                cluster.cut(*e, *w)?;
+            }
+        }
+        timeline.note("partition between the data regions only (the arbiter reaches both)");
+        let (mut r, sampled) = tokio::join!(
+            measure(
+                &cluster,
+                &layout,
+                trigger,
+                &probes,
+                &telemetry.times,
+                opts.devices,
+                "data regions cut"
+            ),
+            sample_writable(&cluster, &layout, lease_wait + Duration::from_secs(2)),
+        );
+        for e in &east {
+            for w in &west {
+                cluster.heal(*e, *w)?;
+            }
+        }
+        let after = current_primary(&cluster, &layout).await.unwrap_or_default();
+        r.notes.push(sampled.describe(&before));
+        if !opts.sync && after != before {
+            failures.push(format!(
+                "a cut between the data regions alone moved the primary from {before} to {after}"
+            ));
+        }
+        (samples, two_primaries) = sampled.add_to(samples, two_primaries);
+        steps.push(Step {
+            name: "partition between the data regions (arbiter reaches both)".into(),
+            trigger,
+            result: r,
+        });
+        progress(&telemetry.acked, 500, Duration::from_secs(90)).await?;
+
+        let primary = current_primary(&cluster, &layout).await.unwrap_or_default();
+        if let Some(leader) = region_leader(&cluster, &layout, &primary).await {
+            let trigger = Instant::now();
+            cluster.isolate(leader)?;
+            timeline.note(format!(
+                "node {leader} ({primary}'s hub leader) cut off from every node"
+            ));
+            let (mut r, sampled) = tokio::join!(
+                measure(
+                    &cluster,
+                    &layout,
+                    trigger,
+                    &probes,
+                    &telemetry.times,
+                    opts.devices,
+                    "leader cut off"
+                ),
+                sample_writable(&cluster, &layout, lease_wait + Duration::from_secs(2)),
+            );
+            cluster.rejoin(leader)?;
+            r.notes.push(sampled.describe(&primary));
+            r.notes.push(format!(
+                "node {leader} cut off; primary afterwards: {}",
+                r.new_primary
+            ));
+            (samples, two_primaries) = sampled.add_to(samples, two_primaries);
+            steps.push(Step {
+                name: format!("primary's hub leader (node {leader}) cut off"),
+                trigger,
+                result: r,
+            });
+            progress(&telemetry.acked, 500, Duration::from_secs(90)).await?;
+        }
+    }
+    let primary = current_primary(&cluster, &layout).await.unwrap_or_default();
+    if let Some(leader) = region_leader(&cluster, &layout, &primary).await {
+        let pause = Duration::from_millis(GRACE_MS / 2);
+        let trigger = Instant::now();
+        cluster.pause(leader)?;
+        timeline.note(format!(
+            "SIGSTOP node {leader} ({primary}'s hub leader) for {pause:?}"
+        ));
+        let (mut r, sampled, resumed) = tokio::join!(
+            measure(
+                &cluster,
+                &layout,
+                trigger,
+                &probes,
+                &telemetry.times,
+                opts.devices,
+                "leader paused"
+            ),
+            sample_writable(&cluster, &layout, pause + Duration::from_secs(3)),
+            async {
+                tokio::time::sleep(pause).await;
+                cluster.resume(leader)
+            },
+        );
+        resumed?;
+        r.notes.push(sampled.describe(&primary));
+        (samples, two_primaries) = sampled.add_to(samples, two_primaries);
+        steps.push(Step {
+            name: format!(
+                "primary's hub leader (node {leader}) paused {:.1} s",
+                pause.as_secs_f64()
+            ),
+            trigger,
+            result: r,
+        });
+        progress(&telemetry.acked, 500, Duration::from_secs(90)).await?;
+    }
+    let primary = current_primary(&cluster, &layout).await.unwrap_or_default();
+    let leader = region_leader(&cluster, &layout, &primary).await;
+    // A follower if there is one (the leader was paused above).
+    if let Some(victim) = nodes_of_primary(&primary)
+        .into_iter()
+        .find(|n| Some(*n) != leader)
+        .or(leader)
+    {
+        let trigger = Instant::now();
+        cluster.restart(victim)?;
+        timeline.note(format!("kill -9 and restart of node {victim} in {primary}"));
+        let (mut r, reapplied) = tokio::join!(
+            measure(
+                &cluster,
+                &layout,
+                trigger,
+                &probes,
+                &telemetry.times,
+                opts.devices,
+                "node crash-restart",
+            ),
+            cluster.reapply_faults(victim),
+        );
+        reapplied?;
+        r.notes.push(format!(
+            "node {victim} of {primary} killed (-9) and restarted at once"
+        ));
+        steps.push(Step {
+            name: format!("node {victim} of the primary region killed and restarted"),
+            trigger,
+            result: r,
+        });
+        progress(&telemetry.acked, 500, Duration::from_secs(90)).await?;
+    }
+    let primary = current_primary(&cluster, &layout).await.unwrap_or_default();
+    if let Some(leader) = region_leader(&cluster, &layout, &primary).await {
+        let skewed: Vec<(u64, i64)> = std::iter::once((leader, 300_000))
+            .chain(
+                data_nodes
+                    .iter()
+                    .copied()
+                    .find(|n| *n != leader)
+                    .map(|n| (n, -300_000)),
+            )
+            .collect();
+        let trigger = Instant::now();
+        for (id, ms) in &skewed {
+            cluster.set_clock_skew(*id, *ms).await?;
+        }
+        timeline.note(format!("wall clocks skewed (node, ms): {skewed:?}"));
+        let (mut r, sampled) = tokio::join!(
+            measure(
+                &cluster,
+                &layout,
+                trigger,
+                &probes,
+                &telemetry.times,
+                opts.devices,
+                "clock skew"
+            ),
+            sample_writable(&cluster, &layout, lease_wait),
+        );
+        for (id, _) in &skewed {
+            cluster.set_clock_skew(*id, 0).await?;
+        }
+        let after = current_primary(&cluster, &layout).await.unwrap_or_default();
+        r.notes.push(sampled.describe(&primary));
+        if after != primary {
+            failures.push(format!(
+                "clock skew moved the primary from {primary} to {after}"
+            ));
+        }
+        (samples, two_primaries) = sampled.add_to(samples, two_primaries);
+        steps.push(Step {
+            name: "wall clocks skewed ±5 min (primary's hub leader ahead, another node behind)"
+                .into(),
             trigger,
             result: r,
         });
