@@ -169,6 +169,87 @@ impl ControlPlane {
         }))
     }
 
+    /// Sync mode, on a node of a tie-breaker (witness) region: keeps its election timers off
+    /// while its groups have leaders (see `raft::transfer::tie_breaker_elections`).
+    /// `leaderless_since` is per group (0: hub, p + 1: partition p).
+    pub fn tie_breaker_elections(
+        &self,
+        leaderless_since: &mut std::collections::BTreeMap<u32, Option<std::time::Instant>>,
+        patience: std::time::Duration,
+    ) {
+        let alive = |id: &u64| {
+            *id == self.node_id
+                || self.gossip.health(*id) == Some(meridian_control_plane::gossip::Health::Up)
+        };
+        crate::raft::transfer::tie_breaker_elections(
+            self.hub.raft(),
+            leaderless_since.entry(0).or_default(),
+            patience,
+            alive,
+        );
+        for p in 0..self.partitions.count() {
+            if let Some(raft) = self.partitions.raft(p) {
+                crate::raft::transfer::tie_breaker_elections(
+                    raft,
+                    leaderless_since.entry(p + 1).or_default(),
+                    patience,
+                    alive,
+                );
+            }
+        }
+    }
+
+    /// Sync mode, on a node of a tie-breaker (witness) region: hands every leadership this node
+    /// holds (hub group, partition groups) to a voter of another region. A tie-breaker leader
+    /// would put a WAN round trip on every write of both data regions, and the hub's primary
+    /// region is where its leaders are. Failures are retried on the next call.
+    pub async fn shed_leadership(&self) {
+        let regions = self.partitions.regions();
+        let mine = self.region.my_region().to_string();
+        let m = self.hub.raft().metrics().borrow().clone();
+        let voters: std::collections::BTreeSet<u64> =
+            m.membership_config.membership().voter_ids().collect();
+        let elsewhere = |ids: &[u64]| -> Vec<u64> {
+            ids.iter()
+                .copied()
+                .filter(|v| *v != self.node_id && regions.get(v).is_some_and(|r| *r != mine))
+                .collect()
+        };
+        if m.current_leader == Some(self.node_id) {
+            let ids: Vec<u64> = voters.iter().copied().collect();
+            for to in elsewhere(&ids) {
+                match self.transfer_leadership(None, to).await {
+                    Ok(()) => {
+                        tracing::info!(to, "tie-breaker region: hub leadership handed on");
+                        break;
+                    }
+                    Err(e) => tracing::debug!(to, error = %e, "handing on hub leadership"),
+                }
+            }
+        }
+        for p in 0..self.partitions.count() {
+            if self.partitions.leader(p).map(|(id, _)| id) != Some(self.node_id) {
+                continue;
+            }
+            let replicas: Vec<u64> = self.partitions.placement(p, &voters).into_iter().collect();
+            for to in elsewhere(&replicas) {
+                match self.transfer_leadership(Some(p), to).await {
+                    Ok(()) => {
+                        tracing::info!(
+                            partition = p,
+                            to,
+                            "tie-breaker region: partition leadership handed on"
+                        );
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(partition = p, to, error = %e, "handing on partition leadership")
+                    }
+                }
+            }
+        }
+    }
+
     fn devices_here(&self) -> usize {
         self.sessions.count()
     }

@@ -123,6 +123,42 @@ async fn losing_a_region_in_sync_mode_loses_no_acknowledged_write() -> Result<()
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let registry_rto = lost_at.elapsed();
+    // The hub's leader ends up in the surviving data region, not in the tie-breaker (which votes
+    // but does not campaign while there is a leader); every partition has a leader.
+    // (Each node knows the leaders of the partitions it replicates: ask both west nodes.)
+    let mut west_ops = Vec::new();
+    for id in regions.iter().filter(|r| r.1 == "west").map(|r| r.0) {
+        west_ops.push(cluster.operator(id).await?);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let partition_leader_regions = loop {
+        let mut primary_west = true;
+        let mut leader_regions: BTreeMap<u64, String> = BTreeMap::new();
+        for op in &west_ops {
+            let status = op
+                .connect()
+                .await?
+                .json("GET", "/meridian/region", None)
+                .await?
+                .json();
+            primary_west &= status["primary"] == "west";
+            for l in status["partitionLeaders"].as_array().into_iter().flatten() {
+                if let (Some(p), Some(r)) = (l["partition"].as_u64(), l["region"].as_str()) {
+                    leader_regions.insert(p, r.to_string());
+                }
+            }
+        }
+        if primary_west && leader_regions.len() == 4 {
+            break leader_regions;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "leaders not handed on to west: primary in west {primary_west}, partition leaders {leader_regions:?}\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let leaders_in_west = lost_at.elapsed();
     progress(&acked, 500, Duration::from_secs(60)).await?;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.await?;
@@ -152,7 +188,7 @@ async fn losing_a_region_in_sync_mode_loses_no_acknowledged_write() -> Result<()
         }
     }
     println!(
-        "sync mode, region lost: telemetry {sent} acked / {stored} stored / {duplicates} duplicates / 0 lost, writable again after {telemetry_rto:?}; registry {} acked / {missing} lost, writable again after {registry_rto:?}",
+        "sync mode, region lost: telemetry {sent} acked / {stored} stored / {duplicates} duplicates / 0 lost, writable again after {telemetry_rto:?}; registry {} acked / {missing} lost, writable again after {registry_rto:?}; hub leader in west after {leaders_in_west:?}, partition leaders' regions {partition_leader_regions:?}",
         created.len()
     );
     ensure!(missing == 0, "{missing} acknowledged registry writes lost");

@@ -174,14 +174,14 @@ impl HubForward for HubForwardImpl {
     ) -> Result<Response<SuppressElectionResponse>, Status> {
         let req = request.into_inner();
         if req.group == super::network::HUB_GROUP {
-            super::transfer::suppress_election(&self.raft, req.millis);
+            super::transfer::suppress_election(&self.raft, req.millis, req.campaign).await;
         } else {
             let raft = self
                 .mqtt
                 .partition_groups
                 .raft(req.group - 1)
                 .ok_or_else(|| Status::not_found(format!("no raft group {}", req.group)))?;
-            super::transfer::suppress_election(raft, req.millis);
+            super::transfer::suppress_election(raft, req.millis, req.campaign).await;
         }
         Ok(Response::new(SuppressElectionResponse {}))
     }

@@ -28,16 +28,44 @@ fn unavailable(message: impl Into<String>) -> HubError {
 }
 
 async fn suppress(addr: &str, group: u32, millis: u64) -> Result<(), String> {
+    election_call(addr, group, millis, false).await
+}
+
+/// Asks the node at `addr` to campaign for `group` now.
+async fn campaign(addr: &str, group: u32) -> Result<(), String> {
+    election_call(addr, group, 0, true).await
+}
+
+async fn election_call(addr: &str, group: u32, millis: u64, campaign: bool) -> Result<(), String> {
     let channel = super::network::channel(addr).map_err(|e| e.to_string())?;
     let mut client = HubForwardClient::new(channel);
     tokio::time::timeout(
         Duration::from_secs(2),
-        client.suppress_election(SuppressElectionRequest { group, millis }),
+        client.suppress_election(SuppressElectionRequest {
+            group,
+            millis,
+            campaign,
+        }),
     )
     .await
     .map_err(|_| format!("{addr}: timed out"))?
     .map(|_| ())
     .map_err(|e| e.message().to_string())
+}
+
+/// Whether the node at `addr` answers for `group` within a second.
+async fn answers(addr: &str, group: u32) -> bool {
+    let Ok(channel) = super::network::channel(addr) else {
+        return false;
+    };
+    matches!(
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            HubForwardClient::new(channel).group_leader(GroupLeaderRequest { group }),
+        )
+        .await,
+        Ok(Ok(_))
+    )
 }
 
 /// The leader of `group` as the node at `addr` sees it.
@@ -96,6 +124,19 @@ where
         .filter(|v| **v != m.id && **v != to)
         .filter_map(|v| membership.get_node(v).map(|n| (*v, n.addr.clone())))
         .collect();
+    // Stepping out commits a configuration without this node, which needs a majority of the
+    // remaining voters. With fewer of them alive (a lost region), the change could never commit
+    // and the joint configuration would block every later write: refuse instead.
+    let mut alive = 1; // the target, which is replicating
+    for (_, addr) in &others {
+        alive += usize::from(answers(addr, group).await);
+    }
+    if alive * 2 <= others.len() + 1 {
+        return Err(unavailable(format!(
+            "only {alive} of the {} other voters answer: the group could not commit a configuration without this node",
+            others.len() + 1
+        )));
+    }
     for (id, addr) in &others {
         if let Err(e) = suppress(addr, group, QUIET_FOR.as_millis() as u64).await {
             // A node we cannot reach cannot campaign either.
@@ -115,11 +156,20 @@ where
         Err(e) => Err(unavailable(format!("stepping out: {e}"))),
         Ok(_) => {
             let deadline = Instant::now() + QUIET_FOR;
-            // This node left the group and hears no more of it: ask the target.
+            let mut next_campaign = Instant::now();
+            // This node left the group and hears no more of it: ask the target, and have it
+            // campaign (the others may still refuse while the old leader's lease runs, so again
+            // every half second).
             loop {
                 let leader = leader_seen_by(&target_addr, group).await;
                 if leader == Some(to) {
                     break Ok(());
+                }
+                if Instant::now() >= next_campaign {
+                    if let Err(e) = campaign(&target_addr, group).await {
+                        tracing::debug!(error = %e, "asking the target to campaign");
+                    }
+                    next_campaign = Instant::now() + Duration::from_millis(500);
                 }
                 if Instant::now() > deadline {
                     break Err(unavailable(format!(
@@ -167,11 +217,19 @@ pub async fn rejoin_through(leader_addr: &str, id: NodeId, addr: &str) -> Result
     }
 }
 
-/// Quiets this node's election timer of `raft` for `millis` (0 resumes it now).
-pub fn suppress_election<C>(raft: &Raft<C>, millis: u64)
+/// Quiets this node's election timer of `raft` for `millis` (0 resumes it now), or with
+/// `campaign`, resumes it and starts an election right away.
+pub async fn suppress_election<C>(raft: &Raft<C>, millis: u64, campaign: bool)
 where
     C: RaftTypeConfig,
 {
+    if campaign {
+        raft.runtime_config().elect(true);
+        if let Err(e) = raft.trigger().elect().await {
+            tracing::debug!(error = %e, "campaigning for a leadership transfer");
+        }
+        return;
+    }
     raft.runtime_config().elect(millis == 0);
     if millis > 0 {
         let raft = raft.clone();
@@ -179,5 +237,33 @@ where
             tokio::time::sleep(Duration::from_millis(millis)).await;
             raft.runtime_config().elect(true);
         });
+    }
+}
+
+/// The election timer of a tie-breaker region's voter (sync mode): off while `raft`'s group has a
+/// live leader (`alive`: gossip's view), so it votes but does not campaign; on once the group went
+/// `patience` without one (it may hold the only log that others would vote for).
+/// `leaderless_since` is the caller's memory.
+pub fn tie_breaker_elections<C>(
+    raft: &Raft<C>,
+    leaderless_since: &mut Option<Instant>,
+    patience: Duration,
+    alive: impl Fn(&C::NodeId) -> bool,
+) where
+    C: RaftTypeConfig,
+{
+    // A follower keeps naming its last leader after that one died: ask whether it is alive.
+    let has_leader = raft
+        .metrics()
+        .borrow()
+        .current_leader
+        .as_ref()
+        .is_some_and(alive);
+    if has_leader {
+        *leaderless_since = None;
+        raft.runtime_config().elect(false);
+    } else {
+        let since = *leaderless_since.get_or_insert_with(Instant::now);
+        raft.runtime_config().elect(since.elapsed() >= patience);
     }
 }

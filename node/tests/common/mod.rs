@@ -700,7 +700,11 @@ pub fn start_sync_regions(
             &format!("[node]\nid = {id}\nregion = \"{region}\"\n"),
             1,
         );
-        toml.push_str("\n[region]\nmode = \"sync\"\nhub_name = \"meridian\"\n");
+        // The region named "witness" only breaks ties: it votes, and hands on any leadership.
+        toml.push_str(&format!(
+            "\n[region]\nmode = \"sync\"\nhub_name = \"meridian\"\nwitness = {}\n",
+            *region == "witness"
+        ));
         std::fs::write(&node.config_path, toml)?;
         node.spawn()?;
         nodes.push(node);
