@@ -720,27 +720,28 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
         },
         config.api.max_body_bytes,
     );
-    // ---- sync mode: a tie-breaker region's node hands on every leadership it wins ----
-    if config.region.mode == crate::region::ReplicationMode::Sync && config.region.witness {
-        if let Some(control) = control_slot.get().cloned() {
-            let mut shutdown = shutdown.clone();
-            // Campaign only after two maximal election timeouts without any leader.
-            let patience = Duration::from_millis(2 * config.cluster.election_timeout_max_ms);
-            tasks.push((
-                "tie-breaker",
-                tokio::spawn(async move {
-                    let mut leaderless_since = std::collections::BTreeMap::new();
-                    loop {
-                        control.tie_breaker_elections(&mut leaderless_since, patience);
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                            _ = shutdown.wait_for(|s| *s) => return,
-                        }
-                        control.shed_leadership().await;
+    // ---- sync mode: a tie-breaker region's node votes but hands on every leadership ----
+    if config.region.mode == crate::region::ReplicationMode::Sync
+        && config.region.witness
+        && let Some(control) = control_slot.get().cloned()
+    {
+        let mut shutdown = shutdown.clone();
+        // Campaign only after two maximal election timeouts without any leader.
+        let patience = Duration::from_millis(2 * config.cluster.election_timeout_max_ms);
+        tasks.push((
+            "tie-breaker",
+            tokio::spawn(async move {
+                let mut leaderless_since = std::collections::BTreeMap::new();
+                loop {
+                    control.tie_breaker_elections(&mut leaderless_since, patience);
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        _ = shutdown.wait_for(|s| *s) => return,
                     }
-                }),
-            ));
-        }
+                    control.shed_leadership().await;
+                }
+            }),
+        ));
     }
     {
         let shutdown = shutdown.clone();
