@@ -185,7 +185,10 @@ impl ChaosCluster {
                 let primary = &l.regions[0].0;
                 let witness = l.regions.iter().any(|r| r.0 == region_of(id) && r.2);
                 if l.sync {
-                    region_section.push_str("[region]\nmode = \"sync\"\nhub_name = \"meridian\"\n");
+                    // A witness region in sync mode is a tie-breaker: it votes, never leads.
+                    region_section.push_str(&format!(
+                        "[region]\nmode = \"sync\"\nwitness = {witness}\nhub_name = \"meridian\"\n"
+                    ));
                 } else {
                     region_section.push_str(&format!(
                         "[region]\nwitness = {witness}\nprimary = \"{primary}\"\nhub_name = \"meridian\"\n{}\n",
@@ -283,9 +286,9 @@ impl ChaosCluster {
         {
             for node in &cluster.nodes {
                 let mine = region_of(node.id);
-                // A witness only answers (leases, votes); it calls no one and has no hub (so no
-                // operator credential) to configure it with.
-                if l.regions.iter().any(|r| r.0 == mine && r.2) {
+                // An async witness only answers (leases, votes); it calls no one and has no hub
+                // (so no operator credential) to configure it with. A sync tie-breaker is a voter.
+                if !l.sync && l.regions.iter().any(|r| r.0 == mine && r.2) {
                     continue;
                 }
                 let remote: Vec<String> = cluster

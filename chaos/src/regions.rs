@@ -67,7 +67,8 @@ impl RegionsOptions {
             regions: vec![
                 ("east".into(), nodes_per_region, false),
                 ("west".into(), nodes_per_region, false),
-                ("arbiter".into(), 1, !sync),
+                // Async: the witness (leases, votes); sync: the tie-breaker voter.
+                ("arbiter".into(), 1, true),
             ],
             region_toml: format!(
                 "lease_ms = {LEASE_MS}\nlease_margin_ms = 100\nautomatic_failover = true\nfailover_grace_ms = {GRACE_MS}\nship_interval_ms = 50\n"
@@ -1242,7 +1243,11 @@ pub async fn regions(opts: &RegionsOptions, dir: &Path) -> Result<RegionsReport>
         },
         layout: format!(
             "east {n} + west {n} + arbiter 1 ({})",
-            if opts.sync { "voter" } else { "witness" },
+            if opts.sync {
+                "tie-breaker voter"
+            } else {
+                "witness"
+            },
             n = opts.nodes_per_region
         ),
         wan_delay_ms: opts.wan_delay.as_millis() as u64,

@@ -122,7 +122,11 @@ impl ControlPlane {
                 break;
             }
             attempts += 1;
-            if let Err(e) = self.transfer_leadership(None, first).await {
+            // Any voter of the target region may take over: the freshest log wins.
+            if let Err(e) = self
+                .transfer_leadership_to_any(None, first, &in_target[1..])
+                .await
+            {
                 // A target still catching up ("not replicating") gets time to.
                 if attempts >= 40 {
                     return Err(e);
@@ -437,6 +441,17 @@ impl ControlPlane {
     /// Moves leadership of the hub group (`partition` None) or of a partition's group to `to`
     /// (see `raft::transfer`): asks the group's current leader to step aside for it.
     pub async fn transfer_leadership(&self, partition: Option<u32>, to: u64) -> HubResult<()> {
+        self.transfer_leadership_to_any(partition, to, &[]).await
+    }
+
+    /// Like [`ControlPlane::transfer_leadership`], but any of `also` may take over instead of
+    /// `to` (whichever has the freshest log wins).
+    pub async fn transfer_leadership_to_any(
+        &self,
+        partition: Option<u32>,
+        to: u64,
+        also: &[u64],
+    ) -> HubResult<()> {
         use meridian_proto::hub::TransferLeadershipRequest as Forwarded;
         use meridian_proto::hub::hub_forward_client::HubForwardClient;
         let group = partition.map_or(crate::raft::network::HUB_GROUP, |p| p + 1);
@@ -462,7 +477,11 @@ impl ControlPlane {
                     HubError::new(meridian_proto::ErrorCode::ServerError, e.to_string())
                 })?;
                 match HubForwardClient::new(channel)
-                    .transfer_leadership(Forwarded { group, to })
+                    .transfer_leadership(Forwarded {
+                        group,
+                        to,
+                        also: also.to_vec(),
+                    })
                     .await
                 {
                     Ok(reply) => {

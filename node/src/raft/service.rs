@@ -225,17 +225,30 @@ impl HubForward for HubForwardImpl {
                     .map(|n| n.addr.clone())
                     .unwrap_or_default()
             };
-            let (addr, target_addr) = (addr_of(me), addr_of(req.to));
-            let done = super::transfer::transfer_leadership(&self.raft, req.group, req.to).await;
+            let addr = addr_of(me);
+            let addrs: std::collections::BTreeMap<u64, String> = std::iter::once(req.to)
+                .chain(req.also.iter().copied())
+                .map(|id| (id, addr_of(id)))
+                .collect();
+            let done =
+                super::transfer::transfer_leadership(&self.raft, req.group, req.to, &req.also)
+                    .await;
             match done {
                 // Back to voter, through the new leader (this node hears of no leader while it
-                // is outside the group, so it asks the target directly).
-                Ok(()) => super::transfer::rejoin_through(&target_addr, me, &addr).await,
+                // is outside the group, so it asks the new leader directly).
+                Ok(leader) => {
+                    let leader_addr = addrs.get(&leader).cloned().unwrap_or_default();
+                    super::transfer::rejoin_through(&leader_addr, me, &addr).await
+                }
                 Err(e) => Err(e),
             }
         } else {
             match self.mqtt.partition_groups.raft(req.group - 1) {
-                Some(raft) => super::transfer::transfer_leadership(raft, req.group, req.to).await,
+                Some(raft) => {
+                    super::transfer::transfer_leadership(raft, req.group, req.to, &req.also)
+                        .await
+                        .map(|_| ())
+                }
                 None => Err(crate::domain::HubError::invalid(format!(
                     "no partition {}",
                     req.group - 1

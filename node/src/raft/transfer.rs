@@ -81,9 +81,15 @@ async fn leader_seen_by(addr: &str, group: u32) -> Option<NodeId> {
     Some(reply.into_inner().leader).filter(|l| *l != 0)
 }
 
-/// Moves leadership of `raft` (group number `group`, this node leading) to voter `to`. Returns
-/// once `to` leads; this node is then outside the group until it is added back.
-pub async fn transfer_leadership<C>(raft: &Raft<C>, group: u32, to: NodeId) -> Result<(), HubError>
+/// Moves leadership of `raft` (group number `group`, this node leading) to voter `to` or one of
+/// `also`. Returns the new leader once one of them leads; this node is then outside the group
+/// until it is added back.
+pub async fn transfer_leadership<C>(
+    raft: &Raft<C>,
+    group: u32,
+    to: NodeId,
+    also: &[NodeId],
+) -> Result<NodeId, HubError>
 where
     C: RaftTypeConfig<
             NodeId = NodeId,
@@ -95,8 +101,8 @@ where
     if m.current_leader != Some(m.id) {
         return Err(unavailable(super::service::NOT_LEADER));
     }
-    if to == m.id {
-        return Ok(());
+    if to == m.id || also.contains(&m.id) {
+        return Ok(m.id);
     }
     let membership = m.membership_config.membership().clone();
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
@@ -121,21 +127,46 @@ where
         .unwrap_or_default();
     let others: Vec<(NodeId, String)> = voters
         .iter()
-        .filter(|v| **v != m.id && **v != to)
+        .filter(|v| **v != m.id && **v != to && !also.contains(v))
         .filter_map(|v| membership.get_node(v).map(|n| (*v, n.addr.clone())))
+        .collect();
+    let takers: Vec<String> = also
+        .iter()
+        .filter(|v| **v != m.id && voters.contains(v))
+        .filter_map(|v| membership.get_node(v).map(|n| n.addr.clone()))
         .collect();
     // Stepping out commits a configuration without this node, which needs a majority of the
     // remaining voters. With fewer of them alive (a lost region), the change could never commit
     // and the joint configuration would block every later write: refuse instead.
     let mut alive = 1; // the target, which is replicating
-    for (_, addr) in &others {
+    for addr in others.iter().map(|o| &o.1).chain(&takers) {
         alive += usize::from(answers(addr, group).await);
     }
-    if alive * 2 <= others.len() + 1 {
+    let remaining_count = others.len() + takers.len() + 1;
+    if alive * 2 <= remaining_count {
         return Err(unavailable(format!(
-            "only {alive} of the {} other voters answer: the group could not commit a configuration without this node",
-            others.len() + 1
+            "only {alive} of the {remaining_count} other voters answer: the group could not commit a configuration without this node"
         )));
+    }
+    // The target's log first catches up with this leader's (bounded): a target left behind
+    // when this node steps out loses every election to voters with longer logs.
+    let caught_up_deadline = Instant::now() + Duration::from_secs(3);
+    let mut metrics = raft.metrics();
+    loop {
+        let (last, matched) = {
+            let m = metrics.borrow_and_update();
+            (
+                m.last_log_index.unwrap_or(0),
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(&to).cloned().flatten())
+                    .map_or(0, |l| l.index),
+            )
+        };
+        if matched >= last || Instant::now() >= caught_up_deadline {
+            break;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(50), metrics.changed()).await;
     }
     for (id, addr) in &others {
         if let Err(e) = suppress(addr, group, QUIET_FOR.as_millis() as u64).await {
@@ -162,8 +193,8 @@ where
             // every half second).
             loop {
                 let leader = leader_seen_by(&target_addr, group).await;
-                if leader == Some(to) {
-                    break Ok(());
+                if let Some(l) = leader.filter(|l| *l == to || also.contains(l)) {
+                    break Ok(l);
                 }
                 if Instant::now() >= next_campaign {
                     if let Err(e) = campaign(&target_addr, group).await {
