@@ -67,6 +67,7 @@ async fn losing_a_region_in_sync_mode_loses_no_acknowledged_write() -> Result<()
     let https: Vec<SocketAddr> = cluster.nodes.iter().map(|n| n.https).collect();
     let writer = {
         let (created, stop, base) = (created.clone(), stop.clone(), cluster.client(1).await?);
+        let https = https.clone();
         tokio::spawn(async move {
             let mut n = 0u64;
             let mut node = 0usize;
@@ -95,6 +96,69 @@ async fn losing_a_region_in_sync_mode_loses_no_acknowledged_write() -> Result<()
                 } else {
                     node += 1;
                     tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        })
+    };
+    // Twin desired patches and C2D sends (to sink devices that connect only at the end), each
+    // recorded once answered 200/204.
+    let mut sinks = Vec::new();
+    for i in 0..4 {
+        let id = format!("sync-c2d-{i}");
+        sinks.push((id.clone(), create_device(&mut svc, &id).await?));
+    }
+    type Acks = Arc<Mutex<Vec<(String, u64)>>>;
+    let (twin_acks, c2d_acks): (Acks, Acks) = Default::default();
+    let service_writer = {
+        let (twin_acks, c2d_acks, stop) = (twin_acks.clone(), c2d_acks.clone(), stop.clone());
+        let (base, https) = (cluster.client(1).await?, https.clone());
+        let sink_ids: Vec<String> = sinks.iter().map(|s| s.0.clone()).collect();
+        tokio::spawn(async move {
+            let (mut n, mut node) = (0u64, 0usize);
+            let mut sent: BTreeMap<String, u64> = BTreeMap::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let twin = format!("sync-{}", n % 10);
+                let sink = &sink_ids[n as usize % sink_ids.len()];
+                let next_c2d = sent.get(sink).copied().unwrap_or(0) + 1;
+                // Alternate: a twin patch, then a C2D send (at most 45 queued per sink: the
+                // queue holds 50).
+                let (method, path, body, ok_status) = if n % 2 == 0 || next_c2d > 45 {
+                    (
+                        "PATCH",
+                        format!("/twins/{twin}"),
+                        json!({"properties": {"desired": {"n": n}}}),
+                        200,
+                    )
+                } else {
+                    (
+                        "POST",
+                        format!("/devices/{sink}/messages/devicebound"),
+                        json!({"n": next_c2d}),
+                        204,
+                    )
+                };
+                let status = match base.with_addr(https[node % https.len()]).connect().await {
+                    Ok(mut c) => c
+                        .json(method, &path, Some(&body))
+                        .await
+                        .map(|r| r.status)
+                        .unwrap_or(0),
+                    Err(_) => 0,
+                };
+                if status != ok_status {
+                    node += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                let acks = if method == "PATCH" {
+                    (&twin_acks, twin, n)
+                } else {
+                    sent.insert(sink.clone(), next_c2d);
+                    (&c2d_acks, sink.clone(), next_c2d)
+                };
+                if let Ok(mut a) = acks.0.lock() {
+                    a.push((acks.1, acks.2));
                 }
             }
         })
@@ -162,6 +226,7 @@ async fn losing_a_region_in_sync_mode_loses_no_acknowledged_write() -> Result<()
     progress(&acked, 500, Duration::from_secs(60)).await?;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.await?;
+    service_writer.await?;
     let acked = devices.stop().await?;
 
     let survivors: Vec<SocketAddr> = cluster
@@ -192,6 +257,54 @@ async fn losing_a_region_in_sync_mode_loses_no_acknowledged_write() -> Result<()
         created.len()
     );
     ensure!(missing == 0, "{missing} acknowledged registry writes lost");
+    // Every acknowledged twin patch is reflected (the desired value is at least the patch's).
+    let twin_acks = twin_acks.lock().map(|a| a.clone()).unwrap_or_default();
+    let mut latest: BTreeMap<String, u64> = BTreeMap::new();
+    for (twin, n) in &twin_acks {
+        let e = latest.entry(twin.clone()).or_default();
+        *e = (*e).max(*n);
+    }
+    for (twin, n) in &latest {
+        let r = c.json("GET", &format!("/twins/{twin}"), None).await?;
+        let desired = r.json()["properties"]["desired"]["n"].as_u64().unwrap_or(0);
+        ensure!(
+            desired >= *n,
+            "{twin}: acknowledged patch {n} lost (desired n = {desired})"
+        );
+    }
+    // Every acknowledged C2D message is delivered to its device.
+    let c2d_acks = c2d_acks.lock().map(|a| a.clone()).unwrap_or_default();
+    let mqtt_survivor = cluster.node(survivor).mqtt;
+    let mut c2d_lost = 0;
+    for (sink, key) in &sinks {
+        let bodies = meridian::client::device::receive_c2d_bodies(
+            mqtt_survivor,
+            &cluster.ca,
+            sink,
+            key,
+            Duration::from_secs(2),
+        )
+        .await?;
+        let got: BTreeSet<u64> = bodies
+            .iter()
+            .filter_map(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+            .filter_map(|v| v["n"].as_u64())
+            .collect();
+        c2d_lost += c2d_acks
+            .iter()
+            .filter(|(s, n)| s == sink && !got.contains(n))
+            .count();
+    }
+    println!(
+        "twins: {} patches acknowledged, 0 lost; C2D: {} sends acknowledged, {c2d_lost} lost",
+        twin_acks.len(),
+        c2d_acks.len()
+    );
+    ensure!(c2d_lost == 0, "{c2d_lost} acknowledged C2D messages lost");
+    ensure!(
+        !twin_acks.is_empty() && !c2d_acks.is_empty(),
+        "the service writer got nothing acknowledged"
+    );
     Ok(())
 }
 
