@@ -138,8 +138,13 @@ where
     // Stepping out commits a configuration without this node, which needs a majority of the
     // remaining voters. With fewer of them alive (a lost region), the change could never commit
     // and the joint configuration would block every later write: refuse instead.
-    let mut alive = 1; // the target, which is replicating
-    for addr in others.iter().map(|o| &o.1).chain(&takers) {
+    let mut alive = 0;
+    for addr in others
+        .iter()
+        .map(|o| &o.1)
+        .chain(&takers)
+        .chain(std::iter::once(&target_addr))
+    {
         alive += usize::from(answers(addr, group).await);
     }
     let remaining_count = others.len() + takers.len() + 1;
