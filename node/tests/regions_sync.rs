@@ -187,8 +187,9 @@ async fn losing_a_region_in_sync_mode_loses_no_acknowledged_write() -> Result<()
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let registry_rto = lost_at.elapsed();
-    // The hub's leader ends up in the surviving data region, not in the tie-breaker (which votes
-    // but does not campaign while there is a leader); every partition has a leader.
+    // Every group has a leader outside the lost region: in west, or in the tie-breaker when it
+    // held the freshest log (it campaigns only after a leaderless spell, and cannot hand on
+    // while east is down: the remaining voters could not commit the change).
     // (Each node knows the leaders of the partitions it replicates: ask both west nodes.)
     let mut west_ops = Vec::new();
     for id in regions.iter().filter(|r| r.1 == "west").map(|r| r.0) {
@@ -196,7 +197,7 @@ async fn losing_a_region_in_sync_mode_loses_no_acknowledged_write() -> Result<()
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     let partition_leader_regions = loop {
-        let mut primary_west = true;
+        let mut hub_region = BTreeSet::new();
         let mut leader_regions: BTreeMap<u64, String> = BTreeMap::new();
         for op in &west_ops {
             let status = op
@@ -205,24 +206,35 @@ async fn losing_a_region_in_sync_mode_loses_no_acknowledged_write() -> Result<()
                 .json("GET", "/meridian/region", None)
                 .await?
                 .json();
-            primary_west &= status["primary"] == "west";
+            hub_region.insert(status["primary"].as_str().unwrap_or("").to_string());
             for l in status["partitionLeaders"].as_array().into_iter().flatten() {
                 if let (Some(p), Some(r)) = (l["partition"].as_u64(), l["region"].as_str()) {
                     leader_regions.insert(p, r.to_string());
                 }
             }
         }
-        if primary_west && leader_regions.len() == 4 {
-            break leader_regions;
+        let survivor_regions = ["west", "witness"];
+        let hub_survived = hub_region.len() == 1
+            && hub_region
+                .iter()
+                .all(|r| survivor_regions.contains(&r.as_str()));
+        if hub_survived
+            && leader_regions.len() == 4
+            && leader_regions
+                .values()
+                .all(|r| survivor_regions.contains(&r.as_str()))
+        {
+            break (hub_region, leader_regions);
         }
         ensure!(
             Instant::now() < deadline,
-            "leaders not handed on to west: primary in west {primary_west}, partition leaders {leader_regions:?}\n{}",
+            "no leaders outside the lost region: hub leader's region as seen by west {hub_region:?}, partition leaders {leader_regions:?}\n{}",
             cluster.logs()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let leaders_in_west = lost_at.elapsed();
+    let (hub_region, partition_leader_regions) = partition_leader_regions;
+    let leaders_elsewhere = lost_at.elapsed();
     progress(&acked, 500, Duration::from_secs(60)).await?;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.await?;
@@ -253,7 +265,7 @@ async fn losing_a_region_in_sync_mode_loses_no_acknowledged_write() -> Result<()
         }
     }
     println!(
-        "sync mode, region lost: telemetry {sent} acked / {stored} stored / {duplicates} duplicates / 0 lost, writable again after {telemetry_rto:?}; registry {} acked / {missing} lost, writable again after {registry_rto:?}; hub leader in west after {leaders_in_west:?}, partition leaders' regions {partition_leader_regions:?}",
+        "sync mode, region lost: telemetry {sent} acked / {stored} stored / {duplicates} duplicates / 0 lost, writable again after {telemetry_rto:?}; registry {} acked / {missing} lost, writable again after {registry_rto:?}; every leader outside east after {leaders_elsewhere:?} (hub: {hub_region:?}, partitions: {partition_leader_regions:?})",
         created.len()
     );
     ensure!(missing == 0, "{missing} acknowledged registry writes lost");
