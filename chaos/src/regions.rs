@@ -424,13 +424,7 @@ async fn sample_writable(cluster: &ChaosCluster, layout: &RegionLayout, hold: Du
                 writable.insert(p);
             }
         } else {
-            for id in data_nodes(layout) {
-                if let Some(s) = region_status(cluster, id).await
-                    && s["writable"] == true
-                {
-                    writable.insert(layout.region_of(id).unwrap_or("").to_string());
-                }
-            }
+            writable = writable_regions_now(cluster, layout).await;
         }
         out.samples += 1;
         out.two_writable += usize::from(writable.len() > 1);
@@ -440,6 +434,24 @@ async fn sample_writable(cluster: &ChaosCluster, layout: &RegionLayout, hold: Du
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     out
+}
+
+/// The regions with a node that reports itself writable, every data node asked at the same
+/// moment (asked one after another, a sample would span the hand-over and could see the old
+/// primary's last writable instant and the new one's first as "both").
+async fn writable_regions_now(
+    cluster: &ChaosCluster,
+    layout: &RegionLayout,
+) -> std::collections::BTreeSet<String> {
+    let nodes = data_nodes(layout);
+    let replies =
+        futures::future::join_all(nodes.iter().map(|id| region_status(cluster, *id))).await;
+    nodes
+        .iter()
+        .zip(replies)
+        .filter(|(_, s)| s.as_ref().is_some_and(|s| s["writable"] == true))
+        .map(|(id, _)| layout.region_of(*id).unwrap_or("").to_string())
+        .collect()
 }
 
 /// The node leading `region`'s hub group (sync mode: the one hub group).
@@ -757,17 +769,13 @@ pub async fn regions(opts: &RegionsOptions, dir: &Path) -> Result<RegionsReport>
         // Sample every node's writability until lost is primary and a while after.
         let mut east_since: Option<Instant> = None;
         while trigger.elapsed() < Duration::from_secs(60) {
-            let mut writable_regions = std::collections::BTreeSet::new();
-            for id in lost.iter().chain(&kept) {
-                // Sync mode has no region fencing to sample: a cut-off minority of voters
-                // cannot commit (Raft), which the loss check confirms.
-                if !opts.sync
-                    && let Some(s) = region_status(&cluster, *id).await
-                    && s["writable"] == true
-                {
-                    writable_regions.insert(layout.region_of(*id).unwrap_or("").to_string());
-                }
-            }
+            // Sync mode has no region fencing to sample: a cut-off minority of voters cannot
+            // commit (Raft), which the loss check confirms.
+            let writable_regions = if opts.sync {
+                std::collections::BTreeSet::new()
+            } else {
+                writable_regions_now(&cluster, &layout).await
+            };
             samples += 1;
             if writable_regions.len() > 1 {
                 two_primaries += 1;

@@ -254,6 +254,11 @@ impl Promiser {
         self.promised_until
     }
 
+    /// Local time until which the last promise runs.
+    pub fn promised_until(&self) -> u64 {
+        self.promised_until
+    }
+
     /// Whether sealed.
     pub fn is_sealed(&self) -> bool {
         self.sealed.is_some()
@@ -333,6 +338,11 @@ pub struct AutoView<'a> {
     pub lease_ms: u64,
     /// The promiser's sealed-until time, when sealed.
     pub sealed_until: Option<u64>,
+    /// Whether this region's promiser is still sealed now (a seal is lifted by itself after two
+    /// leases, and the promiser may then have promised again).
+    pub promiser_sealed: bool,
+    /// Until when this region's promiser's last promise runs, now.
+    pub promised_until: u64,
     /// Whether the witness granted the vote for `epoch.next(my_region)`.
     pub witness_granted: bool,
     /// Failovers allowed right now by the daily caps and spacing.
@@ -354,8 +364,11 @@ pub fn plan_automatic(v: &AutoView<'_>) -> AutoDecision {
     let Some(sealed_until) = v.sealed_until else {
         return AutoDecision::SealUntil(earliest);
     };
-    if v.now < sealed_until.max(earliest) {
-        return AutoDecision::SealUntil(sealed_until.max(earliest));
+    // The seal was lifted meanwhile (the vote took long) and the promiser may have promised the
+    // old primary again: seal again and wait that promise out too.
+    let until = sealed_until.max(earliest).max(v.promised_until);
+    if !v.promiser_sealed || v.now < until {
+        return AutoDecision::SealUntil(until);
     }
     let next = v.epoch.next(v.my_region);
     if !v.witness_granted {
@@ -520,6 +533,8 @@ mod tests {
             grace_ms: 5000,
             lease_ms: 3000,
             sealed_until: None,
+            promiser_sealed: true,
+            promised_until: 0,
             witness_granted: false,
             caps_allow: true,
             now: 5999,
@@ -532,6 +547,15 @@ mod tests {
         v.now = 7000;
         assert_eq!(plan_automatic(&v), AutoDecision::RequestVote(epoch(2, "b")));
         v.witness_granted = true;
+        assert_eq!(plan_automatic(&v), AutoDecision::Promote(epoch(2, "b")));
+        // The seal was lifted while waiting for the vote and the promiser promised the old
+        // primary again: seal again and wait that promise out before promoting.
+        v.promiser_sealed = false;
+        v.promised_until = 9000;
+        assert_eq!(plan_automatic(&v), AutoDecision::SealUntil(9000));
+        v.promiser_sealed = true;
+        assert_eq!(plan_automatic(&v), AutoDecision::SealUntil(9000));
+        v.now = 9000;
         assert_eq!(plan_automatic(&v), AutoDecision::Promote(epoch(2, "b")));
         v.enabled = false;
         assert_eq!(plan_automatic(&v), AutoDecision::Wait);
@@ -588,6 +612,8 @@ mod tests {
                 grace_ms: 5000,
                 lease_ms: LEASE,
                 sealed_until,
+                promiser_sealed: b_promiser.is_sealed(),
+                promised_until: b_promiser.promised_until(),
                 witness_granted: false,
                 caps_allow: true,
                 now,
@@ -786,6 +812,8 @@ mod tests {
                         grace_ms: GRACE,
                         lease_ms: LEASE,
                         sealed_until: sealed_until[cand],
+                        promiser_sealed: promisers[cand].is_sealed(),
+                        promised_until: promisers[cand].promised_until(),
                         witness_granted: granted[cand],
                         caps_allow: true,
                         now,

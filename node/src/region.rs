@@ -1234,6 +1234,10 @@ impl Region {
             Err(_) => return,
         };
         let now = self.now();
+        let (promiser_sealed, promised_until) = match self.promiser.lock() {
+            Ok(p) => (p.is_sealed(), p.promised_until()),
+            Err(_) => return,
+        };
         let view = AutoView {
             my_region: &self.my_region,
             epoch: &epoch,
@@ -1243,6 +1247,8 @@ impl Region {
             grace_ms: self.section.failover_grace_ms,
             lease_ms: self.section.lease_ms,
             sealed_until,
+            promiser_sealed,
+            promised_until,
             witness_granted,
             caps_allow,
             now,
