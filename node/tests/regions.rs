@@ -53,6 +53,19 @@ async fn status(cluster: &mut Cluster, id: u64) -> Option<Value> {
     (r.status == 200).then(|| r.json())
 }
 
+/// Whether east (node 1) and west (node 2) report themselves writable, both asked at the same
+/// moment (asked one after the other, a sample would span a hand-over and could see the old
+/// primary's last writable instant and the new one's first).
+async fn writable_now(cluster: &mut Cluster) -> Result<(Option<bool>, Option<bool>)> {
+    let (east, west) = (cluster.operator(1).await?, cluster.operator(2).await?);
+    let ask = |op: meridian::client::ServiceClient| async move {
+        let mut c = op.connect().await.ok()?;
+        let r = c.json("GET", "/meridian/region", None).await.ok()?;
+        (r.status == 200).then(|| r.json()["writable"] == true)
+    };
+    Ok(tokio::join!(ask(east), ask(west)))
+}
+
 async fn wait_status(
     cluster: &mut Cluster,
     id: u64,
@@ -570,8 +583,7 @@ async fn random_partitions_between_regions_never_yield_two_primaries() -> Result
         let until = Instant::now() + hold;
         let (mut primary_writable, mut round_samples) = (0usize, 0usize);
         while Instant::now() < until {
-            let e = status(&mut cluster, 1).await.map(|s| s["writable"] == true);
-            let w = status(&mut cluster, 2).await.map(|s| s["writable"] == true);
+            let (e, w) = writable_now(&mut cluster).await?;
             samples += 1;
             round_samples += 1;
             ensure!(
@@ -592,8 +604,7 @@ async fn random_partitions_between_regions_never_yield_two_primaries() -> Result
         // Healed: exactly one region takes writes again, never both.
         let deadline = Instant::now() + Duration::from_secs(30);
         let primary = loop {
-            let e = status(&mut cluster, 1).await.map(|s| s["writable"] == true);
-            let w = status(&mut cluster, 2).await.map(|s| s["writable"] == true);
+            let (e, w) = writable_now(&mut cluster).await?;
             samples += 1;
             ensure!(
                 !(e == Some(true) && w == Some(true)),
