@@ -53,6 +53,12 @@ pub enum PartitionCommand {
     Append {
         /// The records.
         records: Vec<Record>,
+        /// The region epoch under which the proposing leader's region was primary (0 in a
+        /// one-region hub). An append that reaches the log after the partition was cut back to a
+        /// newer primary's history (`Truncate` of a later epoch) is discarded, not applied: its
+        /// offsets belong to the new primary's records now.
+        #[serde(default)]
+        epoch: u64,
     },
     /// Moves an outbound endpoint's delivery cursor, so the next leader resumes where this one
     /// stopped (webhooks and file endpoints are delivered by the partition's leader).
@@ -78,8 +84,10 @@ pub enum PartitionCommand {
     Truncate {
         /// The promotion this reconciles with; applied once.
         epoch: u64,
-        /// Stream key → new end.
-        cuts: BTreeMap<u32, u64>,
+        /// Stream key → the new primary's end at its promotion. The cuts are computed when the
+        /// entry applies, not when it is proposed: appends committed in between (a cut-off
+        /// leader's entries that commit after healing) must be cut too.
+        promoted_ends: BTreeMap<u32, u64>,
     },
 }
 
@@ -87,7 +95,7 @@ openraft::declare_raft_types!(
     /// openraft type configuration of a telemetry partition group.
     pub PartitionTypeConfig:
         D = PartitionCommand,
-        R = (),
+        R = bool,
         NodeId = u64,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<PartitionTypeConfig>,
@@ -443,11 +451,25 @@ impl Partitions {
         let raft = self
             .raft(partition)
             .ok_or_else(|| Some(HubError::invalid(format!("no partition {partition}"))))?;
+        // Proposed only while this region is the primary, tagged with that epoch (see `Append`).
+        let epoch = match &self.inner.gate {
+            Some(gate) => {
+                gate.check().map_err(Some)?;
+                gate.epoch().number
+            }
+            None => 0,
+        };
         match raft
-            .client_write(PartitionCommand::Append { records })
+            .client_write(PartitionCommand::Append { records, epoch })
             .await
         {
-            Ok(_) => Ok(()),
+            Ok(r) if r.data => Ok(()),
+            Ok(_) => Err(Some(HubError::new(
+                ErrorCode::ServiceUnavailable,
+                format!(
+                    "partition {partition}: the region failed over before the append committed; it was discarded"
+                ),
+            ))),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(None),
             Err(e) => Err(Some(HubError::new(
                 ErrorCode::ServiceUnavailable,

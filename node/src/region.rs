@@ -1107,6 +1107,7 @@ impl Region {
             };
             if ends.promoted_epoch > local.reconciled_epoch {
                 let promoted: BTreeMap<u32, u64> = ends.promoted_ends.into_iter().collect();
+                // What it would cut now; the entry recomputes the cuts when it applies.
                 let cuts = meridian_failover::truncation_points(&local.ends, &promoted);
                 tracing::warn!(
                     partition,
@@ -1116,7 +1117,7 @@ impl Region {
                 );
                 raft.client_write(PartitionCommand::Truncate {
                     epoch: ends.promoted_epoch,
-                    cuts,
+                    promoted_ends: promoted,
                 })
                 .await
                 .map_err(|e| e.to_string())?;

@@ -246,7 +246,7 @@ impl RaftStateMachine<PartitionTypeConfig> for PartitionStateMachine {
         Ok((self.applied.last_applied, self.applied.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<()>, StorageError<NodeId>>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<bool>, StorageError<NodeId>>
     where
         I: IntoIterator<Item = openraft::Entry<PartitionTypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -257,7 +257,11 @@ impl RaftStateMachine<PartitionTypeConfig> for PartitionStateMachine {
             self.applied.last_applied = Some(entry.log_id);
             match entry.payload {
                 EntryPayload::Blank => {}
-                EntryPayload::Normal(PartitionCommand::Append { records }) => {
+                EntryPayload::Normal(PartitionCommand::Append { records, epoch }) => {
+                    if epoch < self.applied.reconciled_epoch {
+                        out.push(false);
+                        continue;
+                    }
                     for r in records {
                         let next = self.applied.ends.entry(r.key).or_insert(0);
                         payloads.push((r.key, *next, r.data));
@@ -282,10 +286,17 @@ impl RaftStateMachine<PartitionTypeConfig> for PartitionStateMachine {
                         *next = offset + 1;
                     }
                 }
-                EntryPayload::Normal(PartitionCommand::Truncate { epoch, cuts }) => {
+                EntryPayload::Normal(PartitionCommand::Truncate {
+                    epoch,
+                    promoted_ends,
+                }) => {
                     if epoch > self.applied.reconciled_epoch {
                         // Records before the cut are written first, in order, by this batch.
                         self.flush(&mut payloads)?;
+                        let cuts = meridian_failover::truncation_points(
+                            &self.applied.ends,
+                            &promoted_ends,
+                        );
                         for (key, end) in cuts {
                             let current = self.applied.ends.entry(key).or_insert(0);
                             if end < *current {
@@ -307,7 +318,7 @@ impl RaftStateMachine<PartitionTypeConfig> for PartitionStateMachine {
                     self.applied.membership = StoredMembership::new(Some(entry.log_id), m);
                 }
             }
-            out.push(());
+            out.push(true);
         }
         let rows: Vec<(u32, u64, &[u8])> = payloads
             .iter()
@@ -418,7 +429,12 @@ mod tests {
     }
 
     fn append(keys: &[u32]) -> PartitionCommand {
+        append_in(0, keys)
+    }
+
+    fn append_in(epoch: u64, keys: &[u32]) -> PartitionCommand {
         PartitionCommand::Append {
+            epoch,
             records: keys
                 .iter()
                 .map(|k| Record {
@@ -517,7 +533,7 @@ mod tests {
         assert_eq!(sm.shared().read().map(|a| a.ends[&2]).ok(), Some(9));
         let cut = |epoch: u64, end: u64| PartitionCommand::Truncate {
             epoch,
-            cuts: BTreeMap::from([(2, end)]),
+            promoted_ends: BTreeMap::from([(2, end)]),
         };
         sm.apply([entry(4, cut(2, 4))]).await?;
         assert_eq!(log.end_offset(2)?, 4);
@@ -529,10 +545,54 @@ mod tests {
             Some((4, 2))
         );
         // The same promotion again cuts nothing more; appends go on at the cut.
-        sm.apply([entry(5, cut(2, 1)), entry(6, append(&[2]))])
+        sm.apply([entry(5, cut(2, 1)), entry(6, append_in(3, &[2]))])
             .await?;
         assert_eq!(log.end_offset(2)?, 5);
         assert_eq!(log.read(2, 4, 10)?[0].data, b"r2");
+        Ok(())
+    }
+
+    /// A region cut back to a new primary's history must hold exactly that history, whatever
+    /// its log held when the cut was decided (found by `chaos --regions`: a cut-off leader's
+    /// append committed after healing, between the shipper's look at the ends and the cut, and
+    /// the old primary kept a record at an offset the new primary used for another).
+    #[tokio::test]
+    async fn a_truncation_cuts_what_is_there_when_it_applies_and_stale_appends_are_discarded()
+    -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let log = TelemetryLog::open(&dir.path().join("t"), u64::MAX)?;
+        let (_l, snaps) = meridian_storage::open::<PartitionTypeConfig>(&dir.path().join("r"))?;
+        let mut sm = PartitionStateMachine::open(2, log.clone(), snaps, "a:1".into())?;
+        // Primary in epoch 5: three records of key 2, one of key 1026.
+        sm.apply([entry(1, append_in(5, &[2, 2, 2, 1026]))]).await?;
+        // The shipper saw ends {2: 3, 1026: 1} and the new primary's (epoch 6) {2: 3}; before
+        // its cut applies, a late append of epoch 5 commits.
+        let promoted = BTreeMap::from([(2, 3)]);
+        let late = sm.apply([entry(2, append_in(5, &[2, 1026]))]).await?;
+        assert_eq!(late, vec![true]);
+        sm.apply([entry(
+            3,
+            PartitionCommand::Truncate {
+                epoch: 6,
+                promoted_ends: promoted,
+            },
+        )])
+        .await?;
+        assert_eq!(log.end_offset(2)?, 3);
+        assert_eq!(log.end_offset(1026)?, 0);
+        let ends = sm.shared().read().map(|a| a.ends.clone()).ok();
+        assert_eq!(
+            ends.map(|e| (e.get(&2).copied(), e.get(&1026).copied())),
+            Some((Some(3), Some(0)))
+        );
+        // An append proposed under epoch 5 that reaches the log after the cut is refused; one of
+        // a later epoch (this region primary again) applies.
+        let answers = sm
+            .apply([entry(4, append_in(5, &[2])), entry(5, append_in(7, &[2]))])
+            .await?;
+        assert_eq!(answers, vec![false, true]);
+        assert_eq!(log.end_offset(2)?, 4);
+        assert_eq!(log.read(2, 3, 10)?[0].data, b"r2");
         Ok(())
     }
 }
