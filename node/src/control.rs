@@ -213,11 +213,20 @@ impl ControlPlane {
         let m = self.hub.raft().metrics().borrow().clone();
         let voters: std::collections::BTreeSet<u64> =
             m.membership_config.membership().voter_ids().collect();
+        // Voters of the other regions, those of the hub leader's region first (the primary
+        // region's devices then reach their partition leaders without a WAN hop).
+        let hub_leader_region = m
+            .current_leader
+            .filter(|l| *l != self.node_id)
+            .and_then(|l| regions.get(&l).cloned());
         let elsewhere = |ids: &[u64]| -> Vec<u64> {
-            ids.iter()
+            let mut out: Vec<u64> = ids
+                .iter()
                 .copied()
                 .filter(|v| *v != self.node_id && regions.get(v).is_some_and(|r| *r != mine))
-                .collect()
+                .collect();
+            out.sort_by_key(|v| regions.get(v) != hub_leader_region.as_ref());
+            out
         };
         if m.current_leader == Some(self.node_id) {
             let ids: Vec<u64> = voters.iter().copied().collect();

@@ -137,6 +137,9 @@ struct Group {
     raft: PartitionRaft,
     applied: state_machine::SharedApplied,
     queue: mpsc::Sender<Pending>,
+    /// Set while this node hands its leadership over: it proposes nothing, so that the
+    /// followers' leases lapse (appends wait and then go to the new leader).
+    handing_over: Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct Inner {
@@ -155,7 +158,16 @@ struct Inner {
     /// Per peer address: how far its wall clock is ahead of this node's, as measured on appends
     /// (expiry times sent there are translated to its clock).
     clock_offsets: std::sync::Mutex<HashMap<String, ClockOffset>>,
+    /// Peers whose append calls recently went unanswered (or could not connect), until when:
+    /// appends for a leader among them go through another replica meanwhile.
+    unreachable: std::sync::Mutex<HashMap<String, Instant>>,
 }
+
+/// How long one forwarded append waits for the leader before it is tried through another
+/// replica (the leader may be cut off from this node but not from the others).
+const LEADER_ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a peer that did not answer is reached through others.
+const UNREACHABLE_FOR: Duration = Duration::from_secs(5);
 
 /// One peer's wall-clock offset, NTP-style from an append's send and reply times and the time
 /// the peer stamped on its answer: `offset = t_peer - (t_sent + t_answered) / 2`, within
@@ -256,6 +268,7 @@ impl Partitions {
                 raft,
                 applied,
                 queue: tx,
+                handing_over: Arc::default(),
             });
             queues.push(rx);
         }
@@ -268,6 +281,7 @@ impl Partitions {
                 clients: std::sync::Mutex::new(HashMap::new()),
                 routes: std::sync::Mutex::new(HashMap::new()),
                 clock_offsets: std::sync::Mutex::new(HashMap::new()),
+                unreachable: std::sync::Mutex::new(HashMap::new()),
                 gate: settings.gate.clone(),
                 regions: std::sync::RwLock::new(BTreeMap::new()),
             }),
@@ -448,9 +462,16 @@ impl Partitions {
         partition: u32,
         records: Vec<Record>,
     ) -> Result<(), Option<HubError>> {
-        let raft = self
-            .raft(partition)
+        let group = self
+            .inner
+            .groups
+            .get(partition as usize)
             .ok_or_else(|| Some(HubError::invalid(format!("no partition {partition}"))))?;
+        if group.handing_over.load(std::sync::atomic::Ordering::SeqCst) {
+            // Like "not the leader": the caller retries until the new leader is known.
+            return Err(None);
+        }
+        let raft = &group.raft;
         // Proposed only while this region is the primary, tagged with that epoch (see `Append`).
         let epoch = match &self.inner.gate {
             Some(gate) => {
@@ -550,6 +571,63 @@ impl Partitions {
         }
     }
 
+    /// Submits an append relayed by a peer that cannot reach the leader (never relayed again).
+    pub(crate) async fn submit_relayed(
+        &self,
+        partition: u32,
+        records: Vec<Record>,
+        deadline: Instant,
+    ) -> Result<(), HubError> {
+        self.submit(partition, records, deadline, false).await
+    }
+
+    fn is_unreachable(&self, addr: &str) -> bool {
+        self.inner
+            .unreachable
+            .lock()
+            .ok()
+            .and_then(|u| u.get(addr).copied())
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    fn mark_unreachable(&self, addr: &str) {
+        if let Ok(mut u) = self.inner.unreachable.lock() {
+            tracing::info!(
+                peer = addr,
+                "no answer to an append; relaying through other replicas for a while"
+            );
+            u.insert(addr.to_string(), Instant::now() + UNREACHABLE_FOR);
+        }
+    }
+
+    /// Another replica of `partition` (not `leader_addr`, not this node, not itself unreachable)
+    /// to relay an append through.
+    fn relay_for(&self, partition: u32, leader_addr: &str) -> Option<String> {
+        let candidates: Vec<String> =
+            match self.raft(partition).filter(|_| self.is_replica(partition)) {
+                Some(raft) => raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .nodes()
+                    .filter(|(id, _)| **id != self.inner.node_id)
+                    .map(|(_, n)| n.addr.clone())
+                    .collect(),
+                None => self
+                    .inner
+                    .routes
+                    .lock()
+                    .ok()?
+                    .get(&partition)?
+                    .placement
+                    .clone(),
+            };
+        candidates
+            .into_iter()
+            .find(|a| a != leader_addr && !self.is_unreachable(a))
+    }
+
     /// How far `addr`'s wall clock is ahead of this node's, in ms (0 until measured).
     fn clock_offset(&self, addr: &str) -> i64 {
         self.inner
@@ -587,11 +665,14 @@ impl Partitions {
 
     /// Proposes a batch on the partition's leader, wherever it is, retrying while there is none
     /// or while a peer answers that it is not the leader (nothing was proposed then).
+    /// With `may_relay`, a leader that does not answer is tried through another replica (see
+    /// `AppendRequest.relay`); a relayed append itself is submitted without.
     async fn submit(
         &self,
         partition: u32,
         records: Vec<Record>,
         deadline: Instant,
+        may_relay: bool,
     ) -> Result<(), HubError> {
         loop {
             // Checked before every attempt, not only after failures: a node that was paused
@@ -615,7 +696,14 @@ impl Partitions {
                         Err(None) => {}
                     }
                 }
-                Some((target_leader, addr)) => {
+                Some((target_leader, leader_addr)) => {
+                    let relay = if may_relay && self.is_unreachable(&leader_addr) {
+                        self.relay_for(partition, &leader_addr)
+                    } else {
+                        None
+                    };
+                    let relayed = relay.is_some();
+                    let addr = relay.unwrap_or_else(|| leader_addr.clone());
                     let mut client = self.client(&addr)?;
                     // The expiry on the leader's clock: a skewed clock there must neither refuse
                     // every forwarded append nor accept stale ones.
@@ -631,16 +719,22 @@ impl Partitions {
                                 data: r.data.clone(),
                             })
                             .collect(),
+                        relay: relayed,
                     };
-                    let call = tokio::time::timeout(
-                        deadline.saturating_duration_since(Instant::now()),
-                        async {
-                            crate::faults::before_peer_call_to(&addr).await;
-                            let sent = crate::clock::unix_ms();
-                            let answer = client.append(request).await;
-                            (sent, answer)
-                        },
-                    );
+                    // A direct call waits only so long when another replica could relay.
+                    let wait = deadline.saturating_duration_since(Instant::now());
+                    let direct_with_fallback = may_relay && !relayed;
+                    let wait = if direct_with_fallback {
+                        wait.min(LEADER_ANSWER_TIMEOUT)
+                    } else {
+                        wait
+                    };
+                    let call = tokio::time::timeout(wait, async {
+                        crate::faults::before_peer_call_to(&addr).await;
+                        let sent = crate::clock::unix_ms();
+                        let answer = client.append(request).await;
+                        (sent, answer)
+                    });
                     // A replica that learns of a new leader stops waiting for the old one (cut
                     // off or deposed): the outcome is unknown, so the device gets no PUBACK and
                     // resends, instead of waiting out the timeout.
@@ -672,6 +766,9 @@ impl Partitions {
                             self.note_leader_hint(partition, status.message());
                         }
                         Ok(Err(status)) if is_connect_error(&status) => {
+                            if !relayed {
+                                self.mark_unreachable(&addr);
+                            }
                             self.note_leader_hint(partition, "");
                         }
                         Ok(Err(status)) => {
@@ -679,6 +776,17 @@ impl Partitions {
                                 ErrorCode::ServiceUnavailable,
                                 format!("partition {partition} leader: {}", status.message()),
                             ));
+                        }
+                        // No answer from the leader directly: perhaps only this node is cut off
+                        // from it. Another replica relays the next try; should the unanswered
+                        // call still commit, the message is stored twice (same message id), which
+                        // at-least-once delivery allows.
+                        Err(_)
+                            if direct_with_fallback
+                                && Instant::now() < deadline
+                                && self.relay_for(partition, &addr).is_some() =>
+                        {
+                            self.mark_unreachable(&addr);
                         }
                         Err(_) => {
                             return Err(HubError::new(
@@ -698,6 +806,29 @@ impl Partitions {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Hands this node's leadership of `partition` to voter `to` or one of `also`, keeping the
+    /// group's voters (see `raft::transfer::hand_over_leadership`). Returns the new leader.
+    pub async fn hand_over(
+        &self,
+        partition: u32,
+        to: NodeId,
+        also: &[NodeId],
+    ) -> Result<NodeId, HubError> {
+        let group = self
+            .inner
+            .groups
+            .get(partition as usize)
+            .ok_or_else(|| HubError::invalid(format!("no partition {partition}")))?;
+        crate::raft::transfer::hand_over_leadership(
+            &group.raft,
+            partition + 1,
+            to,
+            also,
+            &group.handing_over,
+        )
+        .await
     }
 
     /// Initializes the never-initialized partition groups whose preferred leader (placement over
@@ -879,7 +1010,7 @@ async fn batch_appends(partitions: Partitions, partition: u32, mut rx: mpsc::Rec
             let Some(deadline) = deadline else {
                 return;
             };
-            let result = partitions.submit(partition, records, deadline).await;
+            let result = partitions.submit(partition, records, deadline, true).await;
             drop(permit);
             for reply in replies {
                 let _ = reply.send(result.clone());

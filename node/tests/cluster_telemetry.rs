@@ -157,3 +157,87 @@ async fn skewed_wall_clocks_do_not_stop_forwarded_appends() -> Result<()> {
     );
     Ok(())
 }
+
+/// A node cut off from a partition's leader but not from the partition's other replicas (two
+/// regions cut apart while a third reaches both) still gets its devices' messages stored: after
+/// one unanswered try, its appends go through another replica, which submits them to the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_reach_a_leader_cut_off_from_this_node_through_another_replica() -> Result<()> {
+    let mut cluster = start_cluster(3, &[])?;
+    let hub_leader = cluster.wait_leader(Duration::from_secs(30)).await?;
+    // Partition 0 led by a node other than the hub leader (devices connecting to the cut-off node
+    // need the hub leader for their connection); the third node is the one cut off.
+    let leader = (1..=3u64).find(|n| *n != hub_leader).unwrap_or(1);
+    let cut_off = (1..=3u64)
+        .find(|n| *n != hub_leader && *n != leader)
+        .unwrap_or(1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = cluster.partition_leaders(4).await[0];
+        if now == Some(leader) {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "partition 0 is led by {now:?}, not {leader}"
+        );
+        if now.is_some() {
+            let mut op = cluster.operator(hub_leader).await?.connect().await?;
+            let r = op
+                .json(
+                    "POST",
+                    "/meridian/cluster/leader",
+                    Some(&serde_json::json!({"partition": 0, "to": leader})),
+                )
+                .await?;
+            println!("partition 0: {now:?} → {leader}: {}", r.status);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let client = cluster.client(cut_off).await?;
+    let mut svc = client.connect().await?;
+    let mut keys = Vec::new();
+    for i in 0..30 {
+        let id = format!("relay-{i}");
+        keys.push((id.clone(), create_device(&mut svc, &id).await?));
+    }
+    let in_partition_0 = keys
+        .iter()
+        .filter(|(id, _)| meridian::domain::telemetry::partition_for(id, 4) == 0)
+        .count();
+    anyhow::ensure!(in_partition_0 > 0, "no device in partition 0");
+    let leader_grpc = cluster.node(leader).grpc.to_string();
+    let mut op = cluster.operator(cut_off).await?.connect().await?;
+    let r = op
+        .json(
+            "PUT",
+            "/meridian/cluster/faults",
+            Some(&serde_json::json!({"blockedPeers": [leader_grpc]})),
+        )
+        .await?;
+    anyhow::ensure!(r.status == 204, "block: {} {}", r.status, r.json());
+    // Every device connects to the cut-off node only.
+    let tasks = Devices::start(keys, vec![cluster.node(cut_off).mqtt], cluster.ca.clone());
+    let acked = tasks.acked.clone();
+    progress(&acked, 600, Duration::from_secs(60))
+        .await
+        .with_context(|| cluster.logs())?;
+    let acked = tasks.stop().await?;
+    let in_partition_0_acked = acked
+        .iter()
+        .filter(|(id, seqs)| {
+            meridian::domain::telemetry::partition_for(id, 4) == 0 && !seqs.is_empty()
+        })
+        .count();
+    println!(
+        "node {cut_off} cut off from partition 0's leader {leader}: {} devices acknowledged, {in_partition_0_acked} of {in_partition_0} in partition 0",
+        acked.len()
+    );
+    anyhow::ensure!(
+        acked.len() == 30 && in_partition_0_acked == in_partition_0,
+        "only {} of 30 devices got PUBACKs ({in_partition_0_acked} of {in_partition_0} in partition 0)\n{}",
+        acked.len(),
+        cluster.logs()
+    );
+    Ok(())
+}

@@ -45,6 +45,20 @@ impl PartitionServiceImpl {
                 data: r.data,
             })
             .collect();
+        if req.relay {
+            // The sender cannot reach the leader; this node submits the records wherever the
+            // leader is, within the sender's deadline.
+            let left = req.expires_unix_ms.saturating_sub(received);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(left);
+            return match self
+                .partitions
+                .submit_relayed(req.partition, records, deadline)
+                .await
+            {
+                Ok(()) => Ok(Response::new(AppendResponse {})),
+                Err(e) => Err(Status::new(e.code.grpc_code(), e.message)),
+            };
+        }
         match self
             .partitions
             .propose_locally(req.partition, records)

@@ -243,17 +243,11 @@ impl HubForward for HubForwardImpl {
                 Err(e) => Err(e),
             }
         } else {
-            match self.mqtt.partition_groups.raft(req.group - 1) {
-                Some(raft) => {
-                    super::transfer::transfer_leadership(raft, req.group, req.to, &req.also)
-                        .await
-                        .map(|_| ())
-                }
-                None => Err(crate::domain::HubError::invalid(format!(
-                    "no partition {}",
-                    req.group - 1
-                ))),
-            }
+            self.mqtt
+                .partition_groups
+                .hand_over(req.group - 1, req.to, &req.also)
+                .await
+                .map(|_| ())
         };
         match result {
             Ok(()) => Ok(Response::new(TransferLeadershipResponse {

@@ -7,7 +7,10 @@
 //! without itself steps down), waits until the target — the only node campaigning — leads, then
 //! resumes the others' timers. The old leader is out of the group; the caller makes it a voter again
 //! (the hub group through the new leader, partition groups through placement reconciliation).
-//! While it runs the group has one voter fewer.
+//! While it runs the group has one voter fewer. That is acceptable for the hub group (five voters
+//! in a geo cluster, rejoined at once), not for partition groups of three voters over three
+//! regions: they use [`hand_over_leadership`], which keeps the voters and lets the leader's lease
+//! lapse instead.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -216,6 +219,129 @@ where
             }
         }
     };
+    for (id, addr) in &others {
+        if let Err(e) = suppress(addr, group, 0).await {
+            tracing::warn!(node = id, error = %e, "could not resume a voter's elections (it resumes by itself)");
+        }
+    }
+    outcome
+}
+
+/// Moves leadership of a partition group (`raft`, group number `group`, this node leading) to
+/// voter `to` or one of `also` **without changing the voters**: this node stops proposing
+/// (`pause`, which the partition's append path honours) and stops its heartbeats, so the
+/// followers' leader leases lapse; the target, the only voter allowed to campaign, is asked to
+/// campaign until it wins. The group keeps all its voters throughout, so no fault during or
+/// after a hand-over can leave it with an even, region-spanning voter set (stepping out of the
+/// voters did: a cut right after a hand-over left partitions of two voters in two regions
+/// without a leader). If the target does not win within a few election timeouts, this node
+/// resumes as leader. Returns the new leader.
+pub async fn hand_over_leadership<C>(
+    raft: &Raft<C>,
+    group: u32,
+    to: NodeId,
+    also: &[NodeId],
+    pause: &std::sync::atomic::AtomicBool,
+) -> Result<NodeId, HubError>
+where
+    C: RaftTypeConfig<NodeId = NodeId, Node = BasicNode>,
+{
+    use std::sync::atomic::Ordering;
+    let m = raft.metrics().borrow().clone();
+    if m.current_leader != Some(m.id) {
+        return Err(unavailable(super::service::NOT_LEADER));
+    }
+    if to == m.id || also.contains(&m.id) {
+        return Ok(m.id);
+    }
+    let membership = m.membership_config.membership().clone();
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    if !voters.contains(&to) {
+        return Err(HubError::invalid(format!(
+            "node {to} is not a voter of this group"
+        )));
+    }
+    let target_addr = membership
+        .get_node(&to)
+        .map(|n| n.addr.clone())
+        .unwrap_or_default();
+    if !answers(&target_addr, group).await {
+        return Err(unavailable(format!("node {to} does not answer")));
+    }
+    let others: Vec<(NodeId, String)> = voters
+        .iter()
+        .filter(|v| **v != m.id && **v != to && !also.contains(v))
+        .filter_map(|v| membership.get_node(v).map(|n| (*v, n.addr.clone())))
+        .collect();
+    let config = raft.config().clone();
+    // Long enough for the leases to lapse (one election timeout) and a few campaigns.
+    let give_up = Duration::from_millis(3 * config.election_timeout_max + 1000);
+    pause.store(true, Ordering::SeqCst);
+    // The target must hold everything this leader proposed, or the others would not vote for it.
+    let caught_up_deadline = Instant::now() + Duration::from_secs(3);
+    let mut metrics = raft.metrics();
+    loop {
+        let (last, matched, leads) = {
+            let m = metrics.borrow_and_update();
+            (
+                m.last_log_index.unwrap_or(0),
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(&to).cloned().flatten())
+                    .map_or(0, |l| l.index),
+                m.current_leader == Some(m.id),
+            )
+        };
+        if !leads {
+            pause.store(false, Ordering::SeqCst);
+            return Err(unavailable(super::service::NOT_LEADER));
+        }
+        if matched >= last {
+            break;
+        }
+        if Instant::now() >= caught_up_deadline {
+            pause.store(false, Ordering::SeqCst);
+            return Err(unavailable(format!(
+                "node {to} did not catch up ({matched} of {last}); not handing over"
+            )));
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(50), metrics.changed()).await;
+    }
+    for (id, addr) in &others {
+        if let Err(e) = suppress(addr, group, give_up.as_millis() as u64).await {
+            tracing::warn!(node = id, error = %e, "could not quiet a voter for the hand-over");
+        }
+    }
+    tracing::info!(group, to, "handing over leadership: heartbeats off");
+    raft.runtime_config().heartbeat(false);
+    let deadline = Instant::now() + give_up;
+    let mut next_campaign = Instant::now() + Duration::from_millis(config.election_timeout_min);
+    let outcome = loop {
+        let now_leader = raft.metrics().borrow().current_leader;
+        if let Some(l) = now_leader.filter(|l| *l == to || also.contains(l)) {
+            break Ok(l);
+        }
+        if let Some(l) = leader_seen_by(&target_addr, group)
+            .await
+            .filter(|l| *l == to || also.contains(l))
+        {
+            break Ok(l);
+        }
+        if Instant::now() >= next_campaign {
+            if let Err(e) = campaign(&target_addr, group).await {
+                tracing::debug!(error = %e, "asking the target to campaign");
+            }
+            next_campaign = Instant::now() + Duration::from_millis(500);
+        }
+        if Instant::now() > deadline {
+            break Err(unavailable(format!(
+                "node {to} did not take over within {give_up:?}; this node leads on"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    raft.runtime_config().heartbeat(true);
+    pause.store(false, Ordering::SeqCst);
     for (id, addr) in &others {
         if let Err(e) = suppress(addr, group, 0).await {
             tracing::warn!(node = id, error = %e, "could not resume a voter's elections (it resumes by itself)");
