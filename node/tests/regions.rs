@@ -558,8 +558,10 @@ async fn random_partitions_between_regions_never_yield_two_primaries() -> Result
         // 0: east cut off; 1: west cut off; 2: east–west only; 3: no cut (control).
         // Every run cuts a region off once (a failover must happen) and the data regions from
         // each other once (none may happen); the other rounds are random.
+        // Round 0 cuts off the primary region (east at the start), long enough for the grace
+        // time, so that a failover must happen.
         let cut = match round {
-            0 => next(2),
+            0 => 0,
             1 => 2,
             _ => next(4),
         };
@@ -579,7 +581,11 @@ async fn random_partitions_between_regions_never_yield_two_primaries() -> Result
         // that side (its replies are never sent when requests never arrive).
         block(&mut cluster, 1, &east_blocks).await?;
         block(&mut cluster, 2, &west_blocks).await?;
-        let hold = Duration::from_millis(1000 + next(5000));
+        let hold = if round == 0 {
+            Duration::from_millis(4000 + next(2000))
+        } else {
+            Duration::from_millis(1000 + next(5000))
+        };
         let until = Instant::now() + hold;
         let (mut primary_writable, mut round_samples) = (0usize, 0usize);
         while Instant::now() < until {
