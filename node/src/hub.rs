@@ -40,6 +40,12 @@ struct Inner {
     request_timeout: Duration,
     forward_clients: Mutex<HashMap<String, HubForwardClient<Channel>>>,
     gate: Arc<crate::region::RegionGate>,
+    /// Set while this node hands its leadership over by letting its lease lapse: it proposes
+    /// nothing and confirms no read (both would renew the followers' leases); callers wait.
+    handing_over: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether leadership transfers let the lease lapse (sync mode) instead of stepping out of
+    /// the voters.
+    lapse_transfers: std::sync::atomic::AtomicBool,
 }
 
 fn unavailable(message: impl Into<String>) -> HubError {
@@ -73,8 +79,49 @@ impl Hub {
                 request_timeout,
                 forward_clients: Mutex::new(HashMap::new()),
                 gate,
+                handing_over: Arc::default(),
+                lapse_transfers: std::sync::atomic::AtomicBool::new(false),
             }),
         }
+    }
+
+    /// Set while this node hands its leadership over (see `raft::transfer::hand_over_leadership`).
+    pub fn handing_over(&self) -> &Arc<std::sync::atomic::AtomicBool> {
+        &self.inner.handing_over
+    }
+
+    /// Whether this node is handing its leadership over right now.
+    pub fn is_handing_over(&self) -> bool {
+        self.inner
+            .handing_over
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Makes leadership transfers of the hub group keep the voters and let the leader's lease
+    /// lapse (sync mode: a group over three regions must not run a voter short), instead of
+    /// stepping out of the voters.
+    pub fn use_lapse_transfers(&self, on: bool) {
+        self.inner
+            .lapse_transfers
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether transfers let the lease lapse (see [`Hub::use_lapse_transfers`]).
+    pub fn lapse_transfers(&self) -> bool {
+        self.inner
+            .lapse_transfers
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits while this node hands its leadership over (false: still at `deadline`).
+    async fn wait_hand_over(&self, deadline: Instant) -> bool {
+        while self.is_handing_over() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+        true
     }
 
     /// The region write gate (fencing epoch and lease).
@@ -138,6 +185,11 @@ impl Hub {
         let deadline = Instant::now() + self.inner.request_timeout;
         let mut backoff = Duration::from_millis(20);
         loop {
+            if !self.wait_hand_over(deadline).await {
+                return Err(unavailable(
+                    "the leadership hand-over did not finish in time",
+                ));
+            }
             let leader = match self.inner.raft.client_write(command.clone()).await {
                 Ok(resp) => return resp.data,
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
@@ -230,6 +282,11 @@ impl Hub {
         let deadline = Instant::now() + self.inner.request_timeout;
         let mut backoff = Duration::from_millis(20);
         loop {
+            if !self.wait_hand_over(deadline).await {
+                return Err(unavailable(
+                    "the leadership hand-over did not finish in time",
+                ));
+            }
             let leader = match self.inner.raft.ensure_linearizable().await {
                 Ok(_) => return Ok(()),
                 Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {

@@ -211,6 +211,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
         Duration::from_millis(config.cluster.request_timeout_ms),
         gate.clone(),
     );
+    hub.use_lapse_transfers(config.region.mode == crate::region::ReplicationMode::Sync);
     let partitions = crate::partition::Partitions::open(
         node_id,
         &data_dir.join("partitions"),

@@ -212,7 +212,17 @@ impl HubForward for HubForwardImpl {
         request: Request<TransferLeadershipRequest>,
     ) -> Result<Response<TransferLeadershipResponse>, Status> {
         let req = request.into_inner();
-        let result = if req.group == super::network::HUB_GROUP {
+        let result = if req.group == super::network::HUB_GROUP && self.mqtt.hub.lapse_transfers() {
+            super::transfer::hand_over_leadership(
+                &self.raft,
+                req.group,
+                req.to,
+                &req.also,
+                self.mqtt.hub.handing_over(),
+            )
+            .await
+            .map(|_| ())
+        } else if req.group == super::network::HUB_GROUP {
             // Our own and the target's addresses, read before we leave the membership.
             let me = self.mqtt.node_id;
             let addr_of = |id: u64| {
@@ -321,6 +331,10 @@ impl HubForward for HubForwardImpl {
     ) -> Result<Response<ClientWriteResponse>, Status> {
         let command: HubCommand = serde_json::from_slice(&request.get_ref().command_json)
             .map_err(|e| Status::invalid_argument(format!("bad command: {e}")))?;
+        if self.mqtt.hub.is_handing_over() {
+            // Nothing proposed: the forwarder retries, and reaches the new leader.
+            return Err(Status::failed_precondition(NOT_LEADER));
+        }
         match self.raft.client_write(command).await {
             Ok(resp) => {
                 let response_json = serde_json::to_vec(&resp.data)
@@ -341,6 +355,9 @@ impl HubForward for HubForwardImpl {
         &self,
         _request: Request<ReadIndexRequest>,
     ) -> Result<Response<ReadIndexResponse>, Status> {
+        if self.mqtt.hub.is_handing_over() {
+            return Err(Status::failed_precondition(NOT_LEADER));
+        }
         match self.raft.ensure_linearizable().await {
             Ok(log_id) => Ok(Response::new(ReadIndexResponse {
                 read_index: log_id.map_or(0, |l| l.index),
