@@ -276,10 +276,28 @@ where
     let config = raft.config().clone();
     // Long enough for the leases to lapse (one election timeout) and a few campaigns.
     let give_up = Duration::from_millis(3 * config.election_timeout_max + 1000);
-    pause.store(true, Ordering::SeqCst);
-    // The target must hold everything this leader proposed, or the others would not vote for it.
-    let caught_up_deadline = Instant::now() + Duration::from_secs(3);
+    // The target must hold everything this leader proposed, or the others would not vote for it:
+    // first it catches up while writes go on (bounded), then, paused, with the last entries.
     let mut metrics = raft.metrics();
+    let unpaused_deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let (last, matched) = {
+            let m = metrics.borrow_and_update();
+            (
+                m.last_log_index.unwrap_or(0),
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(&to).cloned().flatten())
+                    .map_or(0, |l| l.index),
+            )
+        };
+        if last.saturating_sub(matched) <= 64 || Instant::now() >= unpaused_deadline {
+            break;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(50), metrics.changed()).await;
+    }
+    pause.store(true, Ordering::SeqCst);
+    let caught_up_deadline = Instant::now() + Duration::from_secs(1);
     loop {
         let (last, matched, leads) = {
             let m = metrics.borrow_and_update();
