@@ -470,6 +470,25 @@ async fn region_leader(cluster: &ChaosCluster, layout: &RegionLayout, region: &s
     None
 }
 
+/// The leader of `region`'s hub group, waiting up to 30 s for one (a step right after another
+/// may find an election or a hand-over under way); None only if there is none by then.
+async fn wait_region_leader(
+    cluster: &ChaosCluster,
+    layout: &RegionLayout,
+    region: &str,
+) -> Option<u64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(l) = region_leader(cluster, layout, region).await {
+            return Some(l);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The nodes of the data regions (not the witness).
 fn data_nodes(layout: &RegionLayout) -> Vec<u64> {
     layout
@@ -901,7 +920,13 @@ pub async fn regions(opts: &RegionsOptions, dir: &Path) -> Result<RegionsReport>
         progress(&telemetry.acked, 500, Duration::from_secs(90)).await?;
 
         let primary = current_primary(&cluster, &layout).await.unwrap_or_default();
-        if let Some(leader) = region_leader(&cluster, &layout, &primary).await {
+        let leader = wait_region_leader(&cluster, &layout, &primary).await;
+        if leader.is_none() {
+            failures.push(format!(
+                "no hub leader in {primary} to cut off within 30 s: step not run"
+            ));
+        }
+        if let Some(leader) = leader {
             let trigger = Instant::now();
             cluster.isolate(leader)?;
             timeline.note(format!(
@@ -935,7 +960,13 @@ pub async fn regions(opts: &RegionsOptions, dir: &Path) -> Result<RegionsReport>
         }
     }
     let primary = current_primary(&cluster, &layout).await.unwrap_or_default();
-    if let Some(leader) = region_leader(&cluster, &layout, &primary).await {
+    let leader = wait_region_leader(&cluster, &layout, &primary).await;
+    if leader.is_none() {
+        failures.push(format!(
+            "no hub leader in {primary} to pause within 30 s: step not run"
+        ));
+    }
+    if let Some(leader) = leader {
         let pause = Duration::from_millis(GRACE_MS / 2);
         let trigger = Instant::now();
         cluster.pause(leader)?;
@@ -972,7 +1003,7 @@ pub async fn regions(opts: &RegionsOptions, dir: &Path) -> Result<RegionsReport>
         progress(&telemetry.acked, 500, Duration::from_secs(90)).await?;
     }
     let primary = current_primary(&cluster, &layout).await.unwrap_or_default();
-    let leader = region_leader(&cluster, &layout, &primary).await;
+    let leader = wait_region_leader(&cluster, &layout, &primary).await;
     // A follower if there is one (the leader was paused above).
     if let Some(victim) = nodes_of_primary(&primary)
         .into_iter()

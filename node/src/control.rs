@@ -224,6 +224,10 @@ impl ControlPlane {
                 .iter()
                 .copied()
                 .filter(|v| *v != self.node_id && regions.get(v).is_some_and(|r| *r != mine))
+                // Not to a node gossip knows to be down (after a region loss, its nodes).
+                .filter(|v| {
+                    self.gossip.health(*v) != Some(meridian_control_plane::gossip::Health::Down)
+                })
                 .collect();
             out.sort_by_key(|v| regions.get(v) != hub_leader_region.as_ref());
             out
