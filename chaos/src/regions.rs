@@ -1204,7 +1204,7 @@ pub async fn regions(opts: &RegionsOptions, dir: &Path) -> Result<RegionsReport>
             &cluster.ca,
             d,
             key,
-            Duration::from_secs(2),
+            Duration::from_secs(5),
         )
         .await?;
         for b in bodies {
@@ -1219,6 +1219,15 @@ pub async fn regions(opts: &RegionsOptions, dir: &Path) -> Result<RegionsReport>
     for (d, n, at) in &c2d {
         if !received.contains(&(d.clone(), *n)) {
             lost.entry("c2d").or_default().push(*at);
+            eprintln!(
+                "lost C2D: {d} n={n}, acknowledged {:.3} s before this check; {d} received {:?}",
+                at.elapsed().as_secs_f64(),
+                received
+                    .iter()
+                    .filter(|(x, _)| x == d)
+                    .map(|(_, k)| *k)
+                    .collect::<Vec<_>>()
+            );
         }
     }
     // Attribute each loss to the first step triggered after it was acknowledged.

@@ -859,7 +859,12 @@ impl Region {
             .ok_or_else(|| Status::internal("hub state unreadable"))?;
         let purged = log_state.last_purged_log_id.map(|l| l.index);
         let first_available = purged.map_or(0, |p| p + 1);
-        if req.from_index < first_available {
+        // A copy from the start (a new secondary, or a demoted primary whose copy position was
+        // reset) takes the whole state: replaying this log from its first entry would apply
+        // again, on top of the asker's state, commands it already holds — this region's own
+        // commands from before it was ever a secondary (duplicate C2D messages, twin versions
+        // counted twice, and queues pushed past their depth limit).
+        if req.from_index == 0 || req.from_index < first_available {
             let (json, index) = self
                 .state(|s| (serde_json::to_vec(s), s.applied_index))
                 .ok_or_else(|| Status::internal("hub state unreadable"))?;

@@ -320,6 +320,25 @@ async fn planned_failover_and_failback_lose_nothing_and_fence_the_old_primary() 
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The same twin, version for version: a region's copy restarting from the other's first log
+    // entry used to apply the first epoch's patch twice (desired $version 3 against 2).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut versions = Vec::new();
+        for node in [1, 2] {
+            let mut c = cluster.client(node).await?.connect().await?;
+            let twin = c.json("GET", "/twins/geo-0", None).await?.json();
+            versions.push(twin["properties"]["desired"]["$version"].clone());
+        }
+        if versions[0] == versions[1] && versions[0].is_u64() {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "twin geo-0 differs between the regions: desired $version {versions:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     ensure!(checkpoints(&mut cluster, 1).await?["0"] == 5);
     Ok(())
 }
