@@ -864,6 +864,17 @@ impl Region {
         // again, on top of the asker's state, commands it already holds — this region's own
         // commands from before it was ever a secondary (duplicate C2D messages, twin versions
         // counted twice, and queues pushed past their depth limit).
+        if req.from_index == 0 && epoch.primary != self.my_region {
+            // A whole state is complete only once this region is primary (promoted, every
+            // command of the old primary copied): until then the asker waits.
+            return Ok(pb::PullHubResponse {
+                entries: vec![],
+                snapshot_json: Vec::new(),
+                snapshot_index: 0,
+                applied_index: 0,
+                epoch: Some(pb_epoch(&epoch)),
+            });
+        }
         if req.from_index == 0 || req.from_index < first_available {
             let (json, index) = self
                 .state(|s| (serde_json::to_vec(s), s.applied_index))
