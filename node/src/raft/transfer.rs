@@ -84,6 +84,109 @@ async fn leader_seen_by(addr: &str, group: u32) -> Option<NodeId> {
     Some(reply.into_inner().leader).filter(|l| *l != 0)
 }
 
+/// The checked starting point of a transfer: this node leads and `to` is a voter.
+struct Plan {
+    me: NodeId,
+    /// The target is this node or one of `also`: nothing to do.
+    done: bool,
+    voters: BTreeSet<NodeId>,
+    membership: openraft::Membership<NodeId, BasicNode>,
+    target_addr: String,
+    /// The voters to quiet while the target campaigns: all but this node, `to` and `also`.
+    others: Vec<(NodeId, String)>,
+}
+
+fn plan<C>(raft: &Raft<C>, to: NodeId, also: &[NodeId]) -> Result<Plan, HubError>
+where
+    C: RaftTypeConfig<NodeId = NodeId, Node = BasicNode>,
+{
+    let m = raft.metrics().borrow().clone();
+    if m.current_leader != Some(m.id) {
+        return Err(unavailable(super::service::NOT_LEADER));
+    }
+    let membership = m.membership_config.membership().clone();
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    let done = to == m.id || also.contains(&m.id);
+    if !done && !voters.contains(&to) {
+        return Err(HubError::invalid(format!(
+            "node {to} is not a voter of this group"
+        )));
+    }
+    let target_addr = membership
+        .get_node(&to)
+        .map(|n| n.addr.clone())
+        .unwrap_or_default();
+    let others = voters
+        .iter()
+        .filter(|v| **v != m.id && **v != to && !also.contains(v))
+        .filter_map(|v| membership.get_node(v).map(|n| (*v, n.addr.clone())))
+        .collect();
+    Ok(Plan {
+        me: m.id,
+        done,
+        voters,
+        membership,
+        target_addr,
+        others,
+    })
+}
+
+/// This leader's last log index, how far `to` matched it, and whether this node still leads.
+fn progress(m: &openraft::RaftMetrics<NodeId, BasicNode>, to: NodeId) -> (u64, u64, bool) {
+    (
+        m.last_log_index.unwrap_or(0),
+        m.replication
+            .as_ref()
+            .and_then(|r| r.get(&to).cloned().flatten())
+            .map_or(0, |l| l.index),
+        m.current_leader == Some(m.id),
+    )
+}
+
+/// Quiets the election timers of `others` for `millis` (0 resumes them).
+async fn quiet(others: &[(NodeId, String)], group: u32, millis: u64) {
+    for (id, addr) in others {
+        if let Err(e) = suppress(addr, group, millis).await {
+            // A node we cannot reach cannot campaign either; one not resumed resumes by itself.
+            tracing::warn!(node = id, millis, error = %e, "could not quiet or resume a voter's elections");
+        }
+    }
+}
+
+/// Asks the target to campaign (from `first_campaign` on, then every half second: the others
+/// refuse while the old leader's lease runs) until it or one of `also` leads — as the target or
+/// `local_leader` sees it — or `deadline` passes (`Err` with the last leader the target named).
+async fn await_takeover(
+    target_addr: &str,
+    group: u32,
+    to: NodeId,
+    also: &[NodeId],
+    mut next_campaign: Instant,
+    deadline: Instant,
+    local_leader: impl Fn() -> Option<NodeId>,
+) -> Result<NodeId, Option<NodeId>> {
+    let taker = |l: &NodeId| *l == to || also.contains(l);
+    loop {
+        if let Some(l) = local_leader().filter(taker) {
+            return Ok(l);
+        }
+        let leader = leader_seen_by(target_addr, group).await;
+        if let Some(l) = leader.filter(taker) {
+            return Ok(l);
+        }
+        if Instant::now() >= next_campaign {
+            if let Err(e) = campaign(target_addr, group).await {
+                tracing::debug!(error = %e, "asking the target to campaign");
+            }
+            next_campaign = Instant::now() + Duration::from_millis(500);
+        }
+        if Instant::now() > deadline {
+            return Err(leader);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Moves leadership of `raft` (group number `group`, this node leading) to voter `to` or one of
 /// `also`. Returns the new leader once one of them leads; this node is then outside the group
 /// until it is added back.
@@ -100,42 +203,31 @@ where
             Responder = openraft::impls::OneshotResponder<C>,
         >,
 {
-    let m = raft.metrics().borrow().clone();
-    if m.current_leader != Some(m.id) {
-        return Err(unavailable(super::service::NOT_LEADER));
+    let Plan {
+        me,
+        done,
+        voters,
+        membership,
+        target_addr,
+        others,
+    } = plan(raft, to, also)?;
+    if done {
+        return Ok(me);
     }
-    if to == m.id || also.contains(&m.id) {
-        return Ok(m.id);
-    }
-    let membership = m.membership_config.membership().clone();
-    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-    if !voters.contains(&to) {
-        return Err(HubError::invalid(format!(
-            "node {to} is not a voter of this group"
-        )));
-    }
-    let caught_up = m
+    let replicating = raft
+        .metrics()
+        .borrow()
         .replication
         .as_ref()
-        .and_then(|r| r.get(&to).cloned().flatten())
-        .map(|l| l.index);
-    if caught_up.is_none() {
+        .is_some_and(|r| r.get(&to).is_some_and(Option::is_some));
+    if !replicating {
         return Err(unavailable(format!(
             "node {to} is not replicating; not a safe target"
         )));
     }
-    let target_addr = membership
-        .get_node(&to)
-        .map(|n| n.addr.clone())
-        .unwrap_or_default();
-    let others: Vec<(NodeId, String)> = voters
-        .iter()
-        .filter(|v| **v != m.id && **v != to && !also.contains(v))
-        .filter_map(|v| membership.get_node(v).map(|n| (*v, n.addr.clone())))
-        .collect();
     let takers: Vec<String> = also
         .iter()
-        .filter(|v| **v != m.id && voters.contains(v))
+        .filter(|v| **v != me && voters.contains(v))
         .filter_map(|v| membership.get_node(v).map(|n| n.addr.clone()))
         .collect();
     // Stepping out commits a configuration without this node, which needs a majority of the
@@ -161,28 +253,14 @@ where
     let caught_up_deadline = Instant::now() + Duration::from_secs(3);
     let mut metrics = raft.metrics();
     loop {
-        let (last, matched) = {
-            let m = metrics.borrow_and_update();
-            (
-                m.last_log_index.unwrap_or(0),
-                m.replication
-                    .as_ref()
-                    .and_then(|r| r.get(&to).cloned().flatten())
-                    .map_or(0, |l| l.index),
-            )
-        };
+        let (last, matched, _) = progress(&metrics.borrow_and_update(), to);
         if matched >= last || Instant::now() >= caught_up_deadline {
             break;
         }
         let _ = tokio::time::timeout(Duration::from_millis(50), metrics.changed()).await;
     }
-    for (id, addr) in &others {
-        if let Err(e) = suppress(addr, group, QUIET_FOR.as_millis() as u64).await {
-            // A node we cannot reach cannot campaign either.
-            tracing::warn!(node = id, error = %e, "could not quiet a voter for the transfer");
-        }
-    }
-    let remaining: BTreeSet<NodeId> = voters.iter().copied().filter(|v| *v != m.id).collect();
+    quiet(&others, group, QUIET_FOR.as_millis() as u64).await;
+    let remaining: BTreeSet<NodeId> = voters.iter().copied().filter(|v| *v != me).collect();
     tracing::info!(
         group,
         to,
@@ -193,37 +271,24 @@ where
     let result = raft.change_membership(remaining, false).await;
     let outcome = match result {
         Err(e) => Err(unavailable(format!("stepping out: {e}"))),
-        Ok(_) => {
-            let deadline = Instant::now() + QUIET_FOR;
-            let mut next_campaign = Instant::now();
-            // This node left the group and hears no more of it: ask the target, and have it
-            // campaign (the others may still refuse while the old leader's lease runs, so again
-            // every half second).
-            loop {
-                let leader = leader_seen_by(&target_addr, group).await;
-                if let Some(l) = leader.filter(|l| *l == to || also.contains(l)) {
-                    break Ok(l);
-                }
-                if Instant::now() >= next_campaign {
-                    if let Err(e) = campaign(&target_addr, group).await {
-                        tracing::debug!(error = %e, "asking the target to campaign");
-                    }
-                    next_campaign = Instant::now() + Duration::from_millis(500);
-                }
-                if Instant::now() > deadline {
-                    break Err(unavailable(format!(
-                        "node {to} did not take over within {QUIET_FOR:?} (leader now {leader:?})"
-                    )));
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
+        // This node left the group and hears no more of it: only the target's view counts.
+        Ok(_) => await_takeover(
+            &target_addr,
+            group,
+            to,
+            also,
+            Instant::now(),
+            Instant::now() + QUIET_FOR,
+            || None,
+        )
+        .await
+        .map_err(|leader| {
+            unavailable(format!(
+                "node {to} did not take over within {QUIET_FOR:?} (leader now {leader:?})"
+            ))
+        }),
     };
-    for (id, addr) in &others {
-        if let Err(e) = suppress(addr, group, 0).await {
-            tracing::warn!(node = id, error = %e, "could not resume a voter's elections (it resumes by itself)");
-        }
-    }
+    quiet(&others, group, 0).await;
     outcome
 }
 
@@ -247,32 +312,19 @@ where
     C: RaftTypeConfig<NodeId = NodeId, Node = BasicNode>,
 {
     use std::sync::atomic::Ordering;
-    let m = raft.metrics().borrow().clone();
-    if m.current_leader != Some(m.id) {
-        return Err(unavailable(super::service::NOT_LEADER));
+    let Plan {
+        me,
+        done,
+        target_addr,
+        others,
+        ..
+    } = plan(raft, to, also)?;
+    if done {
+        return Ok(me);
     }
-    if to == m.id || also.contains(&m.id) {
-        return Ok(m.id);
-    }
-    let membership = m.membership_config.membership().clone();
-    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-    if !voters.contains(&to) {
-        return Err(HubError::invalid(format!(
-            "node {to} is not a voter of this group"
-        )));
-    }
-    let target_addr = membership
-        .get_node(&to)
-        .map(|n| n.addr.clone())
-        .unwrap_or_default();
     if !answers(&target_addr, group).await {
         return Err(unavailable(format!("node {to} does not answer")));
     }
-    let others: Vec<(NodeId, String)> = voters
-        .iter()
-        .filter(|v| **v != m.id && **v != to && !also.contains(v))
-        .filter_map(|v| membership.get_node(v).map(|n| (*v, n.addr.clone())))
-        .collect();
     let config = raft.config().clone();
     // Long enough for the leases to lapse (one election timeout) and a few campaigns.
     let give_up = Duration::from_millis(3 * config.election_timeout_max + 1000);
@@ -281,16 +333,7 @@ where
     let mut metrics = raft.metrics();
     let unpaused_deadline = Instant::now() + Duration::from_secs(3);
     loop {
-        let (last, matched) = {
-            let m = metrics.borrow_and_update();
-            (
-                m.last_log_index.unwrap_or(0),
-                m.replication
-                    .as_ref()
-                    .and_then(|r| r.get(&to).cloned().flatten())
-                    .map_or(0, |l| l.index),
-            )
-        };
+        let (last, matched, _) = progress(&metrics.borrow_and_update(), to);
         if last.saturating_sub(matched) <= 64 || Instant::now() >= unpaused_deadline {
             break;
         }
@@ -299,17 +342,7 @@ where
     pause.store(true, Ordering::SeqCst);
     let caught_up_deadline = Instant::now() + Duration::from_secs(1);
     loop {
-        let (last, matched, leads) = {
-            let m = metrics.borrow_and_update();
-            (
-                m.last_log_index.unwrap_or(0),
-                m.replication
-                    .as_ref()
-                    .and_then(|r| r.get(&to).cloned().flatten())
-                    .map_or(0, |l| l.index),
-                m.current_leader == Some(m.id),
-            )
-        };
+        let (last, matched, leads) = progress(&metrics.borrow_and_update(), to);
         if !leads {
             pause.store(false, Ordering::SeqCst);
             return Err(unavailable(super::service::NOT_LEADER));
@@ -325,46 +358,28 @@ where
         }
         let _ = tokio::time::timeout(Duration::from_millis(50), metrics.changed()).await;
     }
-    for (id, addr) in &others {
-        if let Err(e) = suppress(addr, group, give_up.as_millis() as u64).await {
-            tracing::warn!(node = id, error = %e, "could not quiet a voter for the hand-over");
-        }
-    }
+    quiet(&others, group, give_up.as_millis() as u64).await;
     tracing::info!(group, to, "handing over leadership: heartbeats off");
     raft.runtime_config().heartbeat(false);
-    let deadline = Instant::now() + give_up;
-    let mut next_campaign = Instant::now() + Duration::from_millis(config.election_timeout_min);
-    let outcome = loop {
-        let now_leader = raft.metrics().borrow().current_leader;
-        if let Some(l) = now_leader.filter(|l| *l == to || also.contains(l)) {
-            break Ok(l);
-        }
-        if let Some(l) = leader_seen_by(&target_addr, group)
-            .await
-            .filter(|l| *l == to || also.contains(l))
-        {
-            break Ok(l);
-        }
-        if Instant::now() >= next_campaign {
-            if let Err(e) = campaign(&target_addr, group).await {
-                tracing::debug!(error = %e, "asking the target to campaign");
-            }
-            next_campaign = Instant::now() + Duration::from_millis(500);
-        }
-        if Instant::now() > deadline {
-            break Err(unavailable(format!(
-                "node {to} did not take over within {give_up:?}; this node leads on"
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    // This node stays in the group: its own view of the leader counts too.
+    let outcome = await_takeover(
+        &target_addr,
+        group,
+        to,
+        also,
+        Instant::now() + Duration::from_millis(config.election_timeout_min),
+        Instant::now() + give_up,
+        || raft.metrics().borrow().current_leader,
+    )
+    .await
+    .map_err(|_| {
+        unavailable(format!(
+            "node {to} did not take over within {give_up:?}; this node leads on"
+        ))
+    });
     raft.runtime_config().heartbeat(true);
     pause.store(false, Ordering::SeqCst);
-    for (id, addr) in &others {
-        if let Err(e) = suppress(addr, group, 0).await {
-            tracing::warn!(node = id, error = %e, "could not resume a voter's elections (it resumes by itself)");
-        }
-    }
+    quiet(&others, group, 0).await;
     outcome
 }
 
