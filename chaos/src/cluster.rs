@@ -171,6 +171,8 @@ impl ChaosCluster {
                 addr_of(id, 2),
                 addr_of(id, 3),
             );
+            // AMQP on a free port of the node's address (clients use the HTTPS port too).
+            let amqp = SocketAddr::new(https.ip(), 0);
             let config = dir.join(format!("node{id}.toml"));
             // Async regions are clusters of their own; otherwise one cluster of every node.
             let members: Vec<String> = (1..=n as u64)
@@ -211,7 +213,7 @@ impl ChaosCluster {
             std::fs::write(
                 &config,
                 format!(
-                    "[node]\nid = {id}\nregion = \"{r}\"\ndata_dir = \"{d}\"\n[cluster]\ngrpc_listen = \"{grpc}\"\nmembers = [{m}]\nreplication_factor = {rf}\n{cx}[api]\nhttps_listen = \"{https}\"\n[tls]\ncert = \"{c}\"\nkey = \"{k}\"\n[observability]\nmetrics_listen = \"{metrics}\"\n[mqtt]\ntls_listen = \"{mqtt}\"\npartitions = {p}\n",
+                    "[node]\nid = {id}\nregion = \"{r}\"\ndata_dir = \"{d}\"\n[cluster]\ngrpc_listen = \"{grpc}\"\nmembers = [{m}]\nreplication_factor = {rf}\n{cx}[api]\nhttps_listen = \"{https}\"\n[tls]\ncert = \"{c}\"\nkey = \"{k}\"\n[observability]\nmetrics_listen = \"{metrics}\"\n[mqtt]\ntls_listen = \"{mqtt}\"\npartitions = {p}\n[amqp]\ntls_listen = \"{amqp}\"\n",
                     d = dir.join(format!("node{id}")).display(),
                     m = members.join(", "),
                     rf = opts.replication_factor,

@@ -21,7 +21,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tracing::Instrument;
 
-pub use serve::serve_https;
+pub use serve::{serve_https, serve_https_and_amqp};
 
 use crate::auth::authorize_service;
 use crate::clock::{iso_now, unix_ms, unix_now};
@@ -1527,38 +1527,18 @@ async fn send_c2d(
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult {
-    use crate::domain::c2d::{AckMode, C2dMessage, DEFAULT_TTL_MS, MAX_C2D_BYTES, MAX_TTL_MS};
+    use crate::domain::c2d::C2dSendRequest;
     s.authorize(&headers, &[Permission::ServiceConnect], &["devices", &id])
         .await?;
     let device_id = DeviceId::new(id)?;
-    if body.len() > MAX_C2D_BYTES {
-        return Err(HubError::new(
-            ErrorCode::MessageTooLarge,
-            format!(
-                "C2D body is {} bytes; the limit is {MAX_C2D_BYTES}",
-                body.len()
-            ),
-        )
-        .into());
-    }
-    let now = unix_ms();
     let expiry_ms = match header(&headers, "iothub-expiry") {
-        Some(t) => chrono::DateTime::parse_from_rfc3339(t)
-            .map_err(|_| HubError::invalid("iothub-expiry must be an ISO-8601 time"))?
-            .timestamp_millis()
-            .max(0) as u64,
-        None => now + DEFAULT_TTL_MS,
-    };
-    if expiry_ms <= now || expiry_ms > now + MAX_TTL_MS {
-        return Err(
-            HubError::invalid("the message must expire in the future and within 2 days").into(),
-        );
-    }
-    let ack = match header(&headers, "iothub-ack") {
-        Some(a) => AckMode::parse(a).ok_or_else(|| {
-            HubError::invalid("iothub-ack must be none, positive, negative or full")
-        })?,
-        None => AckMode::None,
+        Some(t) => Some(
+            chrono::DateTime::parse_from_rfc3339(t)
+                .map_err(|_| HubError::invalid("iothub-expiry must be an ISO-8601 time"))?
+                .timestamp_millis()
+                .max(0) as u64,
+        ),
+        None => None,
     };
     let properties = headers
         .iter()
@@ -1567,20 +1547,18 @@ async fn send_c2d(
             Some((name.to_string(), v.to_str().ok()?.to_string()))
         })
         .collect();
-    let message = C2dMessage {
-        message_id: header(&headers, "iothub-messageid").map_or_else(random_id, str::to_string),
-        lock_token: String::new(),
+    let message = C2dSendRequest {
+        message_id: header(&headers, "iothub-messageid").map(str::to_string),
         correlation_id: header(&headers, "iothub-correlationid").map(str::to_string),
         user_id: header(&headers, "iothub-userid").map(str::to_string),
         content_type: header(&headers, "content-type").map(str::to_string),
         content_encoding: header(&headers, "content-encoding").map(str::to_string),
-        ack,
+        ack: header(&headers, "iothub-ack").map(str::to_string),
+        expiry_ms,
         properties,
         body: body.to_vec(),
-        enqueued_ms: now,
-        expiry_ms,
-        delivery_count: 0,
-    };
+    }
+    .into_message(unix_ms(), random_id)?;
     match s
         .hub
         .write(HubCommand::SendC2d { device_id, message })

@@ -115,6 +115,13 @@ impl SasToken {
         expected.ct_eq(&self.signature).into()
     }
 
+    /// Whether the token is signed the Service Bus way: HMAC keyed with the key's text itself
+    /// (not base64-decoded), as the Event Hubs SDKs sign for the Event Hub-compatible endpoint.
+    pub fn signed_by_key_text(&self, key_text: &str) -> bool {
+        let expected = signature(key_text.as_bytes(), &self.resource_raw, self.expiry);
+        expected.ct_eq(&self.signature).into()
+    }
+
     /// The path segments of the token's scope, after the host.
     pub fn scope_segments(&self) -> Vec<&str> {
         // `sr` is `host[/path]`; a trailing query-like suffix seen in old samples is ignored.

@@ -464,6 +464,10 @@ pub struct DevArgs {
     /// MQTT/TLS device port (the Azure device SDKs dial 8883).
     #[arg(long, default_value_t = 8883)]
     pub mqtt_port: u16,
+    /// AMQP/TLS port of the service SDKs and Event Hubs clients (Azure's 5671: the Python service
+    /// SDK cannot use another; AMQP is also served on the HTTPS port).
+    #[arg(long, default_value_t = 5671)]
+    pub amqp_port: u16,
     /// Node-to-node gRPC port (loopback only in dev).
     #[arg(long, default_value_t = 7101)]
     pub grpc_port: u16,
@@ -497,6 +501,7 @@ impl DevArgs {
         config.api.https_listen = SocketAddr::from((Ipv4Addr::LOCALHOST, self.https_port));
         config.cluster.grpc_listen = SocketAddr::from((Ipv4Addr::LOCALHOST, self.grpc_port));
         config.mqtt.tls_listen = SocketAddr::from((Ipv4Addr::LOCALHOST, self.mqtt_port));
+        config.amqp.tls_listen = SocketAddr::from((Ipv4Addr::LOCALHOST, self.amqp_port));
         config.cluster.members.clear();
         config.observability.metrics_listen = (self.metrics_port != 0)
             .then(|| SocketAddr::from((Ipv4Addr::LOCALHOST, self.metrics_port)));
@@ -568,6 +573,14 @@ pub async fn run_dev(config: Config) -> anyhow::Result<()> {
     println!(
         "  MQTT device endpoint: mqtts://{} (and wss://{}/$iothub/websocket)",
         node.mqtt_addr, node.https_addr
+    );
+    println!(
+        "  AMQP service endpoint (C2D send, feedback, Event Hubs): amqps://{} (and amqps://{})",
+        node.amqp_addr, node.https_addr
+    );
+    println!(
+        "  Event Hub-compatible endpoint: Endpoint=sb://{}/;SharedAccessKeyName=service;SharedAccessKey=<key>;EntityPath={}",
+        node.host_name, node.event_hub
     );
     println!(
         "  operator connection string (meridian cluster): {}",
@@ -843,6 +856,8 @@ pub async fn run_demo(args: DemoArgs, env: &HashMap<String, String>) -> anyhow::
         config.node.data_dir = args.data_dir.join(format!("node{id}"));
         config.api.https_listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port(id, 0)));
         config.mqtt.tls_listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port(id, 1)));
+        // AMQP is also served on each node's HTTPS port; the TLS listener takes a free port.
+        config.amqp.tls_listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
         config.cluster.grpc_listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port(id, 2)));
         // Each region is a cluster of its own (async pair): members are its own nodes.
         config.cluster.members = (1..=total)

@@ -45,6 +45,8 @@ pub struct Config {
     pub hub: HubSection,
     /// The MQTT device endpoint.
     pub mqtt: crate::mqtt::MqttSection,
+    /// The AMQP endpoint (service C2D/feedback, Event Hub-compatible telemetry).
+    pub amqp: crate::amqp::AmqpSection,
     /// Logs, traces and metrics.
     pub observability: ObservabilitySection,
     /// The hub's other regions and the failover policy (geo-paired hubs).

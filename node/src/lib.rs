@@ -1,5 +1,6 @@
 //! A Meridian hub node.
 
+pub mod amqp;
 pub mod api;
 pub mod auth;
 pub mod cli;

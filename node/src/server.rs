@@ -74,6 +74,10 @@ pub struct Node {
     pub grpc_addr: SocketAddr,
     /// Bound address of the MQTT/TLS device endpoint.
     pub mqtt_addr: SocketAddr,
+    /// Where the AMQP/TLS endpoint listens.
+    pub amqp_addr: SocketAddr,
+    /// The Event Hub-compatible name of the events endpoint.
+    pub event_hub: String,
     /// Bound address of the metrics endpoint, if enabled.
     pub metrics_addr: Option<SocketAddr>,
     /// TLS files the public listeners use.
@@ -152,6 +156,7 @@ fn new_hub_settings(config: &Config) -> HubSettings {
         max_modules_per_device: config.hub.max_modules_per_device,
         routing_limits: config.hub.routing_limits.clone(),
         operator_key: random_key(),
+        created_ms: crate::clock::unix_ms(),
         initial_members: config
             .members()
             .into_iter()
@@ -744,12 +749,43 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
             }),
         ));
     }
+    // ---- amqp: service C2D/feedback and the Event Hub-compatible endpoint ----
+    let amqp_listener = TcpListener::bind(config.amqp.tls_listen)
+        .await
+        .map_err(io(format!("bind amqp {}", config.amqp.tls_listen)))?;
+    let amqp_addr = amqp_listener.local_addr().map_err(io("amqp local addr"))?;
+    let host_name = config
+        .api
+        .host_name
+        .clone()
+        .unwrap_or_else(|| format!("localhost:{}", https_addr.port()));
+    let amqp = Arc::new(crate::amqp::AmqpContext {
+        hub: hub.clone(),
+        reader: event_reader.clone(),
+        event_hub: config.amqp.event_hub_name(&host_name),
+        host_name: host_name.clone(),
+        redirect_port: amqp_addr.port(),
+        max_links: config.amqp.max_links_per_connection,
+    });
+    tasks.push((
+        "amqp",
+        tokio::spawn(crate::amqp::serve_listener(
+            amqp_listener,
+            tls::server_config(&tls_files, &[])?,
+            amqp.clone(),
+            shutdown.clone(),
+        )),
+    ));
+    tracing::info!(%amqp_addr, event_hub = %amqp.event_hub, "amqp endpoint listening (tls)");
     {
         let shutdown = shutdown.clone();
+        let amqp = config.amqp.on_https.then_some(amqp.clone());
         tasks.push((
             "https",
             tokio::spawn(async move {
-                if let Err(e) = api::serve_https(https_listener, https_tls, router, shutdown).await
+                if let Err(e) =
+                    api::serve_https_and_amqp(https_listener, https_tls, router, amqp, shutdown)
+                        .await
                 {
                     tracing::error!(error = %e, "https server failed");
                 }
@@ -796,12 +832,10 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
         grpc_addr,
         mqtt_addr,
         metrics_addr,
+        amqp_addr,
+        event_hub: amqp.event_hub.clone(),
         tls: tls_files,
-        host_name: config
-            .api
-            .host_name
-            .clone()
-            .unwrap_or_else(|| format!("localhost:{}", https_addr.port())),
+        host_name,
         tasks,
     })
 }

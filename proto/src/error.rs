@@ -170,6 +170,37 @@ impl ErrorCode {
         }
     }
 
+    /// The AMQP error condition the AMQP endpoint rejects a delivery or closes a link with (the
+    /// conditions the service SDKs translate: `amqp:not-found` → DeviceNotFoundError,
+    /// `amqp:resource-limit-exceeded` → DeviceMaximumQueueDepthExceededError, ...).
+    pub fn amqp_condition(self) -> &'static str {
+        match self {
+            ErrorCode::IotHubUnauthorizedAccess | ErrorCode::Unauthorized => {
+                "amqp:unauthorized-access"
+            }
+            ErrorCode::DeviceNotFound | ErrorCode::ModuleNotFound | ErrorCode::ResourceNotFound => {
+                "amqp:not-found"
+            }
+            ErrorCode::DeviceMaximumQueueDepthExceeded
+            | ErrorCode::IotHubQuotaExceeded
+            | ErrorCode::ModuleQuotaExceeded => "amqp:resource-limit-exceeded",
+            ErrorCode::MessageTooLarge => "amqp:link:message-size-exceeded",
+            ErrorCode::ArgumentInvalid
+            | ErrorCode::IotHubFormatError
+            | ErrorCode::TwinSizeExceeded
+            | ErrorCode::TwinInvalid => "com.microsoft:argument-error",
+            ErrorCode::PreconditionFailed => "com.microsoft:precondition-failed",
+            ErrorCode::DeviceAlreadyExists
+            | ErrorCode::ModuleAlreadyExistsOnDevice
+            | ErrorCode::ConsumerGroupAlreadyExists => "com.microsoft:entity-already-exists",
+            ErrorCode::DeviceMessageLockLost => "com.microsoft:message-lock-lost",
+            ErrorCode::MethodNotAllowed | ErrorCode::DeviceNotOnline => "amqp:not-allowed",
+            ErrorCode::ServiceUnavailable => "com.microsoft:server-busy",
+            ErrorCode::GatewayTimeout => "com.microsoft:timeout",
+            ErrorCode::ServerError => "amqp:internal-error",
+        }
+    }
+
     /// Whether a client may retry the same request unchanged.
     pub fn retryable(self) -> bool {
         matches!(

@@ -149,6 +149,77 @@ pub fn feedback_for(
     })
 }
 
+/// A service's request to send a C2D message, as either front-end (REST headers, an AMQP message)
+/// decoded it; [`C2dSendRequest::into_message`] applies Azure's limits once for both.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct C2dSendRequest {
+    /// `message-id`; a random one when absent.
+    pub message_id: Option<String>,
+    /// `correlation-id`.
+    pub correlation_id: Option<String>,
+    /// `user-id`.
+    pub user_id: Option<String>,
+    /// `content-type`.
+    pub content_type: Option<String>,
+    /// `content-encoding`.
+    pub content_encoding: Option<String>,
+    /// `iothub-ack` as sent.
+    pub ack: Option<String>,
+    /// Absolute expiry (Unix ms); default one hour from now.
+    pub expiry_ms: Option<u64>,
+    /// Application properties.
+    pub properties: BTreeMap<String, String>,
+    /// Body.
+    pub body: Vec<u8>,
+}
+
+impl C2dSendRequest {
+    /// The message to enqueue, or the error the sender gets: body over 64 KB, an expiry in the
+    /// past or beyond two days, an unknown `iothub-ack`.
+    pub fn into_message(
+        self,
+        now_ms: u64,
+        new_id: impl FnOnce() -> String,
+    ) -> crate::domain::HubResult<C2dMessage> {
+        use crate::domain::HubError;
+        if self.body.len() > MAX_C2D_BYTES {
+            return Err(HubError::new(
+                meridian_proto::ErrorCode::MessageTooLarge,
+                format!(
+                    "C2D body is {} bytes; the limit is {MAX_C2D_BYTES}",
+                    self.body.len()
+                ),
+            ));
+        }
+        let expiry_ms = self.expiry_ms.unwrap_or(now_ms + DEFAULT_TTL_MS);
+        if expiry_ms <= now_ms || expiry_ms > now_ms + MAX_TTL_MS {
+            return Err(HubError::invalid(
+                "the message must expire in the future and within 2 days",
+            ));
+        }
+        let ack = match self.ack.as_deref() {
+            Some(a) => AckMode::parse(a).ok_or_else(|| {
+                HubError::invalid("iothub-ack must be none, positive, negative or full")
+            })?,
+            None => AckMode::None,
+        };
+        Ok(C2dMessage {
+            message_id: self.message_id.unwrap_or_else(new_id),
+            lock_token: String::new(),
+            correlation_id: self.correlation_id,
+            user_id: self.user_id,
+            content_type: self.content_type,
+            content_encoding: self.content_encoding,
+            ack,
+            properties: self.properties,
+            body: self.body,
+            enqueued_ms: now_ms,
+            expiry_ms,
+            delivery_count: 0,
+        })
+    }
+}
+
 impl C2dQueue {
     /// Removes expired messages and returns them.
     pub fn take_expired(&mut self, now_ms: u64) -> Vec<C2dMessage> {
@@ -201,6 +272,40 @@ mod tests {
         assert!(feedback_for(&m, FeedbackStatus::Expired, "d", "g", "t").is_none());
         assert_eq!(AckMode::parse("FULL"), Some(AckMode::Full));
         assert_eq!(AckMode::parse("maybe"), None);
+    }
+
+    #[test]
+    fn send_requests_get_azure_limits() {
+        let ok = C2dSendRequest {
+            ack: Some("full".into()),
+            body: vec![1; 10],
+            ..Default::default()
+        }
+        .into_message(1_000, || "generated".into())
+        .expect("valid");
+        assert_eq!(ok.message_id, "generated");
+        assert_eq!(ok.ack, AckMode::Full);
+        assert_eq!(ok.expiry_ms, 1_000 + DEFAULT_TTL_MS);
+        let too_big = C2dSendRequest {
+            body: vec![0; MAX_C2D_BYTES + 1],
+            ..Default::default()
+        };
+        assert_eq!(
+            too_big.into_message(0, String::new).map_err(|e| e.code),
+            Err(meridian_proto::ErrorCode::MessageTooLarge)
+        );
+        for expiry in [500, 1_000 + MAX_TTL_MS + 1] {
+            let r = C2dSendRequest {
+                expiry_ms: Some(expiry),
+                ..Default::default()
+            };
+            assert!(r.into_message(1_000, String::new).is_err());
+        }
+        let bad_ack = C2dSendRequest {
+            ack: Some("sometimes".into()),
+            ..Default::default()
+        };
+        assert!(bad_ack.into_message(0, String::new).is_err());
     }
 
     #[test]

@@ -43,6 +43,9 @@ pub struct HubSettings {
     /// control-plane API requires; hub policies, iothubowner included, cannot manage the cluster.
     #[serde(default)]
     pub operator_key: String,
+    /// When the hub was created (Unix ms; 0 for hubs created before this was recorded).
+    #[serde(default)]
+    pub created_ms: u64,
 }
 
 /// A device with its twin and modules.
@@ -1212,6 +1215,7 @@ mod tests {
             max_devices: 3,
             max_modules_per_device: 2,
             routing_limits: Default::default(),
+            created_ms: 0,
         };
         assert_eq!(
             state.apply(HubCommand::InitHub { settings }),

@@ -320,6 +320,7 @@ mod tests {
                 max_devices: 10,
                 max_modules_per_device: 2,
                 routing_limits: Default::default(),
+                created_ms: 0,
             };
             let entry = openraft::Entry::<TypeConfig> {
                 log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), 1),

@@ -163,7 +163,7 @@ fn configured_node_at(
     let data_dir = dir.join(format!("node{id}"));
     let config_path = dir.join(format!("node{id}.toml"));
     let toml = format!(
-        "[node]\nid = {id}\ndata_dir = \"{data}\"\n\n[cluster]\ngrpc_listen = \"{host}:{grpc}\"\nmembers = [{members}]\n\n[api]\nhttps_listen = \"{host}:{https}\"\n\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n\n[observability]\nmetrics_listen = \"{host}:{metrics}\"\n\n[mqtt]\ntls_listen = \"{host}:{mqtt}\"\n",
+        "[node]\nid = {id}\ndata_dir = \"{data}\"\n\n[cluster]\ngrpc_listen = \"{host}:{grpc}\"\nmembers = [{members}]\n\n[api]\nhttps_listen = \"{host}:{https}\"\n\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n\n[observability]\nmetrics_listen = \"{host}:{metrics}\"\n\n[mqtt]\ntls_listen = \"{host}:{mqtt}\"\n\n[amqp]\ntls_listen = \"{host}:0\"\n",
         data = data_dir.display(),
         cert = tls.cert.display(),
         key = tls.key.display(),
@@ -238,6 +238,12 @@ pub fn start_dev() -> Result<Cluster> {
 
 /// Starts `meridian dev` with extra `MERIDIAN_*` environment overrides.
 pub fn start_dev_with_env(env: &[(&str, &str)]) -> Result<Cluster> {
+    start_dev_with_amqp_port(env, 0)
+}
+
+/// Starts `meridian dev` with its AMQP/TLS listener on `amqp_port` (0: a free one; the Python
+/// service SDK needs 5671).
+pub fn start_dev_with_amqp_port(env: &[(&str, &str)], amqp_port: u16) -> Result<Cluster> {
     let dir = tempfile::tempdir()?;
     let ports = free_ports(4)?;
     let (https, grpc, metrics, mqtt) = (ports[0], ports[1], ports[2], ports[3]);
@@ -256,6 +262,8 @@ pub fn start_dev_with_env(env: &[(&str, &str)]) -> Result<Cluster> {
             metrics.to_string(),
             "--mqtt-port".into(),
             mqtt.to_string(),
+            "--amqp-port".into(),
+            amqp_port.to_string(),
         ],
         data_dir: data_dir.clone(),
         config_path: PathBuf::new(),
