@@ -100,6 +100,8 @@ pub struct AmqpContext {
 
 /// How long a client may take to send its protocol header.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take from its protocol header to a completed Open.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often links re-check that their token is still valid.
 const TOKEN_CHECK: Duration = Duration::from_secs(1);
 const SASL_HEADER: [u8; 8] = *b"AMQP\x03\x01\x00\x00";
@@ -199,8 +201,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
 
 /// Serves one AMQP connection on a TLS stream of which `read` bytes were already consumed (the
 /// HTTPS listener reads a few to tell AMQP from HTTP).
-pub async fn serve_connection<S>(ctx: Arc<AmqpContext>, mut stream: S, read: Vec<u8>, peer: SocketAddr)
-where
+pub async fn serve_connection<S>(
+    ctx: Arc<AmqpContext>,
+    mut stream: S,
+    read: Vec<u8>,
+    peer: SocketAddr,
+) where
     S: AsyncRead + AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
 {
     // The 8-byte protocol header says whether a SASL layer comes first: uamqp, pyamqp and
@@ -223,26 +229,23 @@ where
         at: 0,
         inner: stream,
     };
+    // A client that does not finish SASL and Open in time (a stalled or malformed frame) is cut.
     let accepted = if header[..] == SASL_HEADER {
-        let sasl = HubSasl {
-            conn: conn.clone(),
-        };
-        ConnectionAcceptor::builder()
+        let sasl = HubSasl { conn: conn.clone() };
+        let acceptor = ConnectionAcceptor::builder()
             .container_id("meridian")
             .max_frame_size(MAX_FRAME)
             .channel_max(CHANNEL_MAX)
             .sasl_acceptor(sasl)
-            .build()
-            .accept(replay)
-            .await
+            .build();
+        tokio::time::timeout(OPEN_TIMEOUT, acceptor.accept(replay)).await
     } else if header[..] == AMQP_HEADER {
-        ConnectionAcceptor::builder()
+        let acceptor = ConnectionAcceptor::builder()
             .container_id("meridian")
             .max_frame_size(MAX_FRAME)
             .channel_max(CHANNEL_MAX)
-            .build()
-            .accept(replay)
-            .await
+            .build();
+        tokio::time::timeout(OPEN_TIMEOUT, acceptor.accept(replay)).await
     } else {
         // AMQP §2.2: answer an unsupported header with the one we support, then close.
         let mut stream = replay.inner;
@@ -252,8 +255,12 @@ where
         return;
     };
     let mut connection = match accepted {
-        Ok(c) => c,
-        Err(e) => {
+        Ok(Ok(c)) => c,
+        Err(_) => {
+            tracing::debug!(%peer, "amqp open timed out");
+            return;
+        }
+        Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "amqp open failed");
             return;
         }
@@ -439,10 +446,7 @@ fn acceptors() -> Acceptors {
 }
 
 /// An AMQP error with an Azure condition.
-pub(crate) fn amqp_error(
-    condition: &str,
-    description: impl Into<String>,
-) -> definitions::Error {
+pub(crate) fn amqp_error(condition: &str, description: impl Into<String>) -> definitions::Error {
     definitions::Error::new(
         ErrorCondition::Custom(Symbol::from(condition.to_string())),
         Some(description.into()),

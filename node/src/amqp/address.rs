@@ -193,7 +193,11 @@ mod tests {
             "/messages/devicebound",
             "/messages/deviceBound",
         ] {
-            assert_eq!(AmqpNode::parse(a, eh).ok(), Some(AmqpNode::DeviceBound), "{a}");
+            assert_eq!(
+                AmqpNode::parse(a, eh).ok(),
+                Some(AmqpNode::DeviceBound),
+                "{a}"
+            );
         }
         assert_eq!(
             AmqpNode::parse("/messages/serviceBound/feedback", eh).ok(),
@@ -220,8 +224,11 @@ mod tests {
             Some(AmqpNode::Management)
         );
         assert_eq!(
-            AmqpNode::parse("amqps://h/messages/events/ConsumerGroups/$Default/Partitions/0", eh)
-                .ok(),
+            AmqpNode::parse(
+                "amqps://h/messages/events/ConsumerGroups/$Default/Partitions/0",
+                eh
+            )
+            .ok(),
             Some(AmqpNode::IotHubEvents {
                 rest: "/ConsumerGroups/$Default/Partitions/0".into()
             })

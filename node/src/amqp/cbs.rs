@@ -190,13 +190,20 @@ mod tests {
             1_000,
         )
         .expect("pyamqp");
-        assert_eq!(g.scope, segments(&["meridian", "consumergroups", "$default"]));
+        assert_eq!(
+            g.scope,
+            segments(&["meridian", "consumergroups", "$default"])
+        );
         let mut grants = Grants::default();
         grants.put(g);
         let p0 = segments(&["meridian", "ConsumerGroups", "$Default", "Partitions", "0"]);
         assert!(grants.check(&p0, Permission::ServiceConnect, 1_500).is_ok());
         let other = segments(&["meridian", "ConsumerGroups", "other", "Partitions", "0"]);
-        assert!(grants.check(&other, Permission::ServiceConnect, 1_500).is_err());
+        assert!(
+            grants
+                .check(&other, Permission::ServiceConnect, 1_500)
+                .is_err()
+        );
         // Expired at 2_000; a refresh for the same audience replaces it.
         assert_eq!(
             grants
@@ -249,9 +256,13 @@ mod tests {
         // Expired.
         assert!(verify_token(&token("localhost", 10), "localhost", lookup, 20).is_err());
         // Wrong key.
-        let forged =
-            crate::auth::sign("localhost", &p.secondary_key.replace('B', "C"), 50, Some("service"))
-                .expect("sign");
+        let forged = crate::auth::sign(
+            "localhost",
+            &p.secondary_key.replace('B', "C"),
+            50,
+            Some("service"),
+        )
+        .expect("sign");
         assert!(verify_token(&forged, "localhost", lookup, 20).is_err());
         // Unknown policy, no policy.
         let unknown = crate::auth::sign("localhost", &p.primary_key, 50, Some("x")).expect("sign");

@@ -50,7 +50,13 @@ struct ReplyLink {
 }
 
 impl Replies {
-    fn add(&self, id: u64, node: &'static str, name: String, target: String) -> mpsc::Receiver<AmqpMessage> {
+    fn add(
+        &self,
+        id: u64,
+        node: &'static str,
+        name: String,
+        target: String,
+    ) -> mpsc::Receiver<AmqpMessage> {
         let (tx, rx) = mpsc::channel(64);
         if let Ok(mut links) = self.links.lock() {
             links.push(ReplyLink {
@@ -171,7 +177,10 @@ pub(crate) async fn serve(
         ) => events(&conn, partition, &consumer_group, filter, s).await,
         (AmqpNode::IotHubEvents { rest }, Link::Sender(s)) => redirect(&conn, &rest, s).await,
         (_, Link::Sender(s)) => {
-            let e = amqp_error("amqp:not-allowed", format!("{address} cannot be received from"));
+            let e = amqp_error(
+                "amqp:not-allowed",
+                format!("{address} cannot be received from"),
+            );
             s.close_with_error(e).await.map_err(|e| e.to_string())
         }
         (_, Link::Receiver(r)) => {
@@ -263,7 +272,12 @@ fn uuid_string(b: &[u8]) -> String {
     }
 }
 
-fn response(correlation: Option<MessageId>, status: i32, description: &str, body: Value) -> AmqpMessage {
+fn response(
+    correlation: Option<MessageId>,
+    status: i32,
+    description: &str,
+    body: Value,
+) -> AmqpMessage {
     let mut props = OrderedMap::new();
     props.insert("status-code".to_string(), SimpleValue::Int(status));
     props.insert(
@@ -312,10 +326,7 @@ async fn requests(
             .properties
             .as_ref()
             .and_then(|p| p.message_id.clone());
-        let reply_to = request
-            .properties
-            .as_ref()
-            .and_then(|p| p.reply_to.clone());
+        let reply_to = request.properties.as_ref().and_then(|p| p.reply_to.clone());
         let (status, description, body) = if node == "$cbs" {
             put_token(conn, request)
         } else {
@@ -334,13 +345,25 @@ async fn requests(
 fn put_token(conn: &ConnectionState, request: &AmqpMessage) -> (i32, String, Value) {
     let operation = app_string(request, "operation").unwrap_or_default();
     if operation != "put-token" {
-        return (400, format!("unsupported $cbs operation {operation:?}"), Value::Null);
+        return (
+            400,
+            format!("unsupported $cbs operation {operation:?}"),
+            Value::Null,
+        );
     }
     let Some(audience) = app_string(request, "name") else {
-        return (400, "put-token needs the audience in `name`".into(), Value::Null);
+        return (
+            400,
+            "put-token needs the audience in `name`".into(),
+            Value::Null,
+        );
     };
     let Some(token) = body_string(&request.body) else {
-        return (400, "put-token needs the token as the body".into(), Value::Null);
+        return (
+            400,
+            "put-token needs the token as the body".into(),
+            Value::Null,
+        );
     };
     match conn.verify(&token, &audience) {
         Ok(grant) => {
@@ -369,7 +392,11 @@ async fn management(conn: &ConnectionState, request: &AmqpMessage) -> (i32, Stri
     let kind = app_string(request, "type").unwrap_or_default();
     let name = app_string(request, "name").unwrap_or_default();
     if operation != "READ" {
-        return (501, format!("unsupported operation {operation:?}"), Value::Null);
+        return (
+            501,
+            format!("unsupported operation {operation:?}"),
+            Value::Null,
+        );
     }
     if let Some(token) = app_string(request, "security_token") {
         let checked = conn.verify(&token, "").and_then(|g| {
@@ -888,7 +915,10 @@ async fn redirect(conn: &ConnectionState, rest: &str, sender: Sender) -> LinkRes
         Some("use the Event Hub-compatible endpoint".to_string()),
         Some(info),
     );
-    sender.close_with_error(error).await.map_err(|e| e.to_string())
+    sender
+        .close_with_error(error)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -914,9 +944,10 @@ mod tests {
             application_properties: Default::default(),
             body: Vec::new(),
         };
-        message
-            .system_properties
-            .insert("iothub-enqueuedtime".into(), "2026-11-28T00:00:00.250Z".into());
+        message.system_properties.insert(
+            "iothub-enqueuedtime".into(),
+            "2026-11-28T00:00:00.250Z".into(),
+        );
         message
             .system_properties
             .insert("iothub-connection-device-id".into(), "d1".into());
@@ -936,7 +967,10 @@ mod tests {
             message,
         });
         let ann = &m.message_annotations.as_ref().expect("annotations").0;
-        let get = |k: &str| ann.get(&OwnedKey::Symbol(Symbol::from(k.to_string()))).cloned();
+        let get = |k: &str| {
+            ann.get(&OwnedKey::Symbol(Symbol::from(k.to_string())))
+                .cloned()
+        };
         assert_eq!(get("x-opt-sequence-number"), Some(Value::Long(7)));
         assert_eq!(get("x-opt-offset"), Some(Value::String("7".into())));
         let at = chrono::DateTime::parse_from_rfc3339("2026-11-28T00:00:00.250Z")
@@ -957,7 +991,11 @@ mod tests {
             Some("application/json".to_string())
         );
         assert_eq!(
-            m.application_properties.as_ref().expect("app").0.get("temperature"),
+            m.application_properties
+                .as_ref()
+                .expect("app")
+                .0
+                .get("temperature"),
             Some(&SimpleValue::String("21".into()))
         );
     }

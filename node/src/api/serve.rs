@@ -72,7 +72,11 @@ pub async fn serve_https_and_amqp(
             if amqp.is_some() && tls.read_exact(&mut first).await.is_err() {
                 return;
             }
-            let read = if amqp.is_some() { first.to_vec() } else { Vec::new() };
+            let read = if amqp.is_some() {
+                first.to_vec()
+            } else {
+                Vec::new()
+            };
             if let Some(ctx) = amqp.filter(|_| &first == b"AMQP") {
                 tokio::select! {
                     _ = crate::amqp::serve_connection(ctx, tls, read, peer) => {}

@@ -1,0 +1,330 @@
+//! The AMQP endpoint: the official service SDKs (C2D send and feedback; the Event Hub-compatible
+//! endpoint with the Event Hubs SDKs), tokens enforced per link, and malformed frames.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use common::{create_device, run_sdk_script, sdk_cache, start_dev, start_dev_with_amqp_port};
+use fe2o3_amqp::types::messaging::{AmqpValue, ApplicationProperties, Body, Message, Properties};
+use fe2o3_amqp::types::primitives::{SimpleValue, Value};
+use fe2o3_amqp::{Connection, Receiver, Sender, Session};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// `keyName`'s primary key from a node's credentials.
+fn policy_key(creds: &meridian::server::Credentials, name: &str) -> String {
+    creds
+        .shared_access_policies
+        .iter()
+        .find(|p| p.key_name == name)
+        .map(|p| p.primary_key.clone())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_service_sdks_send_c2d_and_read_events_over_amqp() -> Result<()> {
+    // uamqp (azure-iot-hub) can only dial 5671.
+    let mut cluster = start_dev_with_amqp_port(&[], 5671)?;
+    let _ = cluster.credentials(Duration::from_secs(60)).await?;
+    let node = cluster.node(1);
+    let (mqtt, https) = (node.mqtt.port(), node.https.port());
+    let credentials = node.data_dir.join("dev-credentials.json");
+    let python = sdk_cache().join("venv/bin/python");
+    let out = run_sdk_script(
+        &python,
+        "service_amqp.py",
+        &[
+            ("MERIDIAN_CREDENTIALS", credentials.display().to_string()),
+            ("MERIDIAN_MQTT_PORT", mqtt.to_string()),
+            ("MERIDIAN_HTTPS_PORT", https.to_string()),
+            ("MERIDIAN_EVENT_HUB", "localhost".into()),
+        ],
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", cluster.logs()))?;
+    assert!(out.contains("PASS service_amqp.py"), "{out}");
+    for step in [
+        "c2d",
+        "c2d_unknown_device",
+        "c2d_queue_full",
+        "c2d_wrong_key",
+        "c2d_no_permission",
+        "eh_from_start",
+        "eh_from_start_logging",
+        "eh_from_offset",
+        "eh_from_sequence",
+        "eh_from_enqueued_time",
+        "eh_checkpoint_restart",
+        "eh_wrong_key",
+    ] {
+        assert!(
+            out.contains(&format!("ok {step}\n")),
+            "{step} missing:\n{out}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_service_sdks_send_c2d_get_feedback_and_read_events_over_amqp() -> Result<()> {
+    let mut cluster = start_dev()?;
+    let creds = cluster.credentials(Duration::from_secs(60)).await?;
+    let mut svc = cluster.client(1).await?.connect().await?;
+    let device = "js-amqp-device";
+    let device_key = create_device(&mut svc, device).await?;
+    let (mqtt, https) = (cluster.node(1).mqtt.port(), cluster.node(1).https.port());
+    let ca = cluster.ca.display().to_string();
+    let node = std::process::Command::new("timeout")
+        .arg("180")
+        .arg("node")
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/service_amqp.js"))
+        .env(
+            "MERIDIAN_NODE_MODULES",
+            sdk_cache().join("node/node_modules"),
+        )
+        .env("NODE_EXTRA_CA_CERTS", &ca)
+        .env("MERIDIAN_CA_CERT", &ca)
+        .env(
+            "MERIDIAN_CONNECTION_STRING",
+            &creds.service_connection_string,
+        )
+        .env("MERIDIAN_SERVICE_KEY", policy_key(&creds, "service"))
+        .env("MERIDIAN_DEVICE_ID", device)
+        .env("MERIDIAN_DEVICE_KEY", device_key)
+        .env("MERIDIAN_MQTT_PORT", mqtt.to_string())
+        .env("MERIDIAN_HTTPS_PORT", https.to_string())
+        .env("MERIDIAN_EVENT_HUB", "localhost")
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&node.stdout),
+        String::from_utf8_lossy(&node.stderr)
+    );
+    assert!(
+        node.status.success(),
+        "node sdk failed:\n{text}\n{}",
+        cluster.logs()
+    );
+    for step in [
+        "c2d_with_feedback",
+        "c2d_unknown_device",
+        "eh_from_start",
+        "eh_from_offset",
+        "eh_from_enqueued_time",
+        "eh_wrong_key",
+    ] {
+        assert!(
+            text.contains(&format!("ok {step}\n")),
+            "{step} missing:\n{text}"
+        );
+    }
+    Ok(())
+}
+
+/// A TLS connection to the node's AMQP listener.
+async fn tls_to(
+    addr: std::net::SocketAddr,
+    ca: &std::path::Path,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let pem = std::fs::read(ca)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert?)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost")?;
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await?)
+}
+
+/// Puts `token` for `audience` on `$cbs`; returns the status code.
+async fn put_token(
+    session: &mut fe2o3_amqp::session::SessionHandle<()>,
+    audience: &str,
+    token: &str,
+) -> Result<i32> {
+    let mut sender = Sender::attach(session, "cbs-sender", "$cbs").await?;
+    let mut receiver = Receiver::attach(session, "cbs-receiver", "$cbs").await?;
+    let mut props = fe2o3_amqp::types::primitives::OrderedMap::new();
+    props.insert(
+        "operation".to_string(),
+        SimpleValue::String("put-token".into()),
+    );
+    props.insert(
+        "type".to_string(),
+        SimpleValue::String("servicebus.windows.net:sastoken".into()),
+    );
+    props.insert("name".to_string(), SimpleValue::String(audience.into()));
+    let request = Message {
+        header: None,
+        delivery_annotations: None,
+        message_annotations: None,
+        properties: Some(Properties {
+            message_id: Some(fe2o3_amqp::types::messaging::MessageId::Ulong(7)),
+            ..Default::default()
+        }),
+        application_properties: Some(ApplicationProperties(props)),
+        body: Body::Value(AmqpValue(Value::String(token.into()))),
+        footer: None,
+    };
+    sender.send(request).await?;
+    let reply = receiver.recv::<Body<Value>>().await?;
+    receiver.accept(&reply).await?;
+    let message = reply.message();
+    assert_eq!(
+        message
+            .properties
+            .as_ref()
+            .and_then(|p| p.correlation_id.clone()),
+        Some(fe2o3_amqp::types::messaging::MessageId::Ulong(7)),
+        "the reply correlates to the request's message-id, keeping its type"
+    );
+    let status = match message
+        .application_properties
+        .as_ref()
+        .and_then(|a| a.0.get("status-code"))
+    {
+        Some(SimpleValue::Int(s)) => *s,
+        other => bail!("status-code {other:?}"),
+    };
+    let _ = sender.close().await;
+    let _ = receiver.close().await;
+    Ok(status)
+}
+
+fn now() -> u64 {
+    meridian::clock::unix_now()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_checked_per_link_and_expire_and_bad_frames_leave_the_node_up() -> Result<()> {
+    let mut cluster = start_dev()?;
+    let creds = cluster.credentials(Duration::from_secs(60)).await?;
+    let service_key = policy_key(&creds, "service");
+    let read_key = policy_key(&creds, "registryRead");
+    let https = cluster.node(1).https;
+    let ca = cluster.ca.clone();
+    let open = |ca: std::path::PathBuf| async move {
+        let tls = tls_to(https, &ca).await?;
+        let mut connection = Connection::builder()
+            .container_id("meridian-test")
+            .hostname("localhost")
+            .sasl_profile(fe2o3_amqp::sasl_profile::SaslProfile::Anonymous)
+            .open_with_stream(tls)
+            .await?;
+        let session = Session::begin(&mut connection).await?;
+        Ok::<_, anyhow::Error>((connection, session))
+    };
+    let audience = "sb://localhost/localhost";
+    let partition = "localhost/ConsumerGroups/$Default/Partitions/0";
+
+    // A wrong signature and a device token: 401, no link.
+    let (_c, mut session) = open(ca.clone()).await?;
+    let forged = meridian::auth::sign(audience, &read_key, now() + 600, Some("service"))?;
+    assert_eq!(put_token(&mut session, audience, &forged).await?, 401);
+    let no_policy = meridian::auth::sign(audience, &service_key, now() + 600, None)?;
+    assert_eq!(put_token(&mut session, audience, &no_policy).await?, 401);
+    // No token at all: the receiver is attached and closed with amqp:unauthorized-access.
+    let mut receiver = Receiver::attach(&mut session, "r0", partition).await?;
+    let err = tokio::time::timeout(Duration::from_secs(10), receiver.recv::<Body<Value>>())
+        .await
+        .context("no detach")?
+        .err()
+        .context("a receiver without a token got a message")?;
+    assert!(format!("{err:?}").contains("UnauthorizedAccess"), "{err:?}");
+
+    // registryRead lacks ServiceConnect: the token is accepted, the link is not.
+    let (_c, mut session) = open(ca.clone()).await?;
+    let token = meridian::auth::sign(audience, &read_key, now() + 600, Some("registryRead"))?;
+    assert_eq!(put_token(&mut session, audience, &token).await?, 200);
+    let mut receiver = Receiver::attach(&mut session, "r1", partition).await?;
+    let err = tokio::time::timeout(Duration::from_secs(10), receiver.recv::<Body<Value>>())
+        .await
+        .context("no detach")?
+        .err()
+        .context("registryRead got events")?;
+    assert!(format!("{err:?}").contains("UnauthorizedAccess"), "{err:?}");
+
+    // A token valid for 3 s: the link works, then is closed when the token expires.
+    let (_c, mut session) = open(ca.clone()).await?;
+    let token = meridian::auth::sign(audience, &service_key, now() + 3, Some("service"))?;
+    assert_eq!(put_token(&mut session, audience, &token).await?, 200);
+    let mut receiver = Receiver::attach(&mut session, "r2", partition).await?;
+    let started = std::time::Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match receiver.recv::<Body<Value>>().await {
+                Ok(d) => receiver.accept(&d).await?,
+                Err(e) => return Ok::<_, anyhow::Error>(e),
+            }
+        }
+    })
+    .await
+    .context("the link outlived its token")??;
+    assert!(format!("{err:?}").contains("UnauthorizedAccess"), "{err:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "closed before expiry"
+    );
+
+    // Malformed input: random bytes after each protocol header, truncated frames, oversize
+    // frame lengths. Each connection ends; the node keeps serving.
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut probes = tokio::task::JoinSet::new();
+    for round in 0..120u64 {
+        let header: &[u8] = match round % 3 {
+            0 => b"AMQP\x03\x01\x00\x00",
+            1 => b"AMQP\x00\x01\x00\x00",
+            _ => b"AMQP\x02\x01\x00\x00",
+        };
+        let mut junk = header.to_vec();
+        let len = (next() % 300) as usize;
+        match round % 4 {
+            // A frame header claiming a huge size.
+            0 => junk.extend_from_slice(&[0xff, 0xff, 0xff, 0xf0, 2, 0, 0, 0]),
+            // A plausible frame header with a random body.
+            1 => junk.extend_from_slice(&[0, 0, 0, (8 + len as u8).max(8), 2, 0, 0, 0]),
+            _ => {}
+        }
+        junk.extend((0..len).map(|_| next() as u8));
+        let ca = ca.clone();
+        probes.spawn(async move {
+            let mut tls = tls_to(https, &ca).await?;
+            let _ = tls.write_all(&junk).await;
+            let mut sink = vec![0u8; 4096];
+            // The node answers (or not) and closes, at the latest when the Open is overdue.
+            tokio::time::timeout(Duration::from_secs(20), async {
+                while let Ok(n) = tls.read(&mut sink).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            })
+            .await
+            .with_context(|| format!("round {round}: the node kept a malformed connection open"))
+        });
+    }
+    while let Some(probe) = probes.join_next().await {
+        probe??;
+    }
+    assert!(cluster.node(1).is_running(), "the node died");
+    // Still serving AMQP: a good token and a partition receiver work.
+    let (_c, mut session) = open(ca.clone()).await?;
+    let token = meridian::auth::sign(audience, &service_key, now() + 600, Some("service"))?;
+    assert_eq!(put_token(&mut session, audience, &token).await?, 200);
+    Ok(())
+}
