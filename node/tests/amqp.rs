@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use common::{create_device, run_sdk_script, sdk_cache, start_dev, start_dev_with_amqp_port};
+use common::{
+    create_device, run_sdk_script, sdk_cache, start_cluster, start_dev, start_dev_with_amqp_port,
+};
 use fe2o3_amqp::types::messaging::{AmqpValue, ApplicationProperties, Body, Message, Properties};
 use fe2o3_amqp::types::primitives::{SimpleValue, Value};
 use fe2o3_amqp::{Connection, Receiver, Sender, Session};
@@ -66,6 +68,58 @@ async fn python_service_sdks_send_c2d_and_read_events_over_amqp() -> Result<()> 
     Ok(())
 }
 
+/// Runs `service_amqp.js` (Node `azure-iothub` and `@azure/event-hubs`) against one node.
+#[allow(clippy::too_many_arguments)]
+fn run_node_sdk(
+    connection_string: &str,
+    service_key: &str,
+    device: &str,
+    device_key: &str,
+    mqtt: u16,
+    https: u16,
+    ca: &str,
+) -> Result<String> {
+    let out = std::process::Command::new("timeout")
+        .arg("180")
+        .arg("node")
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/service_amqp.js"))
+        .env(
+            "MERIDIAN_NODE_MODULES",
+            sdk_cache().join("node/node_modules"),
+        )
+        .env("NODE_EXTRA_CA_CERTS", ca)
+        .env("MERIDIAN_CA_CERT", ca)
+        .env("MERIDIAN_CONNECTION_STRING", connection_string)
+        .env("MERIDIAN_SERVICE_KEY", service_key)
+        .env("MERIDIAN_DEVICE_ID", device)
+        .env("MERIDIAN_DEVICE_KEY", device_key)
+        .env("MERIDIAN_MQTT_PORT", mqtt.to_string())
+        .env("MERIDIAN_HTTPS_PORT", https.to_string())
+        .env("MERIDIAN_EVENT_HUB", "localhost")
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!("service_amqp.js failed ({}):\n{text}", out.status);
+    }
+    for step in [
+        "c2d_with_feedback",
+        "c2d_unknown_device",
+        "eh_from_start",
+        "eh_from_offset",
+        "eh_from_enqueued_time",
+        "eh_wrong_key",
+    ] {
+        if !text.contains(&format!("ok {step}\n")) {
+            bail!("{step} missing:\n{text}");
+        }
+    }
+    Ok(text)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_service_sdks_send_c2d_get_feedback_and_read_events_over_amqp() -> Result<()> {
     let mut cluster = start_dev()?;
@@ -75,50 +129,57 @@ async fn node_service_sdks_send_c2d_get_feedback_and_read_events_over_amqp() -> 
     let device_key = create_device(&mut svc, device).await?;
     let (mqtt, https) = (cluster.node(1).mqtt.port(), cluster.node(1).https.port());
     let ca = cluster.ca.display().to_string();
-    let node = std::process::Command::new("timeout")
-        .arg("180")
-        .arg("node")
-        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/service_amqp.js"))
-        .env(
-            "MERIDIAN_NODE_MODULES",
-            sdk_cache().join("node/node_modules"),
-        )
-        .env("NODE_EXTRA_CA_CERTS", &ca)
-        .env("MERIDIAN_CA_CERT", &ca)
-        .env(
-            "MERIDIAN_CONNECTION_STRING",
-            &creds.service_connection_string,
-        )
-        .env("MERIDIAN_SERVICE_KEY", policy_key(&creds, "service"))
-        .env("MERIDIAN_DEVICE_ID", device)
-        .env("MERIDIAN_DEVICE_KEY", device_key)
-        .env("MERIDIAN_MQTT_PORT", mqtt.to_string())
-        .env("MERIDIAN_HTTPS_PORT", https.to_string())
-        .env("MERIDIAN_EVENT_HUB", "localhost")
-        .output()?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&node.stdout),
-        String::from_utf8_lossy(&node.stderr)
+    run_node_sdk(
+        &creds.service_connection_string,
+        &policy_key(&creds, "service"),
+        device,
+        &device_key,
+        mqtt,
+        https,
+        &ca,
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", cluster.logs()))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_works_on_a_follower_that_holds_no_partition_of_the_device() -> Result<()> {
+    // One replica per partition: most partitions live on other nodes, so the Event Hubs reads
+    // of a node go to the replicas, and C2D sends are forwarded to the hub leader.
+    let mut cluster = start_cluster(3, &[("MERIDIAN_CLUSTER__REPLICATION_FACTOR", "1")])?;
+    let leader = cluster.wait_leader(Duration::from_secs(30)).await?;
+    let creds = cluster.credentials(Duration::from_secs(60)).await?;
+    let follower = if leader == 1 { 2 } else { 1 };
+    let mut svc = cluster.client(follower).await?.connect().await?;
+    let device = "js-amqp-follower";
+    let device_key = create_device(&mut svc, device).await?;
+    let (mqtt, https) = (
+        cluster.node(follower).mqtt.port(),
+        cluster.node(follower).https.port(),
     );
-    assert!(
-        node.status.success(),
-        "node sdk failed:\n{text}\n{}",
-        cluster.logs()
-    );
-    for step in [
-        "c2d_with_feedback",
-        "c2d_unknown_device",
-        "eh_from_start",
-        "eh_from_offset",
-        "eh_from_enqueued_time",
-        "eh_wrong_key",
-    ] {
-        assert!(
-            text.contains(&format!("ok {step}\n")),
-            "{step} missing:\n{text}"
-        );
-    }
+    let connection_string = creds
+        .service_connection_string
+        .split(';')
+        .map(|p| {
+            if p.starts_with("HostName=") {
+                format!("HostName=localhost:{https}")
+            } else {
+                p.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(";");
+    let ca = cluster.ca.display().to_string();
+    run_node_sdk(
+        &connection_string,
+        &policy_key(&creds, "service"),
+        device,
+        &device_key,
+        mqtt,
+        https,
+        &ca,
+    )
+    .map_err(|e| anyhow::anyhow!("node {follower}: {e}\n{}", cluster.logs()))?;
     Ok(())
 }
 
@@ -274,6 +335,61 @@ async fn tokens_are_checked_per_link_and_expire_and_bad_frames_leave_the_node_up
         started.elapsed() >= Duration::from_secs(1),
         "closed before expiry"
     );
+
+    // The IoT Hub name of the events endpoint, after a SASL PLAIN login as the official
+    // redirect samples do it: attached, then closed with amqp:link:redirect naming the Event
+    // Hub-compatible address with an explicit port.
+    {
+        let tls = tls_to(https, &ca).await?;
+        let hub_token =
+            meridian::auth::sign("localhost", &service_key, now() + 600, Some("service"))?;
+        let mut connection = Connection::builder()
+            .container_id("redirect-sample")
+            .hostname("localhost")
+            .sasl_profile(fe2o3_amqp::sasl_profile::SaslProfile::Plain {
+                username: "service@sas.root.localhost".into(),
+                password: hub_token,
+            })
+            .open_with_stream(tls)
+            .await?;
+        let mut session = Session::begin(&mut connection).await?;
+        let mut receiver = Receiver::attach(
+            &mut session,
+            "redirected",
+            "amqps://localhost/messages/events/ConsumerGroups/$Default/Partitions/0",
+        )
+        .await?;
+        let err = tokio::time::timeout(Duration::from_secs(10), receiver.recv::<Body<Value>>())
+            .await
+            .context("no redirect")?
+            .err()
+            .context("the IoT Hub events name delivered events")?;
+        let text = format!("{err:?}");
+        assert!(text.contains("Redirect"), "{text}");
+        // `amqps://localhost:<port>/localhost/ConsumerGroups/...`: the samples need the port.
+        let address = text
+            .split("amqps://localhost:")
+            .nth(1)
+            .context("no amqps://localhost:<port> address")?;
+        let (port, rest) = address.split_once('/').context("no path")?;
+        assert!(port.parse::<u16>().is_ok(), "{text}");
+        assert!(
+            rest.starts_with("localhost/ConsumerGroups/$Default/Partitions/0"),
+            "{text}"
+        );
+        // A wrong PLAIN password fails the SASL exchange.
+        let tls = tls_to(https, &ca).await?;
+        let refused = Connection::builder()
+            .container_id("redirect-sample")
+            .hostname("localhost")
+            .sasl_profile(fe2o3_amqp::sasl_profile::SaslProfile::Plain {
+                username: "service@sas.root.localhost".into(),
+                password: "SharedAccessSignature sr=localhost&sig=x&se=1&skn=service".into(),
+            })
+            .open_with_stream(tls)
+            .await;
+        assert!(refused.is_err(), "a bad PLAIN password was accepted");
+    }
 
     // Malformed input: random bytes after each protocol header, truncated frames, oversize
     // frame lengths. Each connection ends; the node keeps serving.
