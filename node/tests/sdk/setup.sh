@@ -2,10 +2,11 @@
 # Installs the official Azure IoT SDKs used by the black-box tests in node/tests/sdk/.
 #
 #   Python venv : ${MERIDIAN_SDK_CACHE:-$HOME/.cache/meridian-sdk}/venv
-#                 azure-iot-hub==2.7.0 azure-iot-device==2.14.0 six
+#                 azure-iot-hub==2.7.0 azure-iot-device==2.14.0 azure-eventhub==5.15.1 six
 #                 (six is an undeclared dependency of azure-iot-hub 2.7.0)
 #   Node        : ${MERIDIAN_SDK_CACHE:-$HOME/.cache/meridian-sdk}/node/node_modules
 #                 azure-iothub@1.16.6 azure-iot-device@1.18.4 azure-iot-device-mqtt@1.16.4
+#                 @azure/event-hubs@6.0.4
 #
 # Idempotent: each part is skipped when the pinned versions are already installed.
 # Output: the last two lines are
@@ -18,8 +19,8 @@ VENV="$CACHE/venv"
 NODE_DIR="$CACHE/node"
 PY="$VENV/bin/python"
 
-PY_PINS=(azure-iot-hub==2.7.0 azure-iot-device==2.14.0 six)
-NODE_PINS=(azure-iothub@1.16.6 azure-iot-device@1.18.4 azure-iot-device-mqtt@1.16.4)
+PY_PINS=(azure-iot-hub==2.7.0 azure-iot-device==2.14.0 azure-eventhub==5.15.1 six)
+NODE_PINS=(azure-iothub@1.16.6 azure-iot-device@1.18.4 azure-iot-device-mqtt@1.16.4 @azure/event-hubs@6.0.4)
 
 log() { echo "[sdk-setup] $*" >&2; }
 
@@ -35,13 +36,13 @@ python_ok() {
     "$PY" - <<'PYEOF' >/dev/null 2>&1
 import sys
 from importlib.metadata import version, PackageNotFoundError
-want = {"azure-iot-hub": "2.7.0", "azure-iot-device": "2.14.0", "six": None}
+want = {"azure-iot-hub": "2.7.0", "azure-iot-device": "2.14.0", "azure-eventhub": "5.15.1", "six": None}
 try:
     for name, ver in want.items():
         got = version(name)
         if ver is not None and got != ver:
             sys.exit(1)
-    import azure.iot.hub, azure.iot.device  # noqa: F401  (import must work, needs six)
+    import azure.iot.hub, azure.iot.device, azure.eventhub  # noqa: F401  (import must work, needs six)
 except (PackageNotFoundError, ImportError):
     sys.exit(1)
 PYEOF
