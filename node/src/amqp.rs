@@ -8,6 +8,7 @@
 
 pub mod address;
 pub mod cbs;
+mod device;
 mod links;
 
 use std::net::SocketAddr;
@@ -36,7 +37,7 @@ use tokio::sync::watch;
 
 use self::address::AmqpNode;
 use self::cbs::{Grant, Grants};
-use crate::domain::{HubError, Permission};
+use crate::domain::HubError;
 use crate::hub::Hub;
 use crate::telemetry_api::EventReader;
 
@@ -96,6 +97,8 @@ pub struct AmqpContext {
     pub redirect_port: u16,
     /// Most links per connection.
     pub max_links: usize,
+    /// The device endpoint's context: device AMQP connections register there like MQTT ones.
+    pub mqtt: Arc<crate::mqtt::MqttContext>,
 }
 
 /// How long a client may take to send its protocol header.
@@ -223,6 +226,8 @@ pub async fn serve_connection<S>(
         ctx: ctx.clone(),
         grants: Mutex::new(Grants::default()),
         links: std::sync::atomic::AtomicUsize::new(0),
+        device: tokio::sync::Mutex::new(None),
+        closing: watch::channel(false).0,
     });
     let replay = Replay {
         prefix: header.clone(),
@@ -266,8 +271,9 @@ pub async fn serve_connection<S>(
         }
     };
     tracing::debug!(%peer, "amqp connection open");
-    serve_sessions(conn, &mut connection).await;
+    serve_sessions(conn.clone(), &mut connection).await;
     let _ = connection.close().await;
+    device::end(&conn).await;
 }
 
 /// Frame size we accept (what uamqp offers; pyamqp reads it as a number).
@@ -280,9 +286,19 @@ pub(crate) struct ConnectionState {
     pub(crate) ctx: Arc<AmqpContext>,
     pub(crate) grants: Mutex<Grants>,
     links: std::sync::atomic::AtomicUsize,
+    /// The device identity of a device connection, once its first device link attached.
+    pub(crate) device: tokio::sync::Mutex<Option<Arc<device::DeviceSession>>>,
+    /// Set to close the connection (the device connected elsewhere, was disabled, the node
+    /// drains).
+    closing: watch::Sender<bool>,
 }
 
 impl ConnectionState {
+    /// Closes the connection.
+    pub(crate) fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
     /// Whether the connection's tokens allow `node` now.
     pub(crate) fn check(&self, node: &AmqpNode) -> Result<(), HubError> {
         let Some(resource) = node.resource(&self.ctx.event_hub) else {
@@ -290,7 +306,7 @@ impl ConnectionState {
         };
         let now = crate::clock::unix_now();
         match self.grants.lock() {
-            Ok(g) => g.check(&resource, Permission::ServiceConnect, now),
+            Ok(g) => g.check(&resource, node.permission(), now),
             Err(_) => Err(HubError::new(
                 meridian_proto::ErrorCode::ServerError,
                 "grants lock poisoned",
@@ -298,9 +314,50 @@ impl ConnectionState {
         }
     }
 
-    /// Verifies a token for `audience` against the hub's policies.
+    /// Verifies a token for `audience`: a hub policy's, or a device's (or module's) own key.
     pub(crate) fn verify(&self, token: &str, audience: &str) -> Result<Grant, HubError> {
         let now = crate::clock::unix_now();
+        if let Some(scope) = cbs::device_scope(token) {
+            // `sr` = host/devices/{id}[/modules/{m}], ids as sent (the scope is lower-cased).
+            let parsed = crate::auth::SasToken::parse(token)?;
+            let decoded = percent_encoding::percent_decode_str(&parsed.resource_raw)
+                .decode_utf8_lossy()
+                .into_owned();
+            let path: Vec<&str> = address::path_segments(&decoded);
+            let path: Vec<&str> = if decoded.contains("://") {
+                path
+            } else {
+                path[1..].to_vec()
+            };
+            let (device, module) = match path.as_slice() {
+                [_, d] => (d.to_string(), None),
+                [_, d, _, m] => (d.to_string(), Some(m.to_string())),
+                _ => {
+                    return Err(HubError::new(
+                        meridian_proto::ErrorCode::IotHubUnauthorizedAccess,
+                        "a device token's sr must be host/devices/{id}",
+                    ));
+                }
+            };
+            self.ctx
+                .hub
+                .read_local(|s| {
+                    crate::auth::authenticate_device(
+                        s,
+                        &device,
+                        module.as_deref(),
+                        crate::auth::DeviceCredential::Sas(token),
+                        now,
+                    )
+                })
+                .unwrap_or_else(|| {
+                    Err(HubError::new(
+                        meridian_proto::ErrorCode::ServerError,
+                        "hub state unavailable",
+                    ))
+                })?;
+            return cbs::device_grant(token, audience, scope);
+        }
         self.ctx
             .hub
             .read_local(|s| cbs::verify_token(token, audience, |name| s.policy(name), now))
@@ -377,7 +434,15 @@ impl SaslAcceptor for HubSasl {
 async fn serve_sessions(conn: Arc<ConnectionState>, connection: &mut ListenerConnectionHandle) {
     let session_acceptor = SessionAcceptor::builder().handle_max(1023u32).build();
     let mut sessions = tokio::task::JoinSet::new();
-    while let Some(incoming) = connection.next_incoming_session().await {
+    let mut closing = conn.closing.subscribe();
+    loop {
+        let incoming = tokio::select! {
+            incoming = connection.next_incoming_session() => incoming,
+            _ = closing.wait_for(|c| *c) => None,
+        };
+        let Some(incoming) = incoming else {
+            break;
+        };
         let session = match session_acceptor
             .accept_incoming_session(incoming, connection)
             .await
@@ -472,9 +537,17 @@ async fn serve_links(conn: Arc<ConnectionState>, mut session: ListenerSessionHan
             >= conn.ctx.max_links;
         let acceptor = match (&node, &role) {
             (_, Role::Sender) => &acceptors.incoming,
-            (Ok(AmqpNode::Feedback | AmqpNode::FileNotifications), Role::Receiver) => {
-                &acceptors.unsettled
-            }
+            (
+                Ok(
+                    AmqpNode::Feedback
+                    | AmqpNode::FileNotifications
+                    | AmqpNode::Device {
+                        link: address::DeviceLink::CloudToDevice,
+                        ..
+                    },
+                ),
+                Role::Receiver,
+            ) => &acceptors.unsettled,
             (_, Role::Receiver) => &acceptors.presettled,
         };
         let filter = links::selector_of(&attach);

@@ -766,6 +766,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
         host_name: host_name.clone(),
         redirect_port: amqp_addr.port(),
         max_links: config.amqp.max_links_per_connection,
+        mqtt: mqtt.clone(),
     });
     tasks.push((
         "amqp",

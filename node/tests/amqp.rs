@@ -183,6 +183,68 @@ async fn amqp_works_on_a_follower_that_holds_no_partition_of_the_device() -> Res
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_device_sdk_over_amqp_sends_receives_c2d_answers_methods_and_syncs_its_twin()
+-> Result<()> {
+    let mut cluster = start_dev()?;
+    let creds = cluster.credentials(Duration::from_secs(60)).await?;
+    let mut svc = cluster.client(1).await?.connect().await?;
+    let device = "js-amqp-transport";
+    let device_key = create_device(&mut svc, device).await?;
+    let https = cluster.node(1).https.port();
+    let ca = cluster.ca.display().to_string();
+    let out = std::process::Command::new("timeout")
+        .arg("180")
+        .arg("node")
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/device_amqp.js"))
+        .env(
+            "MERIDIAN_NODE_MODULES",
+            sdk_cache().join("node/node_modules"),
+        )
+        .env("NODE_EXTRA_CA_CERTS", &ca)
+        .env("MERIDIAN_CA_CERT", &ca)
+        .env(
+            "MERIDIAN_CONNECTION_STRING",
+            &creds.service_connection_string,
+        )
+        .env("MERIDIAN_SERVICE_KEY", policy_key(&creds, "service"))
+        .env("MERIDIAN_DEVICE_ID", device)
+        .env("MERIDIAN_DEVICE_KEY", &device_key)
+        .env("MERIDIAN_HTTPS_PORT", https.to_string())
+        .env("MERIDIAN_EVENT_HUB", "localhost")
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "device_amqp.js failed:\n{text}\n{}",
+        cluster.logs()
+    );
+    for step in [
+        "telemetry",
+        "c2d_complete",
+        "c2d_reject",
+        "c2d_abandon",
+        "twin_get_and_reported",
+        "desired_patch",
+        "direct_method",
+        "close",
+    ] {
+        assert!(
+            text.contains(&format!("ok {step}\n")),
+            "{step} missing:\n{text}"
+        );
+    }
+    println!("{text}");
+    // The AMQP connection was the device's connection: connected while it ran, then not.
+    let r = svc.json("GET", &format!("/devices/{device}"), None).await?;
+    assert_eq!(r.json()["connectionState"], "Disconnected", "{}", r.json());
+    Ok(())
+}
+
 /// A TLS connection to the node's AMQP listener.
 async fn tls_to(
     addr: std::net::SocketAddr,

@@ -125,15 +125,13 @@ async fn main() -> Result<()> {
         https,
         &ca,
     )?;
-    let ids: Vec<String> = (0..args.devices).map(|i| format!("amqp-bench-{i}")).collect();
+    let ids: Vec<String> = (0..args.devices)
+        .map(|i| format!("amqp-bench-{i}"))
+        .collect();
     let devices = create_many(&service, &ids).await?;
 
     // Load: the devices send as fast as their PUBACKs come back.
-    let load = TelemetryLoad::start(
-        devices,
-        vec![SocketAddr::from(([127, 0, 0, 1], p[3]))],
-        &ca,
-    );
+    let load = TelemetryLoad::start(devices, vec![SocketAddr::from(([127, 0, 0, 1], p[3]))], &ca);
     let loaded = Instant::now();
     progress(&load.acked, args.events, Duration::from_secs(600)).await?;
     let acked = load.stop().await?;
@@ -151,7 +149,8 @@ async fn main() -> Result<()> {
     let mut grpc_p0 = 0.0;
     for part in 0..partitions {
         // Count what the partition holds, then time a full read of it.
-        let mut client = TelemetryReadClient::new(meridian::raft::network::channel(&grpc.to_string())?);
+        let mut client =
+            TelemetryReadClient::new(meridian::raft::network::channel(&grpc.to_string())?);
         let info = client
             .partition_info(meridian_proto::telemetry::PartitionInfoRequest {})
             .await?
@@ -170,8 +169,7 @@ async fn main() -> Result<()> {
     let python = args.python.clone().unwrap_or_else(|| {
         let cache = std::env::var("MERIDIAN_SDK_CACHE").map_or_else(
             |_| {
-                PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                    .join(".cache/meridian-sdk")
+                PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/meridian-sdk")
             },
             PathBuf::from,
         );
@@ -199,7 +197,9 @@ async fn main() -> Result<()> {
     };
     let py: Value = serde_json::from_str(result)?;
     let rate = |v: &Value| v["events_per_s"].as_f64().unwrap_or(0.0);
-    println!("| read | events | gRPC TelemetryRead (events/s) | azure-eventhub receive_batch (events/s) | ratio |");
+    println!(
+        "| read | events | gRPC TelemetryRead (events/s) | azure-eventhub receive_batch (events/s) | ratio |"
+    );
     println!("|---|---:|---:|---:|---:|");
     let g0 = expected[0] as f64 / grpc_p0;
     let ga = all_events as f64 / grpc_all;

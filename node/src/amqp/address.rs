@@ -29,6 +29,15 @@ pub enum AmqpNode {
         /// Partition id.
         partition: u32,
     },
+    /// A device link (the device SDKs' AMQP transport) under `/devices/{id}[/modules/{m}]`.
+    Device {
+        /// Device id.
+        device_id: String,
+        /// Module id for a module identity.
+        module_id: Option<String>,
+        /// Which link.
+        link: DeviceLink,
+    },
     /// `/messages/events/...`: the IoT Hub form of the events endpoint, answered with a redirect to
     /// the Event Hub-compatible name (`rest` is what follows `messages/events`, e.g.
     /// `/ConsumerGroups/$Default/Partitions/0` or `/$management`).
@@ -75,6 +84,34 @@ impl AmqpNode {
                     acc
                 }),
             }),
+            ["devices", _, rest @ ..] => {
+                let device_id = percent_encoding::percent_decode_str(segments[1])
+                    .decode_utf8_lossy()
+                    .into_owned();
+                let (module_id, rest) = match rest {
+                    ["modules", _, rest @ ..] => (
+                        Some(
+                            percent_encoding::percent_decode_str(segments[3])
+                                .decode_utf8_lossy()
+                                .into_owned(),
+                        ),
+                        rest,
+                    ),
+                    _ => (None, rest),
+                };
+                let link = match rest {
+                    ["messages", "events"] => DeviceLink::Telemetry,
+                    ["messages", "devicebound"] => DeviceLink::CloudToDevice,
+                    ["methods", "devicebound"] => DeviceLink::Methods,
+                    ["twin"] => DeviceLink::Twin,
+                    _ => return Err(unknown()),
+                };
+                Ok(Self::Device {
+                    device_id,
+                    module_id,
+                    link,
+                })
+            }
             ["$management"] => Ok(Self::Management),
             [eh, "$management"] if eh.eq_ignore_ascii_case(event_hub) => Ok(Self::Management),
             [eh, "consumergroups", _, "partitions", p] if eh.eq_ignore_ascii_case(event_hub) => {
@@ -94,6 +131,14 @@ impl AmqpNode {
         }
     }
 
+    /// The right a token's policy (or device key) must give for this node.
+    pub fn permission(&self) -> crate::domain::Permission {
+        match self {
+            Self::Device { .. } => crate::domain::Permission::DeviceConnect,
+            _ => crate::domain::Permission::ServiceConnect,
+        }
+    }
+
     /// The resource path a token's scope must cover for this node (after the host), and whether
     /// the node needs a token at all (`$cbs` is how tokens arrive; redirects carry no data).
     pub fn resource(&self, event_hub: &str) -> Option<Vec<String>> {
@@ -104,6 +149,17 @@ impl AmqpNode {
             Self::DeviceBound => owned(&["messages", "devicebound"]),
             Self::Feedback => owned(&["messages", "servicebound", "feedback"]),
             Self::FileNotifications => owned(&["messages", "servicebound", "filenotifications"]),
+            Self::Device {
+                device_id,
+                module_id,
+                ..
+            } => {
+                let mut r = vec!["devices".to_string(), device_id.clone()];
+                if let Some(m) = module_id {
+                    r.extend(["modules".to_string(), m.clone()]);
+                }
+                Some(r)
+            }
             Self::EventHubPartition {
                 event_hub,
                 consumer_group,
@@ -117,6 +173,19 @@ impl AmqpNode {
             ]),
         }
     }
+}
+
+/// The links of a device connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceLink {
+    /// `messages/events`: telemetry from the device.
+    Telemetry,
+    /// `messages/devicebound`: C2D messages to the device.
+    CloudToDevice,
+    /// `methods/devicebound`: direct method requests and responses.
+    Methods,
+    /// `twin`: twin requests, responses and desired-property pushes.
+    Twin,
 }
 
 /// Where an Event Hubs receiver starts, from its selector filter.
@@ -235,7 +304,46 @@ mod tests {
         );
         assert!(AmqpNode::parse("other/ConsumerGroups/$Default/Partitions/0", eh).is_err());
         assert!(AmqpNode::parse("meridian/ConsumerGroups/$Default/Partitions/x", eh).is_err());
-        assert!(AmqpNode::parse("/devices/d1/messages/events", eh).is_err());
+    }
+
+    #[test]
+    fn device_links_resolve() {
+        let d = |a: &str| AmqpNode::parse(a, "eh").ok();
+        assert_eq!(
+            d("/devices/d1/messages/events"),
+            Some(AmqpNode::Device {
+                device_id: "d1".into(),
+                module_id: None,
+                link: DeviceLink::Telemetry
+            })
+        );
+        assert_eq!(
+            d("amqps://h/devices/d1/modules/m%231/twin"),
+            Some(AmqpNode::Device {
+                device_id: "d1".into(),
+                module_id: Some("m#1".into()),
+                link: DeviceLink::Twin
+            })
+        );
+        assert!(matches!(
+            d("/devices/d1/methods/deviceBound"),
+            Some(AmqpNode::Device {
+                link: DeviceLink::Methods,
+                ..
+            })
+        ));
+        assert!(matches!(
+            d("/devices/d1/messages/devicebound"),
+            Some(AmqpNode::Device {
+                link: DeviceLink::CloudToDevice,
+                ..
+            })
+        ));
+        assert!(d("/devices/d1/other").is_none());
+        assert_eq!(
+            d("/devices/d1/twin").and_then(|n| n.resource("eh")),
+            Some(vec!["devices".to_string(), "d1".to_string()])
+        );
     }
 
     #[test]

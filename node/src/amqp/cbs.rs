@@ -23,6 +23,8 @@ pub struct Grant {
     pub rights: Vec<Permission>,
     /// Expiry (Unix seconds).
     pub expiry: u64,
+    /// The token itself: a device connection authenticates its identity with it.
+    pub token: String,
 }
 
 impl Grant {
@@ -47,6 +49,15 @@ impl Grants {
     pub fn put(&mut self, grant: Grant) {
         self.grants.retain(|g| g.audience != grant.audience);
         self.grants.push(grant);
+    }
+
+    /// The token of a live grant covering `resource` with `needed`.
+    pub fn token_for(&self, resource: &[String], needed: Permission, now: u64) -> Option<String> {
+        self.grants
+            .iter()
+            .filter(|g| g.expiry > now && g.covers(resource) && g.rights.contains(&needed))
+            .max_by_key(|g| g.expiry)
+            .map(|g| g.token.clone())
     }
 
     /// Why `resource` may not be used with `needed` at `now`, or `Ok` when it may.
@@ -98,6 +109,32 @@ fn scope_of(text: &str) -> Vec<String> {
     segments
 }
 
+/// A device-key token (no `skn`): its scope `host/devices/{id}[/modules/{m}]`, or `None` when
+/// the token names a policy (or is no SAS at all).
+pub fn device_scope(token: &str) -> Option<Vec<String>> {
+    let parsed = SasToken::parse(token).ok()?;
+    if parsed.key_name.is_some() {
+        return None;
+    }
+    let scope = scope_of(&parsed.resource_raw);
+    match scope.as_slice() {
+        [d, _] | [d, _, _, _] if d == "devices" => Some(scope),
+        _ => None,
+    }
+}
+
+/// The grant of a device-key token whose identity `authenticate` accepted.
+pub fn device_grant(token: &str, audience: &str, scope: Vec<String>) -> HubResult<Grant> {
+    let parsed = SasToken::parse(token)?;
+    Ok(Grant {
+        audience: audience.to_string(),
+        scope,
+        rights: vec![Permission::DeviceConnect],
+        expiry: parsed.expiry,
+        token: token.to_string(),
+    })
+}
+
 /// Verifies a put-token (or SASL PLAIN password) `token` for `audience` at `now`.
 pub fn verify_token<'a>(
     token: &str,
@@ -135,6 +172,7 @@ pub fn verify_token<'a>(
         scope: scope_of(&parsed.resource_raw),
         rights: policy.rights.clone(),
         expiry: parsed.expiry,
+        token: token.to_string(),
     };
     // The token must cover what it is put for (a token for one consumer group is no token for
     // another's audience).

@@ -31,7 +31,7 @@ pub(crate) enum Link {
     Receiver(Receiver),
 }
 
-type AmqpMessage = Message<Body<Value>>;
+pub(crate) type AmqpMessage = Message<Body<Value>>;
 
 /// The reply links of one session (`$cbs` and `$management` receivers): a request is answered on
 /// the link named by its `reply-to` (a link name or target address), else on the only one there.
@@ -128,6 +128,7 @@ pub(crate) async fn refuse(link: super::LinkEndpoint, error: definitions::Error)
 }
 
 /// Runs one link until it closes.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve(
     conn: Arc<ConnectionState>,
     replies: Arc<Replies>,
@@ -176,6 +177,14 @@ pub(crate) async fn serve(
             Link::Sender(s),
         ) => events(&conn, partition, &consumer_group, filter, s).await,
         (AmqpNode::IotHubEvents { rest }, Link::Sender(s)) => redirect(&conn, &rest, s).await,
+        (
+            AmqpNode::Device {
+                device_id,
+                module_id,
+                link: device_link,
+            },
+            link,
+        ) => super::device::serve(conn.clone(), device_id, module_id, device_link, link).await,
         (_, Link::Sender(s)) => {
             let e = amqp_error(
                 "amqp:not-allowed",
@@ -238,7 +247,7 @@ fn body_bytes_of(batch: &Batch<Data>) -> Vec<u8> {
     batch.iter().flat_map(|d| d.0.iter().copied()).collect()
 }
 
-fn body_bytes(body: &Body<Value>) -> Vec<u8> {
+pub(crate) fn body_bytes(body: &Body<Value>) -> Vec<u8> {
     match body {
         Body::Data(batch) => body_bytes_of(batch),
         Body::Value(AmqpValue(Value::String(s))) => s.as_bytes().to_vec(),
@@ -247,7 +256,7 @@ fn body_bytes(body: &Body<Value>) -> Vec<u8> {
     }
 }
 
-fn id_string(id: &MessageId) -> String {
+pub(crate) fn id_string(id: &MessageId) -> String {
     match id {
         MessageId::String(s) => s.clone(),
         MessageId::Ulong(n) => n.to_string(),
@@ -256,7 +265,7 @@ fn id_string(id: &MessageId) -> String {
     }
 }
 
-fn uuid_string(b: &[u8]) -> String {
+pub(crate) fn uuid_string(b: &[u8]) -> String {
     let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
     if hex.len() == 32 {
         format!(
@@ -555,7 +564,7 @@ async fn c2d_sends(conn: &ConnectionState, mut receiver: Receiver) -> LinkResult
     }
 }
 
-fn simple_string(v: &SimpleValue) -> String {
+pub(crate) fn simple_string(v: &SimpleValue) -> String {
     match v {
         SimpleValue::String(s) => s.clone(),
         SimpleValue::Symbol(s) => s.as_str().to_string(),
@@ -649,7 +658,7 @@ fn random_id() -> String {
 }
 
 /// Waits up to `wait` for the client to detach; true when it did (fe2o3 has answered the detach).
-async fn detached_within(sender: &mut Sender, wait: Duration) -> bool {
+pub(crate) async fn detached_within(sender: &mut Sender, wait: Duration) -> bool {
     tokio::time::timeout(wait, sender.on_detach()).await.is_ok()
 }
 

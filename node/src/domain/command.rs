@@ -354,6 +354,16 @@ pub enum HubCommand {
         /// Proposer's clock.
         now: String,
     },
+    /// The device rejected a delivered message (AMQP `rejected`): it is dead-lettered at once,
+    /// with `Rejected` feedback when the sender asked for negative acks.
+    RejectC2d {
+        /// Device id.
+        device_id: DeviceId,
+        /// Lock token.
+        lock_token: String,
+        /// Proposer's clock, ISO-8601.
+        now: String,
+    },
 }
 
 impl HubCommand {
@@ -388,6 +398,7 @@ impl HubCommand {
             HubCommand::SendC2d { .. } => "send_c2d",
             HubCommand::C2dDelivered { .. } => "c2d_delivered",
             HubCommand::CompleteC2d { .. } => "complete_c2d",
+            HubCommand::RejectC2d { .. } => "reject_c2d",
             HubCommand::ExpireC2d { .. } => "expire_c2d",
             HubCommand::PurgeC2d { .. } => "purge_c2d",
             HubCommand::LockFeedback { .. } => "lock_feedback",

@@ -230,6 +230,37 @@ impl HubState {
         })
     }
 
+    /// Removes a delivered C2D message the device completed or rejected, with its feedback.
+    fn settle_c2d(
+        &mut self,
+        device_id: &DeviceId,
+        lock_token: &str,
+        now: &str,
+        outcome: FeedbackStatus,
+    ) -> HubResult<HubResponse> {
+        let entry = self
+            .devices
+            .get_mut(device_id)
+            .ok_or_else(|| HubError::device_not_found(device_id.as_str()))?;
+        let generation = entry.device.identity.generation_id.clone();
+        let done = entry.c2d.take(lock_token).ok_or_else(|| {
+            HubError::new(
+                ErrorCode::DeviceMessageLockLost,
+                format!("no message with lock token {lock_token} for device {device_id}"),
+            )
+        })?;
+        entry.device.identity.cloud_to_device_message_count = entry.c2d.messages.len() as u64;
+        entry.device.identity.last_activity_time = now.to_string();
+        self.feedback.extend(feedback_for(
+            &done,
+            outcome,
+            device_id.as_str(),
+            &generation,
+            now,
+        ));
+        Ok(HubResponse::Applied)
+    }
+
     /// Applies a command. On error the state is unchanged.
     pub fn apply(&mut self, command: HubCommand) -> HubResult<HubResponse> {
         match command {
@@ -490,30 +521,12 @@ impl HubState {
                 device_id,
                 lock_token,
                 now,
-            } => {
-                let entry = self
-                    .devices
-                    .get_mut(&device_id)
-                    .ok_or_else(|| HubError::device_not_found(device_id.as_str()))?;
-                let generation = entry.device.identity.generation_id.clone();
-                let done = entry.c2d.take(&lock_token).ok_or_else(|| {
-                    HubError::new(
-                        ErrorCode::DeviceMessageLockLost,
-                        format!("no message with lock token {lock_token} for device {device_id}"),
-                    )
-                })?;
-                entry.device.identity.cloud_to_device_message_count =
-                    entry.c2d.messages.len() as u64;
-                entry.device.identity.last_activity_time = now.clone();
-                self.feedback.extend(feedback_for(
-                    &done,
-                    FeedbackStatus::Success,
-                    device_id.as_str(),
-                    &generation,
-                    &now,
-                ));
-                Ok(HubResponse::Applied)
-            }
+            } => self.settle_c2d(&device_id, &lock_token, &now, FeedbackStatus::Success),
+            HubCommand::RejectC2d {
+                device_id,
+                lock_token,
+                now,
+            } => self.settle_c2d(&device_id, &lock_token, &now, FeedbackStatus::Rejected),
             HubCommand::ExpireC2d { now_ms, now } => {
                 let mut count = 0;
                 for (id, entry) in self.devices.iter_mut() {
@@ -1245,6 +1258,74 @@ mod tests {
             HubResponse::Device(v) => Ok(v),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_rejected_c2d_message_is_dead_lettered_with_rejected_feedback() {
+        let mut state = hub();
+        put(&mut state, "d1", IfMatch::Any).expect("device");
+        let send = |state: &mut HubState, mid: &str| {
+            let message = crate::domain::c2d::C2dSendRequest {
+                message_id: Some(mid.into()),
+                ack: Some("full".into()),
+                ..Default::default()
+            }
+            .into_message(1_000, String::new)
+            .expect("valid");
+            state
+                .apply(HubCommand::SendC2d {
+                    device_id: id("d1"),
+                    message,
+                })
+                .expect("enqueued");
+            state.devices[&id("d1")]
+                .c2d
+                .messages
+                .back()
+                .map(|m| m.lock_token.clone())
+                .unwrap_or_default()
+        };
+        let rejected = send(&mut state, "m-rejected");
+        let completed = send(&mut state, "m-completed");
+        for (token, reject) in [(&rejected, true), (&completed, false)] {
+            let command = if reject {
+                HubCommand::RejectC2d {
+                    device_id: id("d1"),
+                    lock_token: token.clone(),
+                    now: NOW.into(),
+                }
+            } else {
+                HubCommand::CompleteC2d {
+                    device_id: id("d1"),
+                    lock_token: token.clone(),
+                    now: NOW.into(),
+                }
+            };
+            assert_eq!(state.apply(command), Ok(HubResponse::Applied));
+        }
+        assert!(state.devices[&id("d1")].c2d.messages.is_empty());
+        let outcomes: Vec<(String, FeedbackStatus)> = state
+            .feedback
+            .iter()
+            .map(|f| (f.original_message_id.clone(), f.status_code))
+            .collect();
+        assert_eq!(
+            outcomes,
+            vec![
+                ("m-rejected".to_string(), FeedbackStatus::Rejected),
+                ("m-completed".to_string(), FeedbackStatus::Success)
+            ]
+        );
+        // Settling twice: the lock is gone.
+        let again = HubCommand::RejectC2d {
+            device_id: id("d1"),
+            lock_token: rejected,
+            now: NOW.into(),
+        };
+        assert_eq!(
+            state.apply(again).map_err(|e| e.code),
+            Err(ErrorCode::DeviceMessageLockLost)
+        );
     }
 
     #[test]

@@ -628,82 +628,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             tracing::info!(client_id = self.client_id, error = %e, "telemetry refused; closing");
             Close::ByHub
         })?;
-        let partition = partition_for(&self.identity.device_id, self.ctx.partitions);
-        let routed = self.route(&message).await;
-        let encoded = message.encode();
-        let records = routed
-            .into_iter()
-            .map(|(stream, extra)| {
-                let key = stream * STREAM_STRIDE + partition;
-                if extra.is_empty() {
-                    (key, encoded.clone())
-                } else {
-                    let mut enriched = message.clone();
-                    enriched.application_properties.extend(extra);
-                    (key, enriched.encode())
-                }
-            })
-            .collect();
-        self.ctx
-            .partition_groups
-            .append(records)
+        store_message(&self.ctx, &self.device_id(), &message)
             .await
             .map_err(|e| {
                 tracing::error!(client_id = self.client_id, error = %e, "telemetry append failed; closing without ack");
                 Close::ByHub
             })
-    }
-
-    /// The streams a message goes to (`events` is 0 unless routes say otherwise), each with the
-    /// enrichment properties its endpoint adds.
-    async fn route(&self, message: &TelemetryMessage) -> Vec<(u32, BTreeMap<String, String>)> {
-        let device_id = self.device_id();
-        let routed = self
-            .ctx
-            .hub
-            .read(ReadConsistency::Stale, |s| {
-                let routing = &s.routing;
-                if routing.routes.is_empty() && routing.enrichments.is_empty() {
-                    return Ok(None);
-                }
-                let twin = if routing.needs_twin(RouteSource::DeviceMessages) {
-                    s.render_twin(&device_id, None).ok()
-                } else {
-                    None
-                };
-                let streams = if routing.routes.is_empty() {
-                    std::collections::BTreeSet::from([0])
-                } else {
-                    let document = RoutingDocument {
-                        system: &message.system_properties,
-                        application: &message.application_properties,
-                        body: json_body(&message.system_properties, &message.body),
-                        twin: twin.clone(),
-                    };
-                    routing.streams_for(RouteSource::DeviceMessages, &document)
-                };
-                Ok(Some(
-                    streams
-                        .into_iter()
-                        .map(|stream| {
-                            let extra = routing
-                                .enrichments_for(stream)
-                                .into_iter()
-                                .filter_map(|e| {
-                                    e.resolve(twin.as_ref(), HUB_NAME)
-                                        .map(|v| (e.key.clone(), v))
-                                })
-                                .collect();
-                            (stream, extra)
-                        })
-                        .collect(),
-                ))
-            })
-            .await;
-        match routed {
-            Ok(Some(streams)) => streams,
-            _ => vec![(0, BTreeMap::new())],
-        }
     }
 
     async fn outbound(&mut self, work: Outbound) -> Result<(), Close> {
@@ -995,6 +925,90 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
 
 /// The body of a failed `$iothub` request: Azure's shape, which the Node SDK recognises by
 /// `errorCode`.
+/// The streams a message goes to (`events` is 0 unless routes say otherwise), each with the
+/// enrichment properties its endpoint adds.
+async fn route(
+    ctx: &MqttContext,
+    device_id: &DeviceId,
+    message: &TelemetryMessage,
+) -> Vec<(u32, BTreeMap<String, String>)> {
+    let device_id = device_id.clone();
+    let routed = ctx
+        .hub
+        .read(ReadConsistency::Stale, |s| {
+            let routing = &s.routing;
+            if routing.routes.is_empty() && routing.enrichments.is_empty() {
+                return Ok(None);
+            }
+            let twin = if routing.needs_twin(RouteSource::DeviceMessages) {
+                s.render_twin(&device_id, None).ok()
+            } else {
+                None
+            };
+            let streams = if routing.routes.is_empty() {
+                std::collections::BTreeSet::from([0])
+            } else {
+                let document = RoutingDocument {
+                    system: &message.system_properties,
+                    application: &message.application_properties,
+                    body: json_body(&message.system_properties, &message.body),
+                    twin: twin.clone(),
+                };
+                routing.streams_for(RouteSource::DeviceMessages, &document)
+            };
+            Ok(Some(
+                streams
+                    .into_iter()
+                    .map(|stream| {
+                        let extra = routing
+                            .enrichments_for(stream)
+                            .into_iter()
+                            .filter_map(|e| {
+                                e.resolve(twin.as_ref(), HUB_NAME)
+                                    .map(|v| (e.key.clone(), v))
+                            })
+                            .collect();
+                        (stream, extra)
+                    })
+                    .collect(),
+            ))
+        })
+        .await;
+    match routed {
+        Ok(Some(streams)) => streams,
+        _ => vec![(0, BTreeMap::new())],
+    }
+}
+
+/// Stores a device's telemetry message: routed to its streams, appended to the device's partition
+/// (replicated, fsync'd) before this returns. Shared by the MQTT and AMQP device endpoints.
+pub(crate) async fn store_message(
+    ctx: &MqttContext,
+    device_id: &DeviceId,
+    message: &TelemetryMessage,
+) -> Result<(), String> {
+    let partition = partition_for(device_id.as_str(), ctx.partitions);
+    let routed = route(ctx, device_id, message).await;
+    let encoded = message.encode();
+    let records = routed
+        .into_iter()
+        .map(|(stream, extra)| {
+            let key = stream * STREAM_STRIDE + partition;
+            if extra.is_empty() {
+                (key, encoded.clone())
+            } else {
+                let mut enriched = message.clone();
+                enriched.application_properties.extend(extra);
+                (key, enriched.encode())
+            }
+        })
+        .collect();
+    ctx.partition_groups
+        .append(records)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 fn error_body(e: &HubError) -> String {
     json!({"errorCode": e.code.azure_code(), "message": e.message}).to_string()
 }

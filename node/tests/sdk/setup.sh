@@ -6,7 +6,7 @@
 #                 (six is an undeclared dependency of azure-iot-hub 2.7.0)
 #   Node        : ${MERIDIAN_SDK_CACHE:-$HOME/.cache/meridian-sdk}/node/node_modules
 #                 azure-iothub@1.16.6 azure-iot-device@1.18.4 azure-iot-device-mqtt@1.16.4
-#                 @azure/event-hubs@6.0.4
+#                 azure-iot-device-amqp@1.14.4 @azure/event-hubs@6.0.4
 #
 # Idempotent: each part is skipped when the pinned versions are already installed.
 # Output: the last two lines are
@@ -20,7 +20,7 @@ NODE_DIR="$CACHE/node"
 PY="$VENV/bin/python"
 
 PY_PINS=(azure-iot-hub==2.7.0 azure-iot-device==2.14.0 azure-eventhub==5.15.1 six)
-NODE_PINS=(azure-iothub@1.16.6 azure-iot-device@1.18.4 azure-iot-device-mqtt@1.16.4 @azure/event-hubs@6.0.4)
+NODE_PINS=(azure-iothub@1.16.6 azure-iot-device@1.18.4 azure-iot-device-mqtt@1.16.4 azure-iot-device-amqp@1.14.4 @azure/event-hubs@6.0.4)
 
 log() { echo "[sdk-setup] $*" >&2; }
 
