@@ -51,6 +51,8 @@ pub struct ApiState {
     pub webhooks: crate::webhook::WebhookHealth,
     /// The control plane (operator API) and its gossip view.
     pub control: crate::control::ControlPlane,
+    /// The AMQP endpoint, for AMQP over WebSockets (set once it exists).
+    pub amqp: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<crate::amqp::AmqpContext>>>,
 }
 
 /// An error answered in Azure's format.
@@ -140,6 +142,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
             post(abandon_feedback),
         )
         .route("/$iothub/websocket", get(mqtt_websocket))
+        .route("/$servicebus/websocket", get(mqtt_websocket))
         .route("/devices/query", post(query_hub))
         .route("/meridian/cluster/nodes", get(cluster_nodes).post(add_node))
         .route("/meridian/cluster/nodes/{id}", delete(remove_node))
@@ -1665,21 +1668,43 @@ async fn settle_feedback(
     Ok(no_content())
 }
 
-// ---- MQTT over WebSockets ----
+// ---- MQTT and AMQP over WebSockets ----
 
-/// `GET /$iothub/websocket`: MQTT over WebSockets (subprotocol `mqtt`, binary frames). The MQTT
-/// CONNECT authenticates the device exactly as on the TLS listener.
+/// The AMQP over WebSockets subprotocol (AMQP WebSocket Binding 1.0).
+const AMQP_WS: &str = "AMQPWSB10";
+
+/// `GET /$iothub/websocket` and `/$servicebus/websocket`: MQTT (subprotocol `mqtt`) or AMQP
+/// (subprotocol `AMQPWSB10`) over WebSockets, binary frames. The protocol authenticates exactly as
+/// on its TLS listener.
 async fn mqtt_websocket(
     State(s): State<ApiState>,
     ws: axum::extract::ws::WebSocketUpgrade,
 ) -> Response {
-    ws.protocols(["mqtt"])
-        .on_upgrade(move |socket| bridge_websocket(s.mqtt.clone(), socket))
+    let amqp = s.amqp.get().cloned();
+    ws.protocols(["mqtt", AMQP_WS]).on_upgrade(move |socket| {
+        let is_amqp = socket
+            .protocol()
+            .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(AMQP_WS.as_bytes()));
+        let mqtt = s.mqtt.clone();
+        bridge_websocket(socket, move |io| match (is_amqp, amqp) {
+            (true, Some(ctx)) => tokio::spawn(crate::amqp::serve_connection(
+                ctx,
+                io,
+                Vec::new(),
+                std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+            )),
+            _ => tokio::spawn(async move {
+                crate::mqtt::connection::serve(mqtt, io, "websocket".into(), None).await;
+            }),
+        })
+    })
 }
 
+/// Carries a WebSocket's binary frames to and from the protocol task `serve` starts on the
+/// other end of an in-memory pipe.
 async fn bridge_websocket(
-    ctx: std::sync::Arc<crate::mqtt::MqttContext>,
     socket: axum::extract::ws::WebSocket,
+    serve: impl FnOnce(tokio::io::DuplexStream) -> tokio::task::JoinHandle<()>,
 ) {
     use axum::extract::ws::Message;
     use futures::{SinkExt, StreamExt};
@@ -1687,12 +1712,7 @@ async fn bridge_websocket(
     let (ours, theirs) = tokio::io::duplex(64 * 1024);
     let (mut from_mqtt, mut to_mqtt) = tokio::io::split(ours);
     let (mut ws_tx, mut ws_rx) = socket.split();
-    let session = tokio::spawn(crate::mqtt::connection::serve(
-        ctx,
-        theirs,
-        "websocket".into(),
-        None,
-    ));
+    let session = serve(theirs);
     let inbound = async move {
         while let Some(Ok(message)) = ws_rx.next().await {
             let bytes = match message {

@@ -705,12 +705,14 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
             }),
         ));
     }
+    let amqp_slot: Arc<std::sync::OnceLock<Arc<crate::amqp::AmqpContext>>> = Arc::default();
     let router = api::router(
         ApiState {
             hub: hub.clone(),
             mqtt: mqtt.clone(),
             events: event_reader.clone(),
             webhooks: webhook_health.clone(),
+            amqp: amqp_slot.clone(),
             control: {
                 let control = crate::control::ControlPlane::new(
                     hub.clone(),
@@ -778,6 +780,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
         )),
     ));
     tracing::info!(%amqp_addr, event_hub = %amqp.event_hub, "amqp endpoint listening (tls)");
+    let _ = amqp_slot.set(amqp.clone());
     {
         let shutdown = shutdown.clone();
         let amqp = config.amqp.on_https.then_some(amqp.clone());

@@ -111,6 +111,7 @@ fn run_node_sdk(
         "eh_from_start",
         "eh_from_offset",
         "eh_from_enqueued_time",
+        "eh_websocket",
         "eh_wrong_key",
     ] {
         if !text.contains(&format!("ok {step}\n")) {

@@ -5,7 +5,7 @@
 // and @azure/event-hubs 6.0.4 reading the telemetry from the Event Hub-compatible endpoint.
 //
 // Steps (each prints "ok <step>"): open, c2d_with_feedback, c2d_unknown_device, telemetry,
-// eh_properties, eh_from_start, eh_from_offset, eh_from_enqueued_time, eh_wrong_key.
+// eh_properties, eh_from_start, eh_from_offset, eh_from_enqueued_time, eh_websocket, eh_wrong_key.
 //
 // Environment (all required):
 //   MERIDIAN_CONNECTION_STRING  service connection string "HostName=localhost:<https port>;..." (the
@@ -210,6 +210,32 @@ async function main() {
   check(ts[0] <= 8 && ts[ts.length - 1] === n - 1, `from time: ${ts}`);
   check(fromTime.every((e) => e.enqueuedTimeUtc >= seventh.enqueuedTimeUtc), 'an earlier event');
   ok('eh_from_enqueued_time');
+
+  step = 'eh_websocket';
+  // AMQP over WebSockets (wss://localhost:<port>/$servicebus/websocket, subprotocol AMQPWSB10).
+  const WebSocket = req('ws');
+  const wsClient = new EventHubConsumerClient('$Default',
+    `Endpoint=sb://localhost:${HTTPS_PORT}/;SharedAccessKeyName=service;SharedAccessKey=${SERVICE_KEY};EntityPath=${EVENT_HUB}`,
+    { webSocketOptions: { webSocket: WebSocket, webSocketConstructorOptions: { ca: CA } } });
+  const wsProps = await wsClient.getEventHubProperties();
+  check(wsProps.name === EVENT_HUB, `websocket name ${wsProps.name}`);
+  const overWs = [];
+  let wsDone;
+  const wsFinished = new Promise((r) => { wsDone = r; });
+  const wsSub = wsClient.subscribe(pid, {
+    processEvents: async (batch) => {
+      for (const e of batch) {
+        const body = Buffer.isBuffer(e.body) ? e.body.toString() : String(e.body);
+        if (body.startsWith(PREFIX)) overWs.push(e);
+      }
+      if (overWs.length >= n) wsDone();
+    },
+    processError: async () => {},
+  }, { startPosition: earliestEventPosition, maxWaitTimeInSeconds: 1 });
+  await within(40000, `events over websockets (${overWs.length})`, wsFinished);
+  await wsSub.close();
+  await wsClient.close();
+  ok('eh_websocket');
 
   step = 'eh_wrong_key';
   const bad = ehClient('A'.repeat(43) + '=');
