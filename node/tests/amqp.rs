@@ -3,16 +3,16 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use common::{
-    create_device, run_sdk_script, sdk_cache, start_cluster, start_dev, start_dev_with_amqp_port,
+    create_device, put_token, run_sdk_script, sdk_cache, start_cluster, start_dev,
+    start_dev_with_amqp_port, tls_to,
 };
-use fe2o3_amqp::types::messaging::{AmqpValue, ApplicationProperties, Body, Message, Properties};
-use fe2o3_amqp::types::primitives::{SimpleValue, Value};
-use fe2o3_amqp::{Connection, Receiver, Sender, Session};
+use fe2o3_amqp::types::messaging::Body;
+use fe2o3_amqp::types::primitives::Value;
+use fe2o3_amqp::{Connection, Receiver, Session};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// `keyName`'s primary key from a node's credentials.
@@ -244,84 +244,6 @@ async fn node_device_sdk_over_amqp_sends_receives_c2d_answers_methods_and_syncs_
     let r = svc.json("GET", &format!("/devices/{device}"), None).await?;
     assert_eq!(r.json()["connectionState"], "Disconnected", "{}", r.json());
     Ok(())
-}
-
-/// A TLS connection to the node's AMQP listener.
-async fn tls_to(
-    addr: std::net::SocketAddr,
-    ca: &std::path::Path,
-) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let pem = std::fs::read(ca)?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        roots.add(cert?)?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let name = rustls::pki_types::ServerName::try_from("localhost")?;
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await?)
-}
-
-/// Puts `token` for `audience` on `$cbs`; returns the status code.
-async fn put_token(
-    session: &mut fe2o3_amqp::session::SessionHandle<()>,
-    audience: &str,
-    token: &str,
-) -> Result<i32> {
-    let mut sender = Sender::attach(session, "cbs-sender", "$cbs").await?;
-    let mut receiver = Receiver::attach(session, "cbs-receiver", "$cbs").await?;
-    let mut props = fe2o3_amqp::types::primitives::OrderedMap::new();
-    props.insert(
-        "operation".to_string(),
-        SimpleValue::String("put-token".into()),
-    );
-    props.insert(
-        "type".to_string(),
-        SimpleValue::String("servicebus.windows.net:sastoken".into()),
-    );
-    props.insert("name".to_string(), SimpleValue::String(audience.into()));
-    let request = Message {
-        header: None,
-        delivery_annotations: None,
-        message_annotations: None,
-        properties: Some(Properties {
-            message_id: Some(fe2o3_amqp::types::messaging::MessageId::Ulong(7)),
-            ..Default::default()
-        }),
-        application_properties: Some(ApplicationProperties(props)),
-        body: Body::Value(AmqpValue(Value::String(token.into()))),
-        footer: None,
-    };
-    sender.send(request).await?;
-    let reply = receiver.recv::<Body<Value>>().await?;
-    receiver.accept(&reply).await?;
-    let message = reply.message();
-    assert_eq!(
-        message
-            .properties
-            .as_ref()
-            .and_then(|p| p.correlation_id.clone()),
-        Some(fe2o3_amqp::types::messaging::MessageId::Ulong(7)),
-        "the reply correlates to the request's message-id, keeping its type"
-    );
-    let status = match message
-        .application_properties
-        .as_ref()
-        .and_then(|a| a.0.get("status-code"))
-    {
-        Some(SimpleValue::Int(s)) => *s,
-        other => bail!("status-code {other:?}"),
-    };
-    let _ = sender.close().await;
-    let _ = receiver.close().await;
-    Ok(status)
 }
 
 fn now() -> u64 {

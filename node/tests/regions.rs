@@ -227,6 +227,17 @@ async fn planned_failover_and_failback_lose_nothing_and_fence_the_old_primary() 
     .await?;
     println!("west before failover: lagMs {}", west["lagMs"]);
 
+    // The Event Hub-compatible endpoint of the primary: partition 0's first events.
+    let service_key = creds
+        .shared_access_policies
+        .iter()
+        .find(|p| p.key_name == "service")
+        .map(|p| p.primary_key.clone())
+        .context("service policy")?;
+    let before =
+        common::amqp_read_partition(cluster.node(1).https, &cluster.ca, &service_key, 0, 50)
+            .await?;
+
     // Planned failover through the CLI on the primary's node (forwarded to west).
     let out = cli(
         &mut cluster,
@@ -263,6 +274,15 @@ async fn planned_failover_and_failback_lose_nothing_and_fence_the_old_primary() 
         .json("GET", "/twins/geo-0", None)
         .await?;
     ensure!(r.json()["properties"]["desired"]["mode"] == "eco");
+    // The same endpoint name and offsets on the new primary: the same events at the same
+    // x-opt-offset, read over AMQP from west.
+    let after =
+        common::amqp_read_partition(cluster.node(2).https, &cluster.ca, &service_key, 0, 50)
+            .await?;
+    ensure!(
+        before == after,
+        "partition 0 over AMQP differs after the failover:\n{before:?}\n{after:?}"
+    );
     // Devices reconnect to west on their own and go on.
     progress(&acked, 600, Duration::from_secs(60)).await?;
 

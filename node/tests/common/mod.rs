@@ -13,8 +13,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use fe2o3_amqp::types::messaging::{AmqpValue, ApplicationProperties, Body, Message, Properties};
+use fe2o3_amqp::types::primitives::{SimpleValue, Value};
+use fe2o3_amqp::{Connection, Receiver, Sender, Session};
 use meridian::client::ServiceClient;
 use meridian::server::Credentials;
+use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A free loopback port (bound and released; good enough on a test machine).
@@ -719,4 +723,144 @@ pub fn start_sync_regions(
     }
     let map = placed.iter().map(|p| (p.0, p.1)).collect();
     Ok((Cluster { dir, nodes, ca }, map))
+}
+
+// ---- AMQP clients for tests (fe2o3-amqp as a client) ----
+
+/// A TLS connection to the node's AMQP listener.
+pub async fn tls_to(
+    addr: std::net::SocketAddr,
+    ca: &std::path::Path,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let pem = std::fs::read(ca)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert?)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost")?;
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await?)
+}
+
+/// Puts `token` for `audience` on `$cbs`; returns the status code.
+pub async fn put_token(
+    session: &mut fe2o3_amqp::session::SessionHandle<()>,
+    audience: &str,
+    token: &str,
+) -> Result<i32> {
+    let mut sender = Sender::attach(session, "cbs-sender", "$cbs").await?;
+    let mut receiver = Receiver::attach(session, "cbs-receiver", "$cbs").await?;
+    let mut props = fe2o3_amqp::types::primitives::OrderedMap::new();
+    props.insert(
+        "operation".to_string(),
+        SimpleValue::String("put-token".into()),
+    );
+    props.insert(
+        "type".to_string(),
+        SimpleValue::String("servicebus.windows.net:sastoken".into()),
+    );
+    props.insert("name".to_string(), SimpleValue::String(audience.into()));
+    let request = Message {
+        header: None,
+        delivery_annotations: None,
+        message_annotations: None,
+        properties: Some(Properties {
+            message_id: Some(fe2o3_amqp::types::messaging::MessageId::Ulong(7)),
+            ..Default::default()
+        }),
+        application_properties: Some(ApplicationProperties(props)),
+        body: Body::Value(AmqpValue(Value::String(token.into()))),
+        footer: None,
+    };
+    sender.send(request).await?;
+    let reply = receiver.recv::<Body<Value>>().await?;
+    receiver.accept(&reply).await?;
+    let message = reply.message();
+    assert_eq!(
+        message
+            .properties
+            .as_ref()
+            .and_then(|p| p.correlation_id.clone()),
+        Some(fe2o3_amqp::types::messaging::MessageId::Ulong(7)),
+        "the reply correlates to the request's message-id, keeping its type"
+    );
+    let status = match message
+        .application_properties
+        .as_ref()
+        .and_then(|a| a.0.get("status-code"))
+    {
+        Some(SimpleValue::Int(s)) => *s,
+        other => bail!("status-code {other:?}"),
+    };
+    let _ = sender.close().await;
+    let _ = receiver.close().await;
+    Ok(status)
+}
+
+/// Reads the first `n` events of Event Hub-compatible partition `partition` over AMQP (SASL
+/// ANONYMOUS, put-token with the `service` policy `key`): `(x-opt-offset, message-id)` each.
+pub async fn amqp_read_partition(
+    https: SocketAddr,
+    ca: &Path,
+    key: &str,
+    partition: u32,
+    n: usize,
+) -> Result<Vec<(String, String)>> {
+    let tls = tls_to(https, ca).await?;
+    let mut connection = Connection::builder()
+        .container_id("meridian-test-reader")
+        .hostname("localhost")
+        .sasl_profile(fe2o3_amqp::sasl_profile::SaslProfile::Anonymous)
+        .open_with_stream(tls)
+        .await?;
+    let mut session = Session::begin(&mut connection).await?;
+    let audience = "sb://localhost/localhost";
+    let expiry = meridian::clock::unix_now() + 600;
+    let token = meridian::auth::sign(audience, key, expiry, Some("service"))?;
+    let status = put_token(&mut session, audience, &token).await?;
+    anyhow::ensure!(status == 200, "put-token: {status}");
+    let mut receiver = Receiver::attach(
+        &mut session,
+        "reader",
+        format!("localhost/ConsumerGroups/$Default/Partitions/{partition}"),
+    )
+    .await?;
+    let mut out = Vec::new();
+    while out.len() < n {
+        let d = tokio::time::timeout(Duration::from_secs(20), receiver.recv::<Body<Value>>())
+            .await
+            .context("events stopped")??;
+        let m = d.message();
+        let offset = m
+            .message_annotations
+            .as_ref()
+            .and_then(|a| {
+                a.0.get(
+                    &fe2o3_amqp::types::messaging::annotations::OwnedKey::Symbol(
+                        "x-opt-offset".into(),
+                    ),
+                )
+            })
+            .map(|v| format!("{v:?}"))
+            .unwrap_or_default();
+        let id = m
+            .properties
+            .as_ref()
+            .and_then(|p| p.message_id.as_ref())
+            .map(|i| format!("{i:?}"))
+            .unwrap_or_default();
+        out.push((offset, id));
+    }
+    let _ = receiver.close().await;
+    let _ = session.end().await;
+    let _ = connection.close().await;
+    Ok(out)
 }
