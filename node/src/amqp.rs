@@ -119,13 +119,13 @@ pub async fn serve_listener(
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => (accepted, ()),
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
             _ = shutdown.wait_for(|s| *s) => return,
         };
-        let (tcp, peer) = match (tcp, peer) {
-            (Ok(a), ()) => a,
-            (Err(e), ()) => {
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
                 tracing::warn!(error = %e, "amqp accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
@@ -327,7 +327,8 @@ impl ConnectionState {
             let path: Vec<&str> = if decoded.contains("://") {
                 path
             } else {
-                path[1..].to_vec()
+                // `host/devices/...`: drop the host.
+                path.get(1..).map(<[&str]>::to_vec).unwrap_or_default()
             };
             let (device, module) = match path.as_slice() {
                 [_, d] => (d.to_string(), None),

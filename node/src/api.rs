@@ -170,6 +170,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
             "/meridian/routing/enrichments/{key}",
             put(put_enrichment).delete(delete_enrichment),
         )
+        .route("/meridian/events/endpoint", get(event_hub_endpoint))
         .route("/meridian/events/partitions", get(partition_info))
         .route("/meridian/events/partitions/{partition}", get(read_events))
         .route("/meridian/events/consumergroups", get(list_consumer_groups))
@@ -1028,6 +1029,33 @@ async fn partition_info(State(s): State<ApiState>, headers: HeaderMap) -> ApiRes
     Ok(ok_json(json!({
         "partitionCount": s.events.partitions(),
         "endOffsets": s.events.end_offsets_any().await?,
+    })))
+}
+
+/// `GET /meridian/events/endpoint`: the built-in events endpoint as Azure describes it in the hub's
+/// `properties.eventHubEndpoints.events` (Event Hub-compatible name and endpoint, partitions), for
+/// the Event Hubs SDKs' connection string `Endpoint=...;EntityPath=<path>`.
+async fn event_hub_endpoint(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    s.authorize(&headers, &[Permission::ServiceConnect], EVENTS)
+        .await?;
+    let Some(amqp) = s.amqp.get() else {
+        return Err(HubError::new(
+            ErrorCode::ServiceUnavailable,
+            "the AMQP endpoint is starting",
+        )
+        .into());
+    };
+    let partitions = s.events.partitions();
+    Ok(ok_json(json!({
+        "eventHubEndpoints": {
+            "events": {
+                "path": amqp.event_hub,
+                "endpoint": format!("sb://{}/", amqp.host_name),
+                "partitionCount": partitions,
+                "partitionIds": (0..partitions).map(|p| p.to_string()).collect::<Vec<_>>(),
+                "amqpPort": amqp.redirect_port,
+            }
+        }
     })))
 }
 

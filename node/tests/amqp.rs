@@ -54,6 +54,7 @@ async fn python_service_sdks_send_c2d_and_read_events_over_amqp() -> Result<()> 
         "c2d_no_permission",
         "eh_from_start",
         "eh_from_start_logging",
+        "eh_every_partition",
         "eh_from_offset",
         "eh_from_sequence",
         "eh_from_enqueued_time",
@@ -130,6 +131,15 @@ async fn node_service_sdks_send_c2d_get_feedback_and_read_events_over_amqp() -> 
     let device_key = create_device(&mut svc, device).await?;
     let (mqtt, https) = (cluster.node(1).mqtt.port(), cluster.node(1).https.port());
     let ca = cluster.ca.display().to_string();
+    // The built-in endpoint's settings, as `az iot hub show` lists them.
+    let r = svc.json("GET", "/meridian/events/endpoint", None).await?;
+    let events = &r.json()["eventHubEndpoints"]["events"];
+    assert_eq!(events["path"], "localhost", "{}", r.json());
+    assert_eq!(events["endpoint"], format!("sb://localhost:{https}/"));
+    assert_eq!(
+        events["partitionIds"],
+        serde_json::json!(["0", "1", "2", "3"])
+    );
     run_node_sdk(
         &creds.service_connection_string,
         &policy_key(&creds, "service"),
@@ -374,6 +384,77 @@ async fn tokens_are_checked_per_link_and_expire_and_bad_frames_leave_the_node_up
             .open_with_stream(tls)
             .await;
         assert!(refused.is_err(), "a bad PLAIN password was accepted");
+    }
+
+    // C2D sends are rejected with Azure's conditions: unknown device, full queue (51st),
+    // expiry beyond two days; an expired token is refused on $cbs.
+    {
+        use fe2o3_amqp::types::messaging::{Batch, Data, Message, Outcome, Properties};
+        let mut svc = cluster.client(1).await?.connect().await?;
+        create_device(&mut svc, "amqp-queue").await?;
+        let (_c, mut session) = open(ca.clone()).await?;
+        let expired = meridian::auth::sign("localhost", &service_key, now() - 10, Some("service"))?;
+        assert_eq!(
+            put_token(&mut session, "https://localhost", &expired).await?,
+            401
+        );
+        let token = meridian::auth::sign("localhost", &service_key, now() + 600, Some("service"))?;
+        assert_eq!(
+            put_token(&mut session, "https://localhost", &token).await?,
+            200
+        );
+        let mut sender =
+            fe2o3_amqp::Sender::attach(&mut session, "c2d", "/messages/devicebound").await?;
+        let message = |to: &str, expiry_ms: Option<i64>| Message {
+            header: None,
+            delivery_annotations: None,
+            message_annotations: None,
+            properties: Some(Properties {
+                to: Some(to.to_string()),
+                absolute_expiry_time: expiry_ms
+                    .map(fe2o3_amqp::types::primitives::Timestamp::from_milliseconds),
+                ..Default::default()
+            }),
+            application_properties: None,
+            body: Body::<Value>::Data(Batch::new(vec![Data(b"x".to_vec().into())])),
+            footer: None,
+        };
+        let condition = |outcome: Outcome| match outcome {
+            Outcome::Rejected(r) => r
+                .error
+                .map(|e| format!("{:?}", e.condition))
+                .unwrap_or_default(),
+            other => format!("not rejected: {other:?}"),
+        };
+        let unknown = sender
+            .send(message("/devices/amqp-nobody/messages/devicebound", None))
+            .await?;
+        assert!(condition(unknown).contains("NotFound"), "unknown device");
+        let far = now() as i64 * 1000 + 3 * 24 * 3600 * 1000;
+        let too_late = sender
+            .send(message(
+                "/devices/amqp-queue/messages/devicebound",
+                Some(far),
+            ))
+            .await?;
+        assert!(
+            condition(too_late).contains("argument-error"),
+            "expiry beyond two days"
+        );
+        for i in 0..50 {
+            let ok = sender
+                .send(message("/devices/amqp-queue/messages/devicebound", None))
+                .await?;
+            assert!(matches!(ok, Outcome::Accepted(_)), "message {i}: {ok:?}");
+        }
+        let full = sender
+            .send(message("/devices/amqp-queue/messages/devicebound", None))
+            .await?;
+        assert!(
+            condition(full).contains("ResourceLimitExceeded"),
+            "51st message"
+        );
+        let _ = sender.close().await;
     }
 
     // Malformed input: random bytes after each protocol header, truncated frames, oversize

@@ -293,8 +293,7 @@ fn response(
         "status-description".to_string(),
         SimpleValue::String(description.to_string()),
     );
-    // Both spellings: Event Hubs clients read `status-code`, some management clients
-    // `statusCode`.
+    // `status-code` must be an int: Node's CBS client compares it with `=== 200`.
     Message {
         header: None,
         delivery_annotations: None,

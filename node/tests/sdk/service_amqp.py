@@ -114,8 +114,10 @@ def expect_failure(what, fn):
     raise AssertionError("%s: %s succeeded" % (CURRENT, what))
 
 
-def collect(client, want, timeout=40, **receive_kwargs):
-    """Receives until `want(events)` holds; returns our events (bodies with PREFIX) in order."""
+def collect(client, want, timeout=40, prefix=None, **receive_kwargs):
+    """Receives until `want(events)` holds; returns our events (bodies with `prefix`, default
+    PREFIX) in order."""
+    prefix = prefix or PREFIX
     events = []
     done = threading.Event()
     lock = threading.Lock()
@@ -124,7 +126,7 @@ def collect(client, want, timeout=40, **receive_kwargs):
         if event is None:
             return
         body = event.body_as_str()
-        if not body.startswith(PREFIX):
+        if not body.startswith(prefix):
             return
         with lock:
             events.append((ctx.partition_id, event))
@@ -142,6 +144,15 @@ def collect(client, want, timeout=40, **receive_kwargs):
         check(want(events), "only %d events arrived: %s" % (
             len(events), [e.body_as_str() for _, e in events]))
         return list(events)
+
+
+def partition_of(device_id, partitions):
+    """Meridian's partition of a device: FNV-1a 64 of the id, modulo the partition count."""
+    h = 0xCBF29CE484222325
+    for b in device_id.encode():
+        h ^= b
+        h = (h * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h % partitions
 
 
 def seq_of(event):
@@ -245,6 +256,27 @@ def main():
         device.send_message(msg)
     ok("telemetry")
 
+    begin("telemetry_every_partition")
+    # Devices whose ids hash to every partition, each sending 3 messages.
+    spread_prefix = "amqpx-" + uuid.uuid4().hex[:6] + "-"
+    wanted, spread, j = set(range(4)), [], 0
+    while wanted:
+        candidate = "%sp%d" % (spread_prefix, j)
+        j += 1
+        p = partition_of(candidate, 4)
+        if p in wanted:
+            wanted.discard(p)
+            spread.append(candidate)
+    for d in spread:
+        k = rm.create_device_with_sas(d, None, None, "enabled").authentication.symmetric_key.primary_key
+        c = dev.make_device_client(
+            "HostName=localhost;DeviceId=%s;SharedAccessKey=%s" % (d, k), open(CA).read(), proxy, False)
+        c.connect()
+        for i in range(3):
+            c.send_message(Message(spread_prefix + json.dumps({"seq": i, "device": d})))
+        c.shutdown()
+    ok("telemetry_every_partition")
+
     begin("eh_properties")
     c = consumer()
     props = c.get_eventhub_properties()
@@ -275,6 +307,16 @@ def main():
         check(e.properties.get(b"seq") == str(seq_of(e)).encode(), "properties %r" % e.properties)
         check(isinstance(e.enqueued_time, datetime.datetime), "enqueued %r" % e.enqueued_time)
         ok(step)
+
+    begin("eh_every_partition")
+    spread_events = collect(consumer(), lambda es: len(es) >= 3 * len(spread),
+                            prefix=spread_prefix, starting_position="-1")
+    partitions_seen = sorted({p for p, _ in spread_events})
+    check(partitions_seen == sorted(ids), "events from partitions %r of %r" % (partitions_seen, ids))
+    for p, e in spread_events:
+        d = e.system_properties.get(b"iothub-connection-device-id", b"").decode()
+        check(str(partition_of(d, 4)) == p, "%s read from partition %s" % (d, p))
+    ok("eh_every_partition")
 
     by_seq = {seq_of(e): (p, e) for p, e in events}
     partition, fifth = by_seq[5]
