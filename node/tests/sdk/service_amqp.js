@@ -115,11 +115,19 @@ async function main() {
   });
   await dev.open();
   const feedback = [];
+  const abandoned = new Set();
   const receiver = await cb((done) => service.getFeedbackReceiver(done));
   receiver.on('message', (msg) => {
     const records = JSON.parse(msg.data.toString());
     feedback.push(...records);
-    receiver.complete(msg, () => {});
+    // The first batch is abandoned (released): it must come back, then it is completed.
+    const key = records.map((r) => r.originalMessageId).join(',');
+    if (!abandoned.has(key) && abandoned.size === 0) {
+      abandoned.add(key);
+      receiver.abandon(msg, () => {});
+    } else {
+      receiver.complete(msg, () => {});
+    }
   });
   ok('open');
 
@@ -139,6 +147,10 @@ async function main() {
   const fb = feedback.find((f) => f.originalMessageId === mid);
   check(fb, `no feedback for ${mid}: ${JSON.stringify(feedback)}`);
   check(fb.statusCode === 'Success' && fb.deviceId === DEVICE_ID, `feedback ${JSON.stringify(fb)}`);
+  // Abandoned once, delivered again.
+  for (let i = 0; i < 300 && feedback.filter((f) => f.originalMessageId === mid).length < 2; i++) await sleep(100);
+  check(feedback.filter((f) => f.originalMessageId === mid).length >= 2,
+    `the abandoned feedback did not come back: ${JSON.stringify(feedback)}`);
   ok('c2d_with_feedback');
 
   step = 'c2d_unknown_device';
