@@ -69,6 +69,20 @@ async fn python_service_sdks_send_c2d_and_read_events_over_amqp() -> Result<()> 
     Ok(())
 }
 
+/// The `node` executable on PATH.
+fn node_program() -> Result<std::path::PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("node"))
+        .find(|p| p.is_file())
+        .context("node is not on PATH")
+}
+
+fn node_modules() -> String {
+    sdk_cache().join("node/node_modules").display().to_string()
+}
+
 /// Runs `service_amqp.js` (Node `azure-iothub` and `@azure/event-hubs`) against one node.
 #[allow(clippy::too_many_arguments)]
 fn run_node_sdk(
@@ -80,32 +94,22 @@ fn run_node_sdk(
     https: u16,
     ca: &str,
 ) -> Result<String> {
-    let out = std::process::Command::new("timeout")
-        .arg("180")
-        .arg("node")
-        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/service_amqp.js"))
-        .env(
-            "MERIDIAN_NODE_MODULES",
-            sdk_cache().join("node/node_modules"),
-        )
-        .env("NODE_EXTRA_CA_CERTS", ca)
-        .env("MERIDIAN_CA_CERT", ca)
-        .env("MERIDIAN_CONNECTION_STRING", connection_string)
-        .env("MERIDIAN_SERVICE_KEY", service_key)
-        .env("MERIDIAN_DEVICE_ID", device)
-        .env("MERIDIAN_DEVICE_KEY", device_key)
-        .env("MERIDIAN_MQTT_PORT", mqtt.to_string())
-        .env("MERIDIAN_HTTPS_PORT", https.to_string())
-        .env("MERIDIAN_EVENT_HUB", "localhost")
-        .output()?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if !out.status.success() {
-        bail!("service_amqp.js failed ({}):\n{text}", out.status);
-    }
+    let text = run_sdk_script(
+        &node_program()?,
+        "service_amqp.js",
+        &[
+            ("MERIDIAN_NODE_MODULES", node_modules()),
+            ("NODE_EXTRA_CA_CERTS", ca.to_string()),
+            ("MERIDIAN_CA_CERT", ca.to_string()),
+            ("MERIDIAN_CONNECTION_STRING", connection_string.to_string()),
+            ("MERIDIAN_SERVICE_KEY", service_key.to_string()),
+            ("MERIDIAN_DEVICE_ID", device.to_string()),
+            ("MERIDIAN_DEVICE_KEY", device_key.to_string()),
+            ("MERIDIAN_MQTT_PORT", mqtt.to_string()),
+            ("MERIDIAN_HTTPS_PORT", https.to_string()),
+            ("MERIDIAN_EVENT_HUB", "localhost".to_string()),
+        ],
+    )?;
     for step in [
         "c2d_with_feedback",
         "c2d_unknown_device",
@@ -204,36 +208,25 @@ async fn node_device_sdk_over_amqp_sends_receives_c2d_answers_methods_and_syncs_
     let device_key = create_device(&mut svc, device).await?;
     let https = cluster.node(1).https.port();
     let ca = cluster.ca.display().to_string();
-    let out = std::process::Command::new("timeout")
-        .arg("180")
-        .arg("node")
-        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/device_amqp.js"))
-        .env(
-            "MERIDIAN_NODE_MODULES",
-            sdk_cache().join("node/node_modules"),
-        )
-        .env("NODE_EXTRA_CA_CERTS", &ca)
-        .env("MERIDIAN_CA_CERT", &ca)
-        .env(
-            "MERIDIAN_CONNECTION_STRING",
-            &creds.service_connection_string,
-        )
-        .env("MERIDIAN_SERVICE_KEY", policy_key(&creds, "service"))
-        .env("MERIDIAN_DEVICE_ID", device)
-        .env("MERIDIAN_DEVICE_KEY", &device_key)
-        .env("MERIDIAN_HTTPS_PORT", https.to_string())
-        .env("MERIDIAN_EVENT_HUB", "localhost")
-        .output()?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "device_amqp.js failed:\n{text}\n{}",
-        cluster.logs()
-    );
+    let text = run_sdk_script(
+        &node_program()?,
+        "device_amqp.js",
+        &[
+            ("MERIDIAN_NODE_MODULES", node_modules()),
+            ("NODE_EXTRA_CA_CERTS", ca.clone()),
+            ("MERIDIAN_CA_CERT", ca.clone()),
+            (
+                "MERIDIAN_CONNECTION_STRING",
+                creds.service_connection_string.clone(),
+            ),
+            ("MERIDIAN_SERVICE_KEY", policy_key(&creds, "service")),
+            ("MERIDIAN_DEVICE_ID", device.to_string()),
+            ("MERIDIAN_DEVICE_KEY", device_key.clone()),
+            ("MERIDIAN_HTTPS_PORT", https.to_string()),
+            ("MERIDIAN_EVENT_HUB", "localhost".to_string()),
+        ],
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", cluster.logs()))?;
     for step in [
         "telemetry",
         "c2d_complete",
@@ -254,6 +247,16 @@ async fn node_device_sdk_over_amqp_sends_receives_c2d_answers_methods_and_syncs_
     let r = svc.json("GET", &format!("/devices/{device}"), None).await?;
     assert_eq!(r.json()["connectionState"], "Disconnected", "{}", r.json());
     Ok(())
+}
+
+/// The error a receiver the node attached and closed at once reports (Debug form).
+async fn closed_with_error(receiver: &mut Receiver) -> Result<String> {
+    let err = tokio::time::timeout(Duration::from_secs(10), receiver.recv::<Body<Value>>())
+        .await
+        .context("the link was not closed")?
+        .err()
+        .context("the link delivered a message instead of closing")?;
+    Ok(format!("{err:?}"))
 }
 
 fn now() -> u64 {
@@ -290,24 +293,16 @@ async fn tokens_are_checked_per_link_and_expire_and_bad_frames_leave_the_node_up
     assert_eq!(put_token(&mut session, audience, &no_policy).await?, 401);
     // No token at all: the receiver is attached and closed with amqp:unauthorized-access.
     let mut receiver = Receiver::attach(&mut session, "r0", partition).await?;
-    let err = tokio::time::timeout(Duration::from_secs(10), receiver.recv::<Body<Value>>())
-        .await
-        .context("no detach")?
-        .err()
-        .context("a receiver without a token got a message")?;
-    assert!(format!("{err:?}").contains("UnauthorizedAccess"), "{err:?}");
+    let err = closed_with_error(&mut receiver).await?;
+    assert!(err.contains("UnauthorizedAccess"), "{err}");
 
     // registryRead lacks ServiceConnect: the token is accepted, the link is not.
     let (_c, mut session) = open(ca.clone()).await?;
     let token = meridian::auth::sign(audience, &read_key, now() + 600, Some("registryRead"))?;
     assert_eq!(put_token(&mut session, audience, &token).await?, 200);
     let mut receiver = Receiver::attach(&mut session, "r1", partition).await?;
-    let err = tokio::time::timeout(Duration::from_secs(10), receiver.recv::<Body<Value>>())
-        .await
-        .context("no detach")?
-        .err()
-        .context("registryRead got events")?;
-    assert!(format!("{err:?}").contains("UnauthorizedAccess"), "{err:?}");
+    let err = closed_with_error(&mut receiver).await?;
+    assert!(err.contains("UnauthorizedAccess"), "{err}");
 
     // A token valid for 3 s: the link works, then is closed when the token expires.
     let (_c, mut session) = open(ca.clone()).await?;
@@ -354,12 +349,7 @@ async fn tokens_are_checked_per_link_and_expire_and_bad_frames_leave_the_node_up
             "amqps://localhost/messages/events/ConsumerGroups/$Default/Partitions/0",
         )
         .await?;
-        let err = tokio::time::timeout(Duration::from_secs(10), receiver.recv::<Body<Value>>())
-            .await
-            .context("no redirect")?
-            .err()
-            .context("the IoT Hub events name delivered events")?;
-        let text = format!("{err:?}");
+        let text = closed_with_error(&mut receiver).await?;
         assert!(text.contains("Redirect"), "{text}");
         // `amqps://localhost:<port>/localhost/ConsumerGroups/...`: the samples need the port.
         let address = text

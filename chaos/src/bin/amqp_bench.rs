@@ -5,14 +5,15 @@
 //! `cargo run --release -p meridian-chaos --bin amqp-bench -- --help` (needs port 5671 free: the
 //! Python C2D client dials no other, and the SDKs from `node/tests/sdk/setup.sh`).
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use meridian::client::ServiceClient;
+use meridian_chaos::proc::{Proc, free_ports};
 use meridian_chaos::workload::{TelemetryLoad, create_many, progress};
 use meridian_proto::telemetry::ReadPartitionRequest;
 use meridian_proto::telemetry::telemetry_read_client::TelemetryReadClient;
@@ -35,25 +36,6 @@ struct Args {
     /// Python with the official SDKs.
     #[arg(long)]
     python: Option<PathBuf>,
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_ports(n: usize) -> Result<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
 }
 
 /// Reads partition `p` from offset 0 until `want` records arrived; returns the seconds taken.
@@ -93,20 +75,27 @@ async fn main() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let p = free_ports(4)?;
     let data = dir.path().join("meridian");
-    let _node = Proc(
-        Command::new(&args.meridian_bin)
-            .args(["dev", "--data-dir"])
-            .arg(&data)
-            .args(["--https-port", &p[0].to_string()])
-            .args(["--grpc-port", &p[1].to_string()])
-            .args(["--metrics-port", &p[2].to_string()])
-            .args(["--mqtt-port", &p[3].to_string(), "--amqp-port", "5671"])
-            .env("MERIDIAN_OBSERVABILITY__LOG_FILTER", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("meridian.log"))?)
-            .spawn()
-            .context("spawn meridian")?,
-    );
+    let _node = Proc::start(
+        [
+            args.meridian_bin.display().to_string(),
+            "dev".into(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--https-port".into(),
+            p[0].to_string(),
+            "--grpc-port".into(),
+            p[1].to_string(),
+            "--metrics-port".into(),
+            p[2].to_string(),
+            "--mqtt-port".into(),
+            p[3].to_string(),
+            "--amqp-port".into(),
+            "5671".into(),
+        ]
+        .to_vec(),
+        dir.path().join("meridian.log"),
+    )
+    .context("spawn meridian")?;
     let creds_path = data.join("dev-credentials.json");
     let deadline = Instant::now() + Duration::from_secs(60);
     while !creds_path.exists() {

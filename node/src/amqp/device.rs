@@ -23,7 +23,10 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::ConnectionState;
 use super::address::{AmqpNode, DeviceLink};
-use super::links::{AmqpMessage, body_bytes, detached_within, id_string, uuid_string};
+use super::links::{
+    AmqpMessage, Next, body_bytes, detached_within, id_string, next_work, still_allowed,
+    uuid_string,
+};
 use crate::auth::{DeviceAuth, DeviceCredential, authenticate_device};
 use crate::clock::iso_now;
 use crate::domain::telemetry::{Sender as TelemetrySender, TelemetryMessage, encode_property_bag};
@@ -393,13 +396,6 @@ fn property_bag(m: &AmqpMessage) -> String {
     encode_property_bag(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
 }
 
-fn still_allowed(
-    conn: &ConnectionState,
-    node: &AmqpNode,
-) -> Result<(), fe2o3_amqp::types::definitions::Error> {
-    conn.check(node).map_err(|e| super::hub_error(&e))
-}
-
 /// Telemetry: each message is stored (replicated, fsync'd) before it is accepted.
 async fn telemetry(
     conn: &ConnectionState,
@@ -595,19 +591,14 @@ async fn method_requests(
         *m = Some(tx);
     }
     let result = loop {
-        let call = tokio::select! {
-            call = rx.recv() => call,
-            _ = tokio::time::sleep(super::TOKEN_CHECK) => {
-                if let Err(e) = still_allowed(conn, node) {
-                    let _ = sender.close_with_error(e).await;
-                    break Err("token expired".to_string());
-                }
-                continue;
+        let call = match next_work(conn, Some(node), &mut sender, &mut rx).await {
+            Next::Work(call) => call,
+            Next::Done => break Ok(()),
+            Next::Expired(e) => {
+                let _ = sender.close_with_error(e).await;
+                break Err("token expired".to_string());
             }
-            detached = sender.on_detach() => break Err(detached.to_string()),
-        };
-        let Some(call) = call else {
-            break Ok(());
+            Next::Detached(why) => break Err(why),
         };
         let cid = uuid_string(&rand::random::<[u8; 16]>());
         if let Ok(mut p) = session.pending.lock() {
@@ -687,19 +678,14 @@ async fn twin_out(
         *t = Some(tx);
     }
     let result = loop {
-        let message = tokio::select! {
-            m = rx.recv() => m,
-            _ = tokio::time::sleep(super::TOKEN_CHECK) => {
-                if let Err(e) = still_allowed(conn, node) {
-                    let _ = sender.close_with_error(e).await;
-                    break Err("token expired".to_string());
-                }
-                continue;
+        let message = match next_work(conn, Some(node), &mut sender, &mut rx).await {
+            Next::Work(message) => message,
+            Next::Done => break Ok(()),
+            Next::Expired(e) => {
+                let _ = sender.close_with_error(e).await;
+                break Err("token expired".to_string());
             }
-            detached = sender.on_detach() => break Err(detached.to_string()),
-        };
-        let Some(message) = message else {
-            break Ok(());
+            Next::Detached(why) => break Err(why),
         };
         if let Err(e) = sender.send(message).await {
             break Err(e.to_string());
@@ -792,42 +778,19 @@ async fn twin_request(
             let (d, m) = (session.device_id.clone(), module.clone());
             let twin = hub
                 .read(ReadConsistency::Linearizable, move |s| {
-                    let entry = s
-                        .devices
-                        .get(&d)
-                        .ok_or_else(|| HubError::device_not_found(d.as_str()))?;
-                    let twin = match &m {
-                        None => &entry.twin,
-                        Some(m) => {
-                            &entry
-                                .modules
-                                .get(m)
-                                .ok_or_else(|| HubError::module_not_found(d.as_str(), m.as_str()))?
-                                .twin
-                        }
-                    };
-                    Ok(twin.render_for_device())
+                    s.twin_for_device(&d, m.as_ref())
                 })
                 .await?;
             Ok((200, None, twin.to_string().into_bytes()))
         }
         ("PATCH", "/properties/reported") => {
-            let patch = match serde_json::from_slice::<Json>(body) {
-                Ok(Json::Object(p)) => p,
-                _ => {
-                    return Err(HubError::new(
-                        ErrorCode::IotHubFormatError,
-                        "a reported-properties patch must be a JSON object",
-                    ));
-                }
-            };
             let response = hub
-                .write(HubCommand::UpdateReported {
-                    device_id: session.device_id.clone(),
-                    module_id: module,
-                    patch,
-                    now: iso_now(),
-                })
+                .write(HubCommand::reported_patch(
+                    session.device_id.clone(),
+                    module,
+                    body,
+                    iso_now(),
+                )?)
                 .await?;
             let version = match response {
                 HubResponse::ReportedVersion(v) => Some(v),

@@ -157,7 +157,7 @@ pub(crate) async fn serve(
                 .and_then(|t| t.address.clone())
                 .unwrap_or_default();
             let rx = replies.add(id, kind, name, target);
-            let r = reply_link(s, rx).await;
+            let r = reply_link(&conn, s, rx).await;
             replies.remove(id);
             r
         }
@@ -204,20 +204,53 @@ pub(crate) async fn serve(
 
 type LinkResult = Result<(), String>;
 
-/// Sends what the request links queue, pre-settled.
-async fn reply_link(mut sender: Sender, mut rx: mpsc::Receiver<AmqpMessage>) -> LinkResult {
+/// What an outgoing link that sends work from a channel gets next.
+pub(crate) enum Next<T> {
+    /// Work to send.
+    Work(T),
+    /// The channel closed.
+    Done,
+    /// The link's token expired: close the link with this error.
+    Expired(definitions::Error),
+    /// The client detached the link.
+    Detached(String),
+}
+
+/// Waits for the next work on `rx` while the client keeps `sender` attached and, for a node that
+/// needs one, the connection's token still covers it (checked every [`TOKEN_CHECK`]).
+pub(crate) async fn next_work<T>(
+    conn: &ConnectionState,
+    node: Option<&AmqpNode>,
+    sender: &mut Sender,
+    rx: &mut mpsc::Receiver<T>,
+) -> Next<T> {
     loop {
         tokio::select! {
-            message = rx.recv() => match message {
-                Some(m) => {
-                    sender.send(m).await.map_err(|e| e.to_string())?;
+            work = rx.recv() => return work.map_or(Next::Done, Next::Work),
+            _ = tokio::time::sleep(TOKEN_CHECK), if node.is_some() => {
+                if let Some(Err(e)) = node.map(|n| still_allowed(conn, n)) {
+                    return Next::Expired(e);
                 }
-                None => return Ok(()),
-            },
-            detached = sender.on_detach() => {
-                let _ = sender.close().await;
-                return Err(detached.to_string());
             }
+            detached = sender.on_detach() => return Next::Detached(detached.to_string()),
+        }
+    }
+}
+
+/// Sends what the request links queue, pre-settled.
+async fn reply_link(
+    conn: &ConnectionState,
+    mut sender: Sender,
+    mut rx: mpsc::Receiver<AmqpMessage>,
+) -> LinkResult {
+    loop {
+        match next_work(conn, None, &mut sender, &mut rx).await {
+            Next::Work(m) => {
+                sender.send(m).await.map_err(|e| e.to_string())?;
+            }
+            // No token to expire on a reply link (`node` is None).
+            Next::Done | Next::Expired(_) => return Ok(()),
+            Next::Detached(why) => return Err(why),
         }
     }
 }
@@ -521,7 +554,10 @@ fn enqueued_ms(e: &Event) -> i64 {
 }
 
 /// Fails once the connection's tokens no longer allow `node` (expired and not refreshed).
-fn still_allowed(conn: &ConnectionState, node: &AmqpNode) -> Result<(), definitions::Error> {
+pub(crate) fn still_allowed(
+    conn: &ConnectionState,
+    node: &AmqpNode,
+) -> Result<(), definitions::Error> {
     conn.check(node).map_err(|e| hub_error(&e))
 }
 

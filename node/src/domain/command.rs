@@ -367,6 +367,28 @@ pub enum HubCommand {
 }
 
 impl HubCommand {
+    /// The command for a device's reported-properties patch as it arrived (MQTT payload, AMQP
+    /// body): it must be a JSON object.
+    pub fn reported_patch(
+        device_id: DeviceId,
+        module_id: Option<ModuleId>,
+        body: &[u8],
+        now: String,
+    ) -> super::HubResult<Self> {
+        match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Object(patch)) => Ok(HubCommand::UpdateReported {
+                device_id,
+                module_id,
+                patch,
+                now,
+            }),
+            _ => Err(super::HubError::new(
+                meridian_proto::ErrorCode::IotHubFormatError,
+                "a reported-properties patch must be a JSON object",
+            )),
+        }
+    }
+
     /// A short name for logs and metrics.
     pub fn name(&self) -> &'static str {
         match self {

@@ -1099,6 +1099,30 @@ impl HubState {
         ))
     }
 
+    /// A device's (or module's) own twin as the device endpoints answer a twin GET:
+    /// `{"desired": ..., "reported": ...}`.
+    pub fn twin_for_device(
+        &self,
+        device_id: &DeviceId,
+        module_id: Option<&ModuleId>,
+    ) -> HubResult<Value> {
+        let entry = self
+            .devices
+            .get(device_id)
+            .ok_or_else(|| HubError::device_not_found(device_id.as_str()))?;
+        let twin = match module_id {
+            None => &entry.twin,
+            Some(m) => {
+                &entry
+                    .modules
+                    .get(m)
+                    .ok_or_else(|| HubError::module_not_found(device_id.as_str(), m.as_str()))?
+                    .twin
+            }
+        };
+        Ok(twin.render_for_device())
+    }
+
     /// `GET /twins/{id}[/modules/{mid}]` in the service shape.
     pub fn render_twin(
         &self,

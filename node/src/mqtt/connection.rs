@@ -531,23 +531,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     .ctx
                     .hub
                     .read(ReadConsistency::Linearizable, |s| {
-                        let entry = s
-                            .devices
-                            .get(&device_id)
-                            .ok_or_else(|| HubError::device_not_found(device_id.as_str()))?;
-                        let twin = match &module_id {
-                            None => &entry.twin,
-                            Some(m) => {
-                                &entry
-                                    .modules
-                                    .get(m)
-                                    .ok_or_else(|| {
-                                        HubError::module_not_found(device_id.as_str(), m.as_str())
-                                    })?
-                                    .twin
-                            }
-                        };
-                        Ok(twin.render_for_device())
+                        s.twin_for_device(&device_id, module_id.as_ref())
                     })
                     .await;
                 let (status, body) = match twin {
@@ -562,22 +546,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 if let Some(a) = ack {
                     self.send(Packet::PubAck(a)).await?;
                 }
-                let result = match serde_json::from_slice::<Value>(&p.payload) {
-                    Ok(Value::Object(patch)) => {
-                        self.ctx
-                            .hub
-                            .write(HubCommand::UpdateReported {
-                                device_id: self.device_id(),
-                                module_id: self.module_id(),
-                                patch,
-                                now: iso_now(),
-                            })
-                            .await
-                    }
-                    _ => Err(HubError::new(
-                        meridian_proto::ErrorCode::IotHubFormatError,
-                        "a reported-properties patch must be a JSON object",
-                    )),
+                let result = match HubCommand::reported_patch(
+                    self.device_id(),
+                    self.module_id(),
+                    &p.payload,
+                    iso_now(),
+                ) {
+                    Ok(command) => self.ctx.hub.write(command).await,
+                    Err(e) => Err(e),
                 };
                 let (topic, body) = match result {
                     Ok(HubResponse::ReportedVersion(v)) => {
