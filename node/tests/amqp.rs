@@ -172,18 +172,10 @@ async fn amqp_works_on_a_follower_that_holds_no_partition_of_the_device() -> Res
         cluster.node(follower).mqtt.port(),
         cluster.node(follower).https.port(),
     );
-    let connection_string = creds
-        .service_connection_string
-        .split(';')
-        .map(|p| {
-            if p.starts_with("HostName=") {
-                format!("HostName=localhost:{https}")
-            } else {
-                p.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(";");
+    let connection_string = common::with_host(
+        &creds.service_connection_string,
+        &format!("localhost:{https}"),
+    );
     let ca = cluster.ca.display().to_string();
     run_node_sdk(
         &connection_string,

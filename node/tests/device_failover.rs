@@ -24,18 +24,10 @@ async fn python_device_resumes_its_session_on_another_node_after_kill9() -> Resu
         .collect();
     let (a, b) = (followers[0], followers[1]);
     let service_port = cluster.node(leader).https.port();
-    let connection_string = creds
-        .service_connection_string
-        .split(';')
-        .map(|p| {
-            if p.starts_with("HostName=") {
-                format!("HostName=localhost:{service_port}")
-            } else {
-                p.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(";");
+    let connection_string = common::with_host(
+        &creds.service_connection_string,
+        &format!("localhost:{service_port}"),
+    );
     let out = run_sdk_script(
         &sdk_cache().join("venv/bin/python"),
         "device_failover.py",

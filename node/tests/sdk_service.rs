@@ -6,21 +6,7 @@ mod common;
 use std::time::Duration;
 
 use anyhow::Result;
-use common::{run_sdk_script, sdk_cache, start_cluster, start_dev};
-
-fn with_host(connection_string: &str, host: &str) -> String {
-    connection_string
-        .split(';')
-        .map(|p| {
-            if p.starts_with("HostName=") {
-                format!("HostName={host}")
-            } else {
-                p.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(";")
-}
+use common::{run_sdk_script, sdk_cache, start_cluster, start_dev, with_host};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_and_node_service_sdks_against_dev() -> Result<()> {

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use fe2o3_amqp::link::{Receiver, Sender};
 use fe2o3_amqp::types::messaging::{
     ApplicationProperties, Batch, Body, Data, Message, MessageAnnotations, MessageId, Outcome,
@@ -37,13 +36,6 @@ use meridian_proto::ErrorCode;
 
 type MethodResult = Result<MethodReply, &'static str>;
 
-/// A direct method call on its way to the device's methods link.
-struct MethodCall {
-    name: String,
-    payload: Bytes,
-    reply: oneshot::Sender<MethodResult>,
-}
-
 /// The device identity of one AMQP connection, registered like an MQTT connection.
 pub(crate) struct DeviceSession {
     device_id: DeviceId,
@@ -53,11 +45,27 @@ pub(crate) struct DeviceSession {
     auth: DeviceAuth,
     token: String,
     c2d: Notify,
-    methods: Mutex<Option<mpsc::Sender<MethodCall>>>,
+    methods: Mutex<Option<mpsc::Sender<AmqpMessage>>>,
     pending: Mutex<HashMap<String, oneshot::Sender<MethodResult>>>,
     twin_out: Mutex<Option<mpsc::Sender<AmqpMessage>>>,
     desired: AtomicBool,
     pump: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl DeviceSession {
+    /// Answers the method call waiting under `cid` (every waiting call when `None`) with `why`.
+    fn fail_pending(&self, cid: Option<&str>, why: &'static str) {
+        let Ok(mut pending) = self.pending.lock() else {
+            return;
+        };
+        let failed: Vec<oneshot::Sender<MethodResult>> = match cid {
+            Some(cid) => pending.remove(cid).into_iter().collect(),
+            None => pending.drain().map(|(_, r)| r).collect(),
+        };
+        for reply in failed {
+            let _ = reply.send(Err(why));
+        }
+    }
 }
 
 /// The session for `device_id`/`module_id` on this connection, created (authenticated,
@@ -195,22 +203,26 @@ async fn pump(
                 reply,
             } => {
                 let tx = session.methods.lock().ok().and_then(|t| t.clone());
-                match tx {
-                    Some(tx) => {
-                        if let Err(mpsc::error::SendError(call)) = tx
-                            .send(MethodCall {
-                                name,
-                                payload,
-                                reply,
-                            })
-                            .await
-                        {
-                            let _ = call.reply.send(Err("the methods link is closed"));
-                        }
-                    }
-                    None => {
-                        let _ = reply.send(Err("the device has not opened its methods link"));
-                    }
+                let Some(tx) = tx else {
+                    let _ = reply.send(Err("the device has not opened its methods link"));
+                    continue;
+                };
+                // The request carries `IoThub-methodname` and a correlation id the response
+                // echoes; the reply waits in `pending` until then (or until the link closes).
+                let cid = uuid_string(&rand::random::<[u8; 16]>());
+                if let Ok(mut p) = session.pending.lock() {
+                    p.insert(cid.clone(), reply);
+                }
+                let mut app = OrderedMap::new();
+                app.insert("IoThub-methodname".to_string(), SimpleValue::String(name));
+                let mut message = data_message(
+                    payload.to_vec(),
+                    Some(MessageId::String(cid.clone())),
+                    Vec::new(),
+                );
+                message.application_properties = Some(ApplicationProperties(app));
+                if tx.send(message).await.is_err() {
+                    session.fail_pending(Some(&cid), "the methods link is closed");
                 }
             }
             Outbound::C2dAvailable => session.c2d.notify_one(),
@@ -339,9 +351,18 @@ pub(crate) async fn serve(
     match (link, endpoint) {
         (DeviceLink::Telemetry, Link::Receiver(r)) => telemetry(&conn, &session, &node, r).await,
         (DeviceLink::CloudToDevice, Link::Sender(s)) => c2d(&conn, &session, &node, s).await,
-        (DeviceLink::Methods, Link::Sender(s)) => method_requests(&conn, &session, &node, s).await,
+        (DeviceLink::Methods, Link::Sender(s)) => {
+            let r = queue_link(&conn, &node, &session.methods, s).await;
+            // Calls sent on this link get no answer any more.
+            session.fail_pending(None, "the methods link closed");
+            r
+        }
         (DeviceLink::Methods, Link::Receiver(r)) => method_responses(&session, r).await,
-        (DeviceLink::Twin, Link::Sender(s)) => twin_out(&conn, &session, &node, s).await,
+        (DeviceLink::Twin, Link::Sender(s)) => {
+            let r = queue_link(&conn, &node, &session.twin_out, s).await;
+            session.desired.store(false, Ordering::Relaxed);
+            r
+        }
         (DeviceLink::Twin, Link::Receiver(r)) => twin_requests(&conn, &session, r).await,
         (_, Link::Sender(s)) => s
             .close_with_error(super::amqp_error(
@@ -578,21 +599,21 @@ async fn c2d(
     }
 }
 
-/// Direct method requests to the device: `IoThub-methodname`, a correlation id the response
-/// echoes, the JSON payload.
-async fn method_requests(
+/// A link that sends what the session queues on it (method requests; twin responses and
+/// desired patches), registered in `slot` while it is attached.
+async fn queue_link(
     conn: &ConnectionState,
-    session: &DeviceSession,
     node: &AmqpNode,
+    slot: &Mutex<Option<mpsc::Sender<AmqpMessage>>>,
     mut sender: Sender,
 ) -> Result<(), String> {
     let (tx, mut rx) = mpsc::channel(64);
-    if let Ok(mut m) = session.methods.lock() {
-        *m = Some(tx);
+    if let Ok(mut s) = slot.lock() {
+        *s = Some(tx);
     }
     let result = loop {
-        let call = match next_work(conn, Some(node), &mut sender, &mut rx).await {
-            Next::Work(call) => call,
+        let message = match next_work(conn, Some(node), &mut sender, &mut rx).await {
+            Next::Work(message) => message,
             Next::Done => break Ok(()),
             Next::Expired(e) => {
                 let _ = sender.close_with_error(e).await;
@@ -600,30 +621,12 @@ async fn method_requests(
             }
             Next::Detached(why) => break Err(why),
         };
-        let cid = uuid_string(&rand::random::<[u8; 16]>());
-        if let Ok(mut p) = session.pending.lock() {
-            p.insert(cid.clone(), call.reply);
-        }
-        let mut app = OrderedMap::new();
-        app.insert(
-            "IoThub-methodname".to_string(),
-            SimpleValue::String(call.name),
-        );
-        let mut message = data_message(
-            call.payload.to_vec(),
-            Some(MessageId::String(cid.clone())),
-            Vec::new(),
-        );
-        message.application_properties = Some(ApplicationProperties(app));
         if let Err(e) = sender.send(message).await {
-            if let Some(reply) = session.pending.lock().ok().and_then(|mut p| p.remove(&cid)) {
-                let _ = reply.send(Err("the methods link failed"));
-            }
             break Err(e.to_string());
         }
     };
-    if let Ok(mut m) = session.methods.lock() {
-        *m = None;
+    if let Ok(mut s) = slot.lock() {
+        *s = None;
     }
     result
 }
@@ -664,38 +667,6 @@ async fn method_responses(session: &DeviceSession, mut receiver: Receiver) -> Re
             let _ = reply.send(Ok(MethodReply { status, payload }));
         }
     }
-}
-
-/// Twin responses and desired-property pushes to the device.
-async fn twin_out(
-    conn: &ConnectionState,
-    session: &DeviceSession,
-    node: &AmqpNode,
-    mut sender: Sender,
-) -> Result<(), String> {
-    let (tx, mut rx) = mpsc::channel(64);
-    if let Ok(mut t) = session.twin_out.lock() {
-        *t = Some(tx);
-    }
-    let result = loop {
-        let message = match next_work(conn, Some(node), &mut sender, &mut rx).await {
-            Next::Work(message) => message,
-            Next::Done => break Ok(()),
-            Next::Expired(e) => {
-                let _ = sender.close_with_error(e).await;
-                break Err("token expired".to_string());
-            }
-            Next::Detached(why) => break Err(why),
-        };
-        if let Err(e) = sender.send(message).await {
-            break Err(e.to_string());
-        }
-    };
-    if let Ok(mut t) = session.twin_out.lock() {
-        *t = None;
-    }
-    session.desired.store(false, Ordering::Relaxed);
-    result
 }
 
 fn annotation(m: &AmqpMessage, key: &str) -> Option<String> {

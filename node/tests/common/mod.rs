@@ -443,6 +443,21 @@ pub fn sdk_cache() -> PathBuf {
         })
 }
 
+/// `connection_string` with its `HostName=` replaced by `host` (e.g. `localhost:<port>` of one node).
+pub fn with_host(connection_string: &str, host: &str) -> String {
+    connection_string
+        .split(';')
+        .map(|p| {
+            if p.starts_with("HostName=") {
+                format!("HostName={host}")
+            } else {
+                p.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
 /// Runs an SDK script with a bounded time; fails with its output unless it exits 0.
 pub fn run_sdk_script(program: &Path, script: &str, envs: &[(&str, String)]) -> Result<String> {
     let script_path = Path::new(env!("CARGO_MANIFEST_DIR"))
