@@ -244,12 +244,17 @@ impl Partitions {
     ) -> Result<Self, String> {
         let mut groups = Vec::new();
         let mut queues = Vec::new();
-        for p in 0..settings.partitions {
-            let (log_store, snapshots) = meridian_storage::open_with_codec::<PartitionTypeConfig>(
-                &dir.join(format!("p{p}")),
-                meridian_storage::EntryCodec::Binary,
-            )
-            .map_err(|e| format!("open partition {p} log: {e}"))?;
+        let names: Vec<String> = (0..settings.partitions).map(|p| format!("p{p}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        // Every partition's Raft log in one RocksDB instance: they share one WAL, so one fsync
+        // makes the appends of all partitions durable (see meridian_storage::open_groups).
+        let stores = meridian_storage::open_groups::<PartitionTypeConfig>(
+            &dir.join("groups"),
+            meridian_storage::EntryCodec::Binary,
+            &names,
+        )
+        .map_err(|e| format!("open partition logs: {e}"))?;
+        for (p, (log_store, snapshots)) in (0..settings.partitions).zip(stores) {
             let sm =
                 PartitionStateMachine::open(p, log.clone(), snapshots, settings.advertise.clone())
                     .map_err(|e| format!("open partition {p} state machine: {e}"))?;

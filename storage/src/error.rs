@@ -14,7 +14,7 @@ pub enum Error {
     Binary(#[from] postcard::Error),
     /// The database was opened without a column family this crate needs.
     #[error("missing column family {0}")]
-    MissingColumnFamily(&'static str),
+    MissingColumnFamily(String),
     /// A thread could not start or stopped.
     #[error("io: {0}")]
     Io(String),

@@ -2,8 +2,9 @@
 //!
 //! * [`RocksLogStore`]: an openraft [`RaftLogStorage`](openraft::storage::RaftLogStorage), generic
 //!   over the Raft type config. Every append, vote and purge is fsync'd before openraft hears it is
-//!   done, so an acknowledged write survives `kill -9` and power loss. One append call writes all of
-//!   its entries in one batch with one fsync (group commit).
+//!   done, so an acknowledged write survives `kill -9` and power loss. Appends are group-committed:
+//!   one thread fsyncs the WAL for every append queued by all Raft groups of the process meanwhile
+//!   (`wal_sync`), and only then tells openraft they are durable.
 //! * [`SnapshotStore`]: keeps the latest state-machine snapshot, so a restarted node restores its
 //!   state machine from the snapshot and replays only the log after it.
 //!
@@ -11,12 +12,13 @@
 //!   group commit: an append returns its offset only after the batch holding it is fsync'd.
 //!
 //! The Raft log and snapshots live in one RocksDB instance per node ([`open`]), in separate column
-//! families. The crate knows nothing about the hub domain: values are opaque serde types or bytes.
+//! families; several groups can share one instance ([`open_groups`]). The crate knows nothing about the hub domain: values are opaque serde types or bytes.
 
 mod error;
 mod raft_log;
 mod snapshot;
 mod telemetry;
+mod wal_sync;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -50,18 +52,69 @@ pub fn open_with_codec<C>(
 where
     C: openraft::RaftTypeConfig,
 {
+    let mut stores = open_groups(path, codec, &[""])?;
+    stores
+        .pop()
+        .ok_or(Error::MissingColumnFamily(CF_RAFT_LOG.into()))
+}
+
+/// Opens one RocksDB instance at `path` holding the logs and snapshots of several Raft groups
+/// (named by `groups`; the empty name keeps [`open`]'s column families), each in column families
+/// of its own. The groups share the instance's WAL, so one fsync makes all their appends durable.
+pub fn open_groups<C>(
+    path: &Path,
+    codec: EntryCodec,
+    groups: &[&str],
+) -> Result<Vec<(RocksLogStore<C>, SnapshotStore<C>)>>
+where
+    C: openraft::RaftTypeConfig,
+{
     let mut opts = rocksdb::Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
-    let cfs = [CF_RAFT_LOG, CF_RAFT_META, CF_SNAPSHOT]
-        .into_iter()
+    let families: Vec<Arc<Families>> = groups
+        .iter()
+        .map(|group| Arc::new(Families::of(group)))
+        .collect();
+    let cfs = families
+        .iter()
+        .flat_map(|f| [f.log.clone(), f.meta.clone(), f.snapshot.clone()])
         .map(|name| rocksdb::ColumnFamilyDescriptor::new(name, rocksdb::Options::default()));
-    let db = rocksdb::DB::open_cf_descriptors(&opts, path, cfs)?;
-    let db = Arc::new(db);
-    Ok((
-        RocksLogStore::new(db.clone(), codec),
-        SnapshotStore::new(db),
-    ))
+    let db = Arc::new(rocksdb::DB::open_cf_descriptors(&opts, path, cfs)?);
+    Ok(families
+        .into_iter()
+        .map(|f| {
+            (
+                RocksLogStore::new(db.clone(), codec, f.clone()),
+                SnapshotStore::new(db.clone(), f),
+            )
+        })
+        .collect())
+}
+
+/// The column families of one Raft group.
+#[derive(Debug)]
+struct Families {
+    log: String,
+    meta: String,
+    snapshot: String,
+}
+
+impl Families {
+    fn of(group: &str) -> Self {
+        let name = |cf: &str| {
+            if group.is_empty() {
+                cf.to_string()
+            } else {
+                format!("{group}.{cf}")
+            }
+        };
+        Self {
+            log: name(CF_RAFT_LOG),
+            meta: name(CF_RAFT_META),
+            snapshot: name(CF_SNAPSHOT),
+        }
+    }
 }
 
 /// Write options that fsync the WAL before the write returns.
@@ -72,6 +125,7 @@ fn synced() -> rocksdb::WriteOptions {
 }
 
 /// Returns the handle of a column family that [`open`] always creates.
-fn cf<'a>(db: &'a rocksdb::DB, name: &'static str) -> Result<&'a rocksdb::ColumnFamily> {
-    db.cf_handle(name).ok_or(Error::MissingColumnFamily(name))
+fn cf<'a>(db: &'a rocksdb::DB, name: &str) -> Result<&'a rocksdb::ColumnFamily> {
+    db.cf_handle(name)
+        .ok_or_else(|| Error::MissingColumnFamily(name.to_string()))
 }

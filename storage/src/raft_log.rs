@@ -14,7 +14,7 @@ use rocksdb::{DB, Direction, IteratorMode, WriteBatch};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::{CF_RAFT_LOG, CF_RAFT_META, Error, Result, cf, synced};
+use crate::{Error, Families, Result, cf, synced};
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
@@ -27,6 +27,7 @@ const KEY_LAST_PURGED: &[u8] = b"last_purged";
 pub struct RocksLogStore<C: RaftTypeConfig> {
     db: Arc<DB>,
     codec: EntryCodec,
+    families: Arc<Families>,
     _c: PhantomData<C>,
 }
 
@@ -60,6 +61,7 @@ impl<C: RaftTypeConfig> Clone for RocksLogStore<C> {
         Self {
             db: self.db.clone(),
             codec: self.codec,
+            families: self.families.clone(),
             _c: PhantomData,
         }
     }
@@ -79,16 +81,17 @@ fn key_index(key: &[u8]) -> Result<u64> {
 type RaftResult<C, T> = std::result::Result<T, StorageError<<C as RaftTypeConfig>::NodeId>>;
 
 impl<C: RaftTypeConfig> RocksLogStore<C> {
-    pub(crate) fn new(db: Arc<DB>, codec: EntryCodec) -> Self {
+    pub(crate) fn new(db: Arc<DB>, codec: EntryCodec, families: Arc<Families>) -> Self {
         Self {
             db,
             codec,
+            families,
             _c: PhantomData,
         }
     }
 
     fn get_meta<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>> {
-        let cf = cf(&self.db, CF_RAFT_META)?;
+        let cf = cf(&self.db, &self.families.meta)?;
         match self.db.get_cf(cf, key)? {
             Some(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
             None => Ok(None),
@@ -96,7 +99,7 @@ impl<C: RaftTypeConfig> RocksLogStore<C> {
     }
 
     fn put_meta<T: Serialize>(&self, key: &[u8], value: &T, sync: bool) -> Result<()> {
-        let cf = cf(&self.db, CF_RAFT_META)?;
+        let cf = cf(&self.db, &self.families.meta)?;
         let bytes = serde_json::to_vec(value)?;
         if sync {
             self.db.put_cf_opt(cf, key, bytes, &synced())?;
@@ -110,7 +113,7 @@ impl<C: RaftTypeConfig> RocksLogStore<C> {
     where
         C::Entry: DeserializeOwned,
     {
-        let cf = cf(&self.db, CF_RAFT_LOG)?;
+        let cf = cf(&self.db, &self.families.log)?;
         let start_key = index_key(start);
         let mut out = Vec::new();
         for item in self
@@ -144,7 +147,7 @@ impl<C: RaftTypeConfig> RocksLogStore<C> {
     where
         C::Entry: DeserializeOwned,
     {
-        let cf = cf(&self.db, CF_RAFT_LOG)?;
+        let cf = cf(&self.db, &self.families.log)?;
         match self.db.iterator_cf(cf, IteratorMode::End).next() {
             Some(item) => {
                 let (_, value) = item?;
@@ -156,7 +159,7 @@ impl<C: RaftTypeConfig> RocksLogStore<C> {
     }
 
     fn delete_range_synced(&self, from: u64, to_exclusive: u64) -> Result<()> {
-        let cf = cf(&self.db, CF_RAFT_LOG)?;
+        let cf = cf(&self.db, &self.families.log)?;
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(cf, index_key(from), index_key(to_exclusive));
         self.db.write_opt(batch, &synced())?;
@@ -230,19 +233,27 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for RocksLogStore<C> {
         I::IntoIter: OptionalSend,
     {
         let write = || -> Result<()> {
-            let cf = cf(&self.db, CF_RAFT_LOG)?;
+            let cf = cf(&self.db, &self.families.log)?;
             let mut batch = WriteBatch::default();
             for entry in entries {
                 let key = index_key(entry.get_log_id().index);
                 batch.put_cf(cf, key, self.codec.encode(&entry)?);
             }
-            // One fsync for the whole batch: group commit for every entry openraft hands us at once.
-            self.db.write_opt(batch, &synced())?;
+            // Readable now, durable once `wal_sync` has fsync'd the WAL: the core goes on
+            // proposing meanwhile, and one fsync covers every append (of every group) queued by then.
+            self.db.write(batch)?;
             Ok(())
         };
         match write() {
             Ok(()) => {
-                callback.log_io_completed(Ok(()));
+                crate::wal_sync::after_sync(
+                    self.db.clone(),
+                    Box::new(move |result| {
+                        callback.log_io_completed(
+                            result.map_err(|e| std::io::Error::other(e.to_string())),
+                        )
+                    }),
+                );
                 Ok(())
             }
             Err(e) => {
@@ -292,16 +303,48 @@ mod tests {
     /// Writes entries straight through the store (openraft's callback needs a running Raft, so
     /// this mirrors `append` without it).
     fn put(store: &super::RocksLogStore<TestConfig>, entries: &[Entry<TestConfig>]) {
-        let cf = super::cf(&store.db, super::CF_RAFT_LOG).expect("cf");
+        let cf = super::cf(&store.db, &store.families.log).expect("cf");
         let mut batch = rocksdb::WriteBatch::default();
         for e in entries {
             batch.put_cf(
                 cf,
                 super::index_key(e.log_id.index),
-                serde_json::to_vec(e).expect("encode"),
+                store.codec.encode(e).expect("encode"),
             );
         }
         store.db.write_opt(batch, &super::synced()).expect("write");
+    }
+
+    #[tokio::test]
+    async fn groups_share_one_instance_and_keep_their_logs_apart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let stores = crate::open_groups::<TestConfig>(
+                dir.path(),
+                crate::EntryCodec::Binary,
+                &["p0", "p1"],
+            )
+            .expect("open");
+            put(&stores[0].0, &(1..=5).map(entry).collect::<Vec<_>>());
+            put(&stores[1].0, &(1..=2).map(entry).collect::<Vec<_>>());
+            let mut p1 = stores[1].0.clone();
+            p1.save_vote(&openraft::Vote::new(7, 2))
+                .await
+                .expect("vote");
+        }
+        let mut stores =
+            crate::open_groups::<TestConfig>(dir.path(), crate::EntryCodec::Binary, &["p0", "p1"])
+                .expect("reopen");
+        let (mut p1, _) = stores.pop().expect("p1");
+        let (mut p0, _) = stores.pop().expect("p0");
+        let last = |s: openraft::storage::LogState<TestConfig>| s.last_log_id.map(|l| l.index);
+        assert_eq!(last(p0.get_log_state().await.expect("state")), Some(5));
+        assert_eq!(last(p1.get_log_state().await.expect("state")), Some(2));
+        assert_eq!(p0.read_vote().await.expect("vote"), None);
+        assert_eq!(
+            p1.read_vote().await.expect("vote"),
+            Some(openraft::Vote::new(7, 2))
+        );
     }
 
     #[tokio::test]

@@ -7,7 +7,7 @@ use openraft::{RaftTypeConfig, SnapshotMeta};
 use rocksdb::DB;
 use serde::{Deserialize, Serialize};
 
-use crate::{CF_SNAPSHOT, Result, cf, synced};
+use crate::{Families, Result, cf, synced};
 
 const KEY_CURRENT: &[u8] = b"current";
 
@@ -24,6 +24,7 @@ pub struct StoredSnapshot<C: RaftTypeConfig> {
 /// Keeps the node's latest snapshot. Cheap to clone: clones share the database.
 pub struct SnapshotStore<C: RaftTypeConfig> {
     db: Arc<DB>,
+    families: Arc<Families>,
     _c: PhantomData<C>,
 }
 
@@ -31,22 +32,24 @@ impl<C: RaftTypeConfig> Clone for SnapshotStore<C> {
     fn clone(&self) -> Self {
         Self {
             db: self.db.clone(),
+            families: self.families.clone(),
             _c: PhantomData,
         }
     }
 }
 
 impl<C: RaftTypeConfig> SnapshotStore<C> {
-    pub(crate) fn new(db: Arc<DB>) -> Self {
+    pub(crate) fn new(db: Arc<DB>, families: Arc<Families>) -> Self {
         Self {
             db,
+            families,
             _c: PhantomData,
         }
     }
 
     /// Returns the latest saved snapshot, if any.
     pub fn load(&self) -> Result<Option<StoredSnapshot<C>>> {
-        let cf = cf(&self.db, CF_SNAPSHOT)?;
+        let cf = cf(&self.db, &self.families.snapshot)?;
         match self.db.get_cf(cf, KEY_CURRENT)? {
             Some(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
             None => Ok(None),
@@ -55,7 +58,7 @@ impl<C: RaftTypeConfig> SnapshotStore<C> {
 
     /// Replaces the saved snapshot; durable (fsync'd) when this returns.
     pub fn save(&self, snapshot: &StoredSnapshot<C>) -> Result<()> {
-        let cf = cf(&self.db, CF_SNAPSHOT)?;
+        let cf = cf(&self.db, &self.families.snapshot)?;
         let bytes = serde_json::to_vec(snapshot)?;
         self.db.put_cf_opt(cf, KEY_CURRENT, bytes, &synced())?;
         Ok(())
