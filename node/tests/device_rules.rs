@@ -165,6 +165,19 @@ async fn device_endpoint_enforces_azure_rules() -> Result<()> {
     // --- keep-alive: silence beyond 1.5 x keep-alive closes the connection ---
     let (mut d1, _, _) = RawMqtt::connect(mqtt, &ca, "d1", &t1, false, 1).await?;
     assert!(d1.closed_within(Duration::from_secs(5)).await, "keep-alive");
+    // ... while a device that pings every 0.5 s stays connected well past its first deadline.
+    let (mut d1, _, _) = RawMqtt::connect(mqtt, &ca, "d1", &t1, false, 1).await?;
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        d1.send(Packet::PingReq).await?;
+        assert!(
+            matches!(
+                d1.recv(Duration::from_secs(2)).await?,
+                Some(Packet::PingResp)
+            ),
+            "an active device keeps its connection"
+        );
+    }
 
     // --- the connection closes when its token expires ---
     let short = device_token(host, "d1", &k1, 2)?;

@@ -315,11 +315,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             Some(at) => Instant::now() + Duration::from_secs(at.saturating_sub(unix_now())),
             None => far,
         };
-        let mut idle_deadline = if keep_alive.is_zero() {
-            far
-        } else {
-            Instant::now() + keep_alive
+        // Both timers are registered once: re-arming the keep-alive timer on every packet cost a
+        // timer-wheel insert and removal per message. It fires at the first deadline and is
+        // re-armed from the last packet's time if packets came meanwhile.
+        let mut last_packet = Instant::now();
+        let idle_deadline = |last: Instant| {
+            if keep_alive.is_zero() {
+                far
+            } else {
+                last + keep_alive
+            }
         };
+        let idle = sleep_until(idle_deadline(last_packet));
+        let token_expiry = sleep_until(expiry);
+        tokio::pin!(idle, token_expiry);
         let mut lock_tick = tokio::time::interval(Duration::from_secs(1));
         lock_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         if session_present {
@@ -333,11 +342,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             loop {
                 match Packet::read(buf, self.ctx.max_packet_bytes) {
                     Ok(packet) => {
-                        idle_deadline = if keep_alive.is_zero() {
-                            far
-                        } else {
-                            Instant::now() + keep_alive
-                        };
+                        last_packet = Instant::now();
                         if let Err(close) = self.handle(packet).await {
                             return close;
                         }
@@ -367,11 +372,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                         return close;
                     }
                 }
-                _ = sleep_until(idle_deadline) => {
+                _ = &mut idle => {
+                    let deadline = idle_deadline(last_packet);
+                    if deadline > Instant::now() {
+                        idle.as_mut().reset(deadline);
+                        continue;
+                    }
                     tracing::info!(client_id = self.client_id, "keep-alive expired; closing");
                     return Close::Ungraceful;
                 }
-                _ = sleep_until(expiry) => {
+                _ = &mut token_expiry => {
                     tracing::info!(client_id = self.client_id, "SAS token expired; closing");
                     return Close::ByHub;
                 }
