@@ -74,7 +74,33 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// CPU time (user + system, all threads) a process has used so far.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    let ticks_per_second = clock_ticks_per_second();
+    Some(Duration::from_secs_f64(
+        (utime + stime) as f64 / ticks_per_second,
+    ))
+}
+
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
 struct Target {
+    /// The broker's process, whose CPU time the load is charged with.
+    pid: u32,
     addr: SocketAddr,
     /// (client id, password) per device.
     devices: Vec<(String, String)>,
@@ -154,13 +180,12 @@ async fn start_meridian(args: &Args, dir: &Path, devices: usize) -> Result<(Proc
     for t in tasks {
         all.extend(t.await??);
     }
-    Ok((
-        proc,
-        Target {
-            addr: SocketAddr::from(([127, 0, 0, 1], p[3])),
-            devices: all,
-        },
-    ))
+    let target = Target {
+        pid: proc.0.id(),
+        addr: SocketAddr::from(([127, 0, 0, 1], p[3])),
+        devices: all,
+    };
+    Ok((proc, target))
 }
 
 async fn start_mosquitto(
@@ -191,9 +216,11 @@ async fn start_mosquitto(
         .spawn()
         .context("spawn mosquitto")?;
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = child.id();
     Ok((
         Proc(child),
         Target {
+            pid,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             devices: (0..devices)
                 .map(|i| (format!("bench-{i}"), String::new()))
@@ -214,6 +241,8 @@ struct Load {
     p50: Duration,
     p99: Duration,
     failed_devices: usize,
+    /// The broker's CPU time during the load phase.
+    cpu: Duration,
 }
 
 async fn run_load(target: &Target, ca: &Path, seconds: u64, payload: usize) -> Result<Load> {
@@ -241,6 +270,7 @@ async fn run_load(target: &Target, ca: &Path, seconds: u64, payload: usize) -> R
     let connect_rate = clients.len() as f64 / started.elapsed().as_secs_f64();
 
     let body = vec![b'x'; payload];
+    let cpu_before = cpu_time(target.pid).unwrap_or_default();
     let load_start = Instant::now();
     let stop = load_start + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
@@ -277,6 +307,9 @@ async fn run_load(target: &Target, ca: &Path, seconds: u64, payload: usize) -> R
         failed += usize::from(f);
     }
     let elapsed = load_start.elapsed();
+    let cpu = cpu_time(target.pid)
+        .unwrap_or_default()
+        .saturating_sub(cpu_before);
     all.sort_unstable();
     let pct = |p: f64| {
         all.get(((all.len() as f64 - 1.0) * p).round() as usize)
@@ -290,18 +323,21 @@ async fn run_load(target: &Target, ca: &Path, seconds: u64, payload: usize) -> R
         p50: pct(0.5),
         p99: pct(0.99),
         failed_devices: failed,
+        cpu,
     })
 }
 
 fn row(name: &str, l: &Load) -> String {
     format!(
-        "| {name} | {:.0} | {:.2} | {:.2} | {} | {:.0} | {} |",
+        "| {name} | {:.0} | {:.2} | {:.2} | {} | {:.0} | {} | {:.0}% | {:.1} |",
         l.acked as f64 / l.elapsed.as_secs_f64(),
         l.p50.as_secs_f64() * 1e3,
         l.p99.as_secs_f64() * 1e3,
         l.acked,
         l.connect_rate,
-        l.failed_devices
+        l.failed_devices,
+        l.cpu.as_secs_f64() / l.elapsed.as_secs_f64() * 100.0,
+        l.cpu.as_secs_f64() * 1e6 / (l.acked.max(1) as f64)
     )
 }
 
@@ -364,19 +400,21 @@ async fn main() -> Result<()> {
     }
     let mut lines = vec![
         format!(
-            "| broker ({} devices, {} B payload, QoS 1, TLS) | acked msg/s | p50 ms | p99 ms | acked | CONNECTs/s | failed devices |",
+            "| broker ({} devices, {} B payload, QoS 1, TLS) | acked msg/s | p50 ms | p99 ms | acked | CONNECTs/s | failed devices | broker CPU | broker CPU µs/msg |",
             args.devices, args.payload
         ),
-        "|---|---|---|---|---|---|---|".to_string(),
+        "|---|---|---|---|---|---|---|---|---|".to_string(),
     ];
     let meridian_row;
     let meridian_rate;
+    let meridian_cpu_per_msg;
     {
         let (_proc, target) = start_meridian(&args, dir.path(), args.devices).await?;
         let ca = dir.path().join("meridian/tls/ca.pem");
         println!("meridian: {} devices for {} s", args.devices, args.seconds);
         let l = run_load(&target, &ca, args.seconds, args.payload).await?;
         meridian_rate = l.acked as f64 / l.elapsed.as_secs_f64();
+        meridian_cpu_per_msg = l.cpu.as_secs_f64() / l.acked.max(1) as f64;
         meridian_row = row("Meridian (fsync before PUBACK)", &l);
         println!("{meridian_row}");
     }
@@ -399,6 +437,10 @@ async fn main() -> Result<()> {
         lines.push(format!(
             "\nratio Meridian/Mosquitto acked msg/s: {:.2}",
             meridian_rate / (l.acked as f64 / l.elapsed.as_secs_f64())
+        ));
+        lines.push(format!(
+            "ratio Meridian/Mosquitto broker CPU per acked message: {:.2}",
+            meridian_cpu_per_msg / (l.cpu.as_secs_f64() / l.acked.max(1) as f64)
         ));
     }
     println!("\n{}", lines.join("\n"));
