@@ -246,6 +246,14 @@ impl Partitions {
         let mut queues = Vec::new();
         let names: Vec<String> = (0..settings.partitions).map(|p| format!("p{p}")).collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        if dir.join("p0").exists() && !dir.join("groups").exists() {
+            // Written by a version with one instance per partition (before ADR 011): starting
+            // would silently begin empty logs beside it.
+            return Err(format!(
+                "{} holds partition logs in the old layout (p0/, p1/, ...); this version keeps them in groups/ (docs/adr/011)",
+                dir.display()
+            ));
+        }
         // Every partition's Raft log in one RocksDB instance: they share one WAL, so one fsync
         // makes the appends of all partitions durable (see meridian_storage::open_groups).
         let stores = meridian_storage::open_groups::<PartitionTypeConfig>(
@@ -1021,5 +1029,43 @@ async fn batch_appends(partitions: Partitions, partition: u32, mut rx: mpsc::Rec
                 let _ = reply.send(result.clone());
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> PartitionSettings {
+        PartitionSettings {
+            partitions: 2,
+            replication_factor: 1,
+            request_timeout: Duration::from_secs(1),
+            raft: Arc::new(openraft::Config::default()),
+            advertise: "127.0.0.1:1".into(),
+            gate: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_data_dir_in_the_old_layout_is_refused_and_the_new_one_reopens() {
+        let dir = tempfile::tempdir().expect("dir");
+        let log = TelemetryLog::open(&dir.path().join("telemetry"), 1 << 30).expect("log");
+        let old = dir.path().join("old");
+        std::fs::create_dir_all(old.join("p0")).expect("mkdir");
+        let refused = Partitions::open(1, &old, log.clone(), &settings()).await;
+        assert!(
+            refused.is_err_and(|e| e.contains("old layout")),
+            "a p0/ directory is not silently ignored"
+        );
+
+        let new = dir.path().join("new");
+        let partitions = Partitions::open(1, &new, log.clone(), &settings())
+            .await
+            .expect("open");
+        partitions.shutdown().await;
+        drop(partitions);
+        let reopened = Partitions::open(1, &new, log, &settings()).await;
+        assert!(reopened.is_ok(), "{:?}", reopened.err());
     }
 }
