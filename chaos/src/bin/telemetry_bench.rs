@@ -38,6 +38,10 @@ struct Args {
     /// Skip Mosquitto.
     #[arg(long)]
     no_mosquitto: bool,
+    /// Rounds of Meridian then Mosquitto, each on fresh data; the report gives every round and
+    /// the median ratios (runs on a shared 2-core machine vary by ±10%).
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Instead of the load test: connect this many idle devices to Meridian and report the
     /// server's memory per connection (comma-separated list, e.g. 10000,100000).
     #[arg(long, value_delimiter = ',')]
@@ -327,6 +331,29 @@ async fn run_load(target: &Target, ca: &Path, seconds: u64, payload: usize) -> R
     })
 }
 
+impl Load {
+    fn rate(&self) -> f64 {
+        self.acked as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn cpu_per_message(&self) -> f64 {
+        self.cpu.as_secs_f64() / self.acked.max(1) as f64
+    }
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn join(values: &[f64]) -> String {
+    values
+        .iter()
+        .map(|v| format!("{v:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn row(name: &str, l: &Load) -> String {
     format!(
         "| {name} | {:.0} | {:.2} | {:.2} | {} | {:.0} | {} | {:.0}% | {:.1} |",
@@ -405,42 +432,57 @@ async fn main() -> Result<()> {
         ),
         "|---|---|---|---|---|---|---|---|---|".to_string(),
     ];
-    let meridian_row;
-    let meridian_rate;
-    let meridian_cpu_per_msg;
-    {
-        let (_proc, target) = start_meridian(&args, dir.path(), args.devices).await?;
-        let ca = dir.path().join("meridian/tls/ca.pem");
-        println!("meridian: {} devices for {} s", args.devices, args.seconds);
-        let l = run_load(&target, &ca, args.seconds, args.payload).await?;
-        meridian_rate = l.acked as f64 / l.elapsed.as_secs_f64();
-        meridian_cpu_per_msg = l.cpu.as_secs_f64() / l.acked.max(1) as f64;
-        meridian_row = row("Meridian (fsync before PUBACK)", &l);
-        println!("{meridian_row}");
-    }
-    lines.push(meridian_row);
-    if !args.no_mosquitto {
-        let tls = dir.path().join("meridian/tls");
-        let (_proc, target) = start_mosquitto(
-            &args,
-            dir.path(),
-            args.devices,
-            &tls.join("server.pem"),
-            &tls.join("server.key"),
-        )
-        .await?;
-        println!("mosquitto: {} devices for {} s", args.devices, args.seconds);
-        let l = run_load(&target, &tls.join("ca.pem"), args.seconds, args.payload).await?;
-        let r = row("Mosquitto 2.0 (persistence on)", &l);
+    let (mut rate_ratios, mut cpu_ratios) = (Vec::new(), Vec::new());
+    for round in 0..args.rounds.max(1) {
+        let round_dir = dir.path().join(format!("round{round}"));
+        std::fs::create_dir_all(&round_dir)?;
+        let meridian = {
+            let (_proc, target) = start_meridian(&args, &round_dir, args.devices).await?;
+            let ca = round_dir.join("meridian/tls/ca.pem");
+            println!(
+                "round {round}: meridian, {} devices for {} s",
+                args.devices, args.seconds
+            );
+            run_load(&target, &ca, args.seconds, args.payload).await?
+        };
+        let r = row("Meridian (fsync before PUBACK)", &meridian);
         println!("{r}");
         lines.push(r);
+        if args.no_mosquitto {
+            continue;
+        }
+        let tls = round_dir.join("meridian/tls");
+        let mosquitto = {
+            let (_proc, target) = start_mosquitto(
+                &args,
+                &round_dir,
+                args.devices,
+                &tls.join("server.pem"),
+                &tls.join("server.key"),
+            )
+            .await?;
+            println!(
+                "round {round}: mosquitto, {} devices for {} s",
+                args.devices, args.seconds
+            );
+            run_load(&target, &tls.join("ca.pem"), args.seconds, args.payload).await?
+        };
+        let r = row("Mosquitto 2.0 (persistence on)", &mosquitto);
+        println!("{r}");
+        lines.push(r);
+        rate_ratios.push(meridian.rate() / mosquitto.rate());
+        cpu_ratios.push(meridian.cpu_per_message() / mosquitto.cpu_per_message());
+    }
+    if !rate_ratios.is_empty() {
         lines.push(format!(
-            "\nratio Meridian/Mosquitto acked msg/s: {:.2}",
-            meridian_rate / (l.acked as f64 / l.elapsed.as_secs_f64())
+            "\nratio Meridian/Mosquitto acked msg/s: median {:.2} of {}",
+            median(&mut rate_ratios),
+            join(&rate_ratios)
         ));
         lines.push(format!(
-            "ratio Meridian/Mosquitto broker CPU per acked message: {:.2}",
-            meridian_cpu_per_msg / (l.cpu.as_secs_f64() / l.acked.max(1) as f64)
+            "ratio Meridian/Mosquitto broker CPU per acked message: median {:.2} of {}",
+            median(&mut cpu_ratios),
+            join(&cpu_ratios)
         ));
     }
     println!("\n{}", lines.join("\n"));
