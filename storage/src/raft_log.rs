@@ -225,8 +225,10 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for RocksLogStore<C> {
     async fn save_committed(&mut self, committed: Option<LogId<C::NodeId>>) -> RaftResult<C, ()> {
         // Not synced, and at most every SAVE_COMMITTED_EVERY (openraft calls this on every commit,
         // and a write per commit cost ~2% of a node's CPU under telemetry load): openraft only
-        // uses it to re-apply committed entries sooner after a restart; an older value (never
-        // newer than the truth) only means waiting for the leader to report the commit index.
+        // uses it to re-apply committed entries sooner after a restart (raised to the state
+        // machine's last applied id first); an older value (never newer than the truth, and
+        // possibly stale until the next commit after a quiet spell) only means re-applying less
+        // before the leader reports the commit index again.
         if self
             .committed_saved_at
             .is_some_and(|at| at.elapsed() < SAVE_COMMITTED_EVERY)
@@ -256,8 +258,9 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for RocksLogStore<C> {
                 let key = index_key(entry.get_log_id().index);
                 batch.put_cf(cf, key, self.codec.encode(&entry)?);
             }
-            // Readable now, durable once `wal_sync` has fsync'd the WAL: the core goes on
-            // proposing meanwhile, and one fsync covers every append (of every group) queued by then.
+            // Readable now, durable once `wal_sync` has fsync'd the WAL. openraft 0.9's core awaits
+            // the callback, but no Tokio worker blocks in fdatasync, and one fsync covers the
+            // appends of every group queued by then.
             self.db.write(batch)?;
             Ok(())
         };

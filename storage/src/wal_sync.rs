@@ -4,9 +4,10 @@
 //! need not wait for the disk. [`RocksLogStore::append`](crate::RocksLogStore) writes its batch
 //! without sync (the entries are readable at once, as openraft requires) and queues the callback
 //! here; one thread fsyncs the WAL of every database with queued callbacks and then calls them, in
-//! the order they were queued. While it waits for the disk, Raft cores keep proposing, so the next
-//! fsync covers everything they appended meanwhile, across all groups of the node. Without this
-//! each group's core blocked a Tokio worker in `fdatasync` once per append.
+//! the order they were queued. openraft 0.9's core still awaits its callback before its next
+//! command, but it awaits asynchronously: no Tokio worker is parked in `fdatasync` (before, each
+//! group's core blocked one per append), and one fsync round serves every group that appended
+//! meanwhile.
 
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, OnceLock};
@@ -63,14 +64,19 @@ fn run(rx: Receiver<Request>) {
                 synced.push((db, sync(&request.db).map_err(|e| e.to_string())));
             }
         }
-        for request in batch {
-            let db = Arc::as_ptr(&request.db);
+        for Request { db, done } in batch {
+            // Our handle on the database goes before the callback runs: the woken Raft core may
+            // shut down and its owner reopen the same path, which RocksDB refuses while any handle
+            // of this process is alive.
+            let db_ptr = Arc::as_ptr(&db);
+            drop(db);
+            let db = db_ptr;
             let result = match synced.iter().find(|(d, _)| *d == db) {
                 Some((_, Ok(()))) => Ok(()),
                 Some((_, Err(e))) => Err(crate::Error::Io(format!("wal sync: {e}"))),
                 None => Err(crate::Error::Io("wal sync: not attempted".into())),
             };
-            (request.done)(result);
+            done(result);
         }
     }
 }
