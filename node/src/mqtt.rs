@@ -442,6 +442,9 @@ pub fn exercise_untrusted_input(data: &[u8]) {
                         let _ = crate::domain::telemetry::TelemetryMessage::decode(&m.encode());
                     }
                 }
+                // Stored records are read back from disk and from peers: any bytes must decode
+                // to a message or to None.
+                let _ = crate::domain::telemetry::TelemetryMessage::decode(&p.payload);
                 let _ = serde_json::from_slice::<serde_json::Value>(&p.payload);
             }
             Packet::Subscribe(s) => {

@@ -161,8 +161,36 @@ impl TelemetryMessage {
         })
     }
 
-    /// Stored form: 4-byte big-endian header length, JSON header, body.
+    /// Stored form: the byte [`BINARY_HEADER`], the properties in postcard (well-known system
+    /// property names as one-byte codes), then the body. A third of the bytes of the JSON header
+    /// it replaced, and every stored byte is written twice and copied several times on the way.
     pub fn encode(&self) -> Vec<u8> {
+        let header = StoredHeader {
+            system: self
+                .system_properties
+                .iter()
+                .map(|(k, v)| (StoredName::of(k), v.as_str()))
+                .collect(),
+            application: self
+                .application_properties
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
+        };
+        let mut out = Vec::with_capacity(64 + self.body.len());
+        out.push(BINARY_HEADER);
+        match postcard::to_extend(&header, out) {
+            Ok(mut out) => {
+                out.extend_from_slice(&self.body);
+                out
+            }
+            // Not reachable for strings and vectors; the JSON form stays readable regardless.
+            Err(_) => self.encode_json(),
+        }
+    }
+
+    /// The first stored form: 4-byte big-endian header length, JSON header, body. Still read.
+    fn encode_json(&self) -> Vec<u8> {
         let header = serde_json::to_vec(self).unwrap_or_default();
         let mut out = Vec::with_capacity(4 + header.len() + self.body.len());
         out.extend_from_slice(&(header.len() as u32).to_be_bytes());
@@ -171,14 +199,82 @@ impl TelemetryMessage {
         out
     }
 
-    /// Reads the stored form back.
+    /// Reads either stored form back (`None`: not a stored message).
     pub fn decode(bytes: &[u8]) -> Option<Self> {
+        if let Some((&BINARY_HEADER, rest)) = bytes.split_first() {
+            let (header, body) = postcard::take_from_bytes::<StoredHeader<'_>>(rest).ok()?;
+            let mut system_properties = BTreeMap::new();
+            for (name, value) in header.system {
+                system_properties.insert(name.as_str()?.to_string(), value.to_string());
+            }
+            return Some(Self {
+                system_properties,
+                application_properties: header
+                    .application
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                body: body.to_vec(),
+            });
+        }
         let len = u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
-        let header = bytes.get(4..4 + len)?;
+        let header = bytes.get(4..4usize.checked_add(len)?)?;
         let mut message: TelemetryMessage = serde_json::from_slice(header).ok()?;
         message.body = bytes.get(4 + len..)?.to_vec();
         Some(message)
     }
+}
+
+/// First byte of the binary stored form. The JSON form starts with a big-endian header length,
+/// whose first byte is 0 for any header under 16 MiB, so the two never collide.
+const BINARY_HEADER: u8 = 0xFF;
+
+/// System property names stored as their index. Append only: an index, once written, is forever.
+const STORED_NAMES: [&str; 14] = [
+    "iothub-connection-device-id",
+    "iothub-connection-module-id",
+    "iothub-connection-auth-generation-id",
+    "iothub-connection-auth-method",
+    "iothub-enqueuedtime",
+    "iothub-message-source",
+    "message-id",
+    "correlation-id",
+    "user-id",
+    "content-type",
+    "content-encoding",
+    "absolute-expiry-time",
+    "iothub-outputname",
+    "iothub-interface-id",
+];
+
+#[derive(Serialize, Deserialize)]
+enum StoredName<'a> {
+    Known(u8),
+    Other(&'a str),
+}
+
+impl<'a> StoredName<'a> {
+    fn of(name: &'a str) -> Self {
+        match STORED_NAMES.iter().position(|n| *n == name) {
+            Some(i) => StoredName::Known(i as u8),
+            None => StoredName::Other(name),
+        }
+    }
+
+    fn as_str(&self) -> Option<&'a str> {
+        match self {
+            StoredName::Known(i) => STORED_NAMES.get(usize::from(*i)).copied(),
+            StoredName::Other(name) => Some(name),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredHeader<'a> {
+    #[serde(borrow)]
+    system: Vec<(StoredName<'a>, &'a str)>,
+    #[serde(borrow)]
+    application: Vec<(&'a str, &'a str)>,
 }
 
 /// The partition of a device: a stable hash (FNV-1a, 64 bit) of the device id modulo the count,
@@ -262,8 +358,32 @@ mod tests {
             MAX_TELEMETRY_BYTES,
         )
         .expect("valid");
-        assert_eq!(TelemetryMessage::decode(&m.encode()), Some(m));
+        assert_eq!(TelemetryMessage::decode(&m.encode()), Some(m.clone()));
         assert_eq!(TelemetryMessage::decode(&[0, 0]), None);
+        // Records stored in the first (JSON) form stay readable.
+        assert_eq!(TelemetryMessage::decode(&m.encode_json()), Some(m.clone()));
+        assert!(
+            m.encode().len() < m.encode_json().len(),
+            "the binary form is the smaller one"
+        );
+        // Names outside the table, empty maps and empty bodies round-trip too.
+        let mut other = m.clone();
+        other
+            .system_properties
+            .insert("x-not-in-the-table".into(), "v".into());
+        other.application_properties.clear();
+        other.body.clear();
+        assert_eq!(TelemetryMessage::decode(&other.encode()), Some(other));
+        // A code past the table, truncated or garbage headers: None, never a panic.
+        assert_eq!(
+            TelemetryMessage::decode(&[BINARY_HEADER, 1, 0, 200, 0, 0]),
+            None
+        );
+        let encoded = m.encode();
+        for cut in 1..encoded.len().min(40) {
+            let _ = TelemetryMessage::decode(&encoded[..cut]);
+        }
+        assert_eq!(TelemetryMessage::decode(&[BINARY_HEADER]), None);
     }
 
     #[test]
