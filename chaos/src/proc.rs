@@ -1,21 +1,15 @@
 //! Processes and measurements shared by the benchmark and chaos binaries.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-/// `n` distinct free loopback ports, all held at once so none is handed out twice.
+/// `n` distinct free loopback ports (see `meridian::client::free_ports`).
 pub fn free_ports(n: usize) -> Result<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
+    Ok(meridian::client::free_ports(n)?)
 }
 
 /// A child process (a `meridian` node or a peer system) that can be killed and started again;

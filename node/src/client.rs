@@ -23,6 +23,45 @@ use tokio_rustls::TlsConnector;
 
 use crate::auth;
 
+/// `n` distinct loopback ports that were free a moment ago, for test and benchmark nodes.
+///
+/// They come from below the kernel's ephemeral range (32768 and up by default): a port from that
+/// range can be taken as the source port of any outgoing connection (nodes dialling each other)
+/// between this check and the node's bind, which made a node occasionally fail to start. All are
+/// held at once before any is released, so none is handed out twice.
+pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Processes start at different points of the span, so concurrent test binaries rarely probe
+    // the same ports (and the bind below settles it when they do).
+    let start = std::process::id().wrapping_mul(7_919) % SPAN;
+    let mut listeners = Vec::with_capacity(n);
+    for _ in 0..SPAN {
+        if listeners.len() == n {
+            break;
+        }
+        let port = FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port as u16)) {
+            listeners.push(l);
+        }
+    }
+    if listeners.len() < n {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!(
+                "fewer than {n} free loopback ports in {FIRST}..{}",
+                FIRST + SPAN
+            ),
+        ));
+    }
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
+}
+
 /// Client errors.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -333,6 +372,23 @@ impl Connection {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn free_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
+        let ports = super::free_ports(40).expect("ports");
+        let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), 40);
+        assert!(ports.iter().all(|p| (20_000..32_000).contains(p)), "{ports:?}");
+        let held: Vec<_> = ports
+            .iter()
+            .map(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).expect("bindable"))
+            .collect();
+        // A port in use is skipped, not handed out.
+        let more = super::free_ports(5).expect("more");
+        assert!(more.iter().all(|p| !ports.contains(p)), "{more:?}");
+        drop(held);
+    }
+
     use super::*;
 
     #[test]

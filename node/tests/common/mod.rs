@@ -7,7 +7,7 @@
 pub mod load;
 
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,16 +26,9 @@ pub fn free_port() -> Result<u16> {
     Ok(free_ports(1)?[0])
 }
 
-/// `n` distinct free loopback ports: all are held at once before any is released, so the kernel
-/// cannot hand the same port out twice.
+/// `n` distinct free loopback ports (see `meridian::client::free_ports`).
 pub fn free_ports(n: usize) -> Result<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
+    Ok(meridian::client::free_ports(n)?)
 }
 
 /// One node process.
@@ -103,6 +96,8 @@ impl NodeProc {
     /// The node's log so far (for failure messages).
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        // A node that exits with an error prints it, then a long backtrace: keep the error.
+        let text = text.split("\nStack backtrace:").next().unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }

@@ -174,6 +174,9 @@ async function main() {
     t.contentEncoding = 'utf-8';
     t.properties.add('seq', String(i));
     await dev.sendEvent(t);
+    // A millisecond apart at least: the Node SDK's enqueuedOn position means "after this time"
+    // (x-opt-enqueued-time >), and the checks below need the 8th event after the 7th.
+    await sleep(3);
   }
   ok('telemetry');
 
