@@ -378,7 +378,10 @@ mod tests {
         let ports = super::free_ports(40).expect("ports");
         let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
         assert_eq!(distinct.len(), 40);
-        assert!(ports.iter().all(|p| (20_000..32_000).contains(p)), "{ports:?}");
+        assert!(
+            ports.iter().all(|p| (20_000..32_000).contains(p)),
+            "{ports:?}"
+        );
         let held: Vec<_> = ports
             .iter()
             .map(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).expect("bindable"))
