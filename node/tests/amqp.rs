@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use common::{
-    create_device, put_token, run_sdk_script, sdk_cache, start_cluster, start_dev,
-    start_dev_with_amqp_port, tls_to,
+    amqp_anonymous_session, create_device, put_token, run_sdk_script, sdk_cache, start_cluster,
+    start_dev, start_dev_with_amqp_port, tls_to,
 };
 use fe2o3_amqp::types::messaging::Body;
 use fe2o3_amqp::types::primitives::Value;
@@ -264,15 +264,7 @@ async fn tokens_are_checked_per_link_and_expire_and_bad_frames_leave_the_node_up
     let https = cluster.node(1).https;
     let ca = cluster.ca.clone();
     let open = |ca: std::path::PathBuf| async move {
-        let tls = tls_to(https, &ca).await?;
-        let mut connection = Connection::builder()
-            .container_id("meridian-test")
-            .hostname("localhost")
-            .sasl_profile(fe2o3_amqp::sasl_profile::SaslProfile::Anonymous)
-            .open_with_stream(tls)
-            .await?;
-        let session = Session::begin(&mut connection).await?;
-        Ok::<_, anyhow::Error>((connection, session))
+        amqp_anonymous_session(https, &ca, "meridian-test").await
     };
     let audience = "sb://localhost/localhost";
     let partition = "localhost/ConsumerGroups/$Default/Partitions/0";

@@ -16,6 +16,7 @@ use meridian::client::ServiceClient;
 use meridian::client::device::{
     ConnAckCode as ConnectReturnCode, RawMqtt, device_token, tls_config,
 };
+use meridian_chaos::proc::free_ports;
 use serde_json::{Value, json};
 
 #[derive(Debug, Parser)]
@@ -46,10 +47,6 @@ struct Args {
     /// server's memory per connection (comma-separated list, e.g. 10000,100000).
     #[arg(long, value_delimiter = ',')]
     idle: Vec<usize>,
-}
-
-fn free_ports(n: usize) -> Result<Vec<u16>> {
-    Ok(meridian::client::free_ports(n)?)
 }
 
 struct Proc(Child);

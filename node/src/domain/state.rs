@@ -1106,21 +1106,31 @@ impl HubState {
         device_id: &DeviceId,
         module_id: Option<&ModuleId>,
     ) -> HubResult<Value> {
+        let (entry, module) = self.device_and_module(device_id, module_id)?;
+        let twin = module.map_or(&entry.twin, |m| &m.twin);
+        Ok(twin.render_for_device())
+    }
+
+    /// A device's entry and, when `module_id` is given, that module's: 404 for either missing.
+    fn device_and_module(
+        &self,
+        device_id: &DeviceId,
+        module_id: Option<&ModuleId>,
+    ) -> HubResult<(&DeviceEntry, Option<&ModuleEntry>)> {
         let entry = self
             .devices
             .get(device_id)
             .ok_or_else(|| HubError::device_not_found(device_id.as_str()))?;
-        let twin = match module_id {
-            None => &entry.twin,
-            Some(m) => {
-                &entry
+        let module = match module_id {
+            None => None,
+            Some(m) => Some(
+                entry
                     .modules
                     .get(m)
-                    .ok_or_else(|| HubError::module_not_found(device_id.as_str(), m.as_str()))?
-                    .twin
-            }
+                    .ok_or_else(|| HubError::module_not_found(device_id.as_str(), m.as_str()))?,
+            ),
         };
-        Ok(twin.render_for_device())
+        Ok((entry, module))
     }
 
     /// `GET /twins/{id}[/modules/{mid}]` in the service shape.
@@ -1129,23 +1139,16 @@ impl HubState {
         device_id: &DeviceId,
         module_id: Option<&ModuleId>,
     ) -> HubResult<Value> {
-        let entry = self
-            .devices
-            .get(device_id)
-            .ok_or_else(|| HubError::device_not_found(device_id.as_str()))?;
+        let (entry, module) = self.device_and_module(device_id, module_id)?;
         let device = &entry.device;
         let mut out = Map::new();
         out.insert("deviceId".into(), Value::from(device_id.as_str()));
-        let (twin, identity) = match module_id {
-            None => (&entry.twin, &device.identity),
-            Some(mid) => {
-                let m = entry
-                    .modules
-                    .get(mid)
-                    .ok_or_else(|| HubError::module_not_found(device_id.as_str(), mid.as_str()))?;
+        let (twin, identity) = match (module_id, module) {
+            (Some(mid), Some(m)) => {
                 out.insert("moduleId".into(), Value::from(mid.as_str()));
                 (&m.twin, &m.module.identity)
             }
+            _ => (&entry.twin, &device.identity),
         };
         out.insert("etag".into(), Value::from(twin.etag()));
         out.insert("deviceEtag".into(), Value::from(identity.etag.clone()));

@@ -815,6 +815,27 @@ pub async fn put_token(
     Ok(status)
 }
 
+/// An AMQP connection over TLS with SASL ANONYMOUS (tokens come later, per link, through `$cbs`)
+/// and a session on it; the connection must outlive the session.
+pub async fn amqp_anonymous_session(
+    https: SocketAddr,
+    ca: &Path,
+    container_id: &str,
+) -> Result<(
+    fe2o3_amqp::connection::ConnectionHandle<()>,
+    fe2o3_amqp::session::SessionHandle<()>,
+)> {
+    let tls = tls_to(https, ca).await?;
+    let mut connection = Connection::builder()
+        .container_id(container_id)
+        .hostname("localhost")
+        .sasl_profile(fe2o3_amqp::sasl_profile::SaslProfile::Anonymous)
+        .open_with_stream(tls)
+        .await?;
+    let session = Session::begin(&mut connection).await?;
+    Ok((connection, session))
+}
+
 /// Reads the first `n` events of Event Hub-compatible partition `partition` over AMQP (SASL
 /// ANONYMOUS, put-token with the `service` policy `key`): `(x-opt-offset, message-id)` each.
 pub async fn amqp_read_partition(
@@ -824,14 +845,8 @@ pub async fn amqp_read_partition(
     partition: u32,
     n: usize,
 ) -> Result<Vec<(String, String)>> {
-    let tls = tls_to(https, ca).await?;
-    let mut connection = Connection::builder()
-        .container_id("meridian-test-reader")
-        .hostname("localhost")
-        .sasl_profile(fe2o3_amqp::sasl_profile::SaslProfile::Anonymous)
-        .open_with_stream(tls)
-        .await?;
-    let mut session = Session::begin(&mut connection).await?;
+    let (mut connection, mut session) =
+        amqp_anonymous_session(https, ca, "meridian-test-reader").await?;
     let audience = "sb://localhost/localhost";
     let expiry = meridian::clock::unix_now() + 600;
     let token = meridian::auth::sign(audience, key, expiry, Some("service"))?;
