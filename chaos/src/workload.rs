@@ -476,13 +476,27 @@ pub async fn create_many(client: &ServiceClient, ids: &[String]) -> Result<Vec<(
                 let mut c = client.connect().await?;
                 let mut out = Vec::new();
                 for id in chunk {
-                    let r = c
-                        .json(
-                            "PUT",
-                            &format!("/devices/{id}"),
-                            Some(&json!({"deviceId": id})),
-                        )
-                        .await?;
+                    let mut attempt = 0;
+                    let r = loop {
+                        attempt += 1;
+                        let r = c
+                            .json(
+                                "PUT",
+                                &format!("/devices/{id}"),
+                                Some(&json!({"deviceId": id})),
+                            )
+                            .await?;
+                        // A leader change while the write was forwarded (503, outcome unknown):
+                        // try again; if the first attempt did land, read what it stored.
+                        if r.status == 503 && attempt < 10 {
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            continue;
+                        }
+                        if r.status == 409 && attempt > 1 {
+                            break c.json("GET", &format!("/devices/{id}"), None).await?;
+                        }
+                        break r;
+                    };
                     anyhow::ensure!(r.status == 200, "create {id}: {} {}", r.status, r.json());
                     let key = r.json()["authentication"]["symmetricKey"]["primaryKey"]
                         .as_str()

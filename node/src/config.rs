@@ -106,7 +106,9 @@ pub struct ClusterSection {
     pub election_timeout_min_ms: u64,
     /// Upper bound of the election timeout in ms (default 1200).
     pub election_timeout_max_ms: u64,
-    /// Build a snapshot after this many log entries since the last one (default 5000).
+    /// Build a snapshot after this many log entries since the last one (default 5000). The hub
+    /// group waits at least one entry per device and session as well: its snapshot is the whole
+    /// registry, so a large one is built proportionally less often.
     pub snapshot_every_logs: u64,
     /// Log entries to keep behind the snapshot for lagging followers (default 1000).
     pub max_in_snapshot_log_to_keep: u64,

@@ -126,14 +126,21 @@ impl Node {
     }
 }
 
-fn raft_config(config: &Config) -> Result<Arc<openraft::Config>, StartError> {
+/// openraft settings of the hub group (`snapshot_policy: Never`: [`Hub::snapshot_policy`] builds
+/// its snapshots, spaced by the state's size) or, with `hub = false`, of a partition group (whose
+/// snapshots are small: every `snapshot_every_logs` entries).
+fn raft_config(config: &Config, hub: bool) -> Result<Arc<openraft::Config>, StartError> {
     let c = &config.cluster;
     let raft = openraft::Config {
         cluster_name: "meridian-hub".into(),
         heartbeat_interval: c.heartbeat_interval_ms,
         election_timeout_min: c.election_timeout_min_ms,
         election_timeout_max: c.election_timeout_max_ms,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(c.snapshot_every_logs),
+        snapshot_policy: if hub {
+            openraft::SnapshotPolicy::Never
+        } else {
+            openraft::SnapshotPolicy::LogsSinceLast(c.snapshot_every_logs)
+        },
         max_in_snapshot_log_to_keep: c.max_in_snapshot_log_to_keep,
         ..Default::default()
     };
@@ -202,7 +209,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
     // ---- raft ----
     let raft: HubRaft = openraft::Raft::new(
         node_id,
-        raft_config(&config)?,
+        raft_config(&config, true)?,
         GrpcNetworkFactory::hub(),
         log_store,
         state_machine,
@@ -225,7 +232,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
             partitions: config.mqtt.partitions,
             replication_factor: config.cluster.replication_factor,
             request_timeout: Duration::from_millis(config.cluster.request_timeout_ms),
-            raft: raft_config(&config)?,
+            raft: raft_config(&config, false)?,
             advertise: config.cluster.advertise(),
             gate: geo_paired.then(|| gate.clone()),
         },
@@ -418,6 +425,13 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
         ));
     }
     tasks.push(("region", tokio::spawn(region.clone().run(shutdown.clone()))));
+    tasks.push((
+        "hub-snapshots",
+        tokio::spawn(
+            hub.clone()
+                .snapshot_policy(config.cluster.snapshot_every_logs, shutdown.clone()),
+        ),
+    ));
     tasks.push((
         "partition-rebalance",
         tokio::spawn(partitions.clone().rebalance(hub.clone(), shutdown.clone())),

@@ -125,6 +125,74 @@ async fn kill9_restart_keeps_registry_twins_and_policies() -> Result<()> {
     Ok(())
 }
 
+/// The hub group builds snapshots itself (`Hub::snapshot_policy`, spaced by the registry's size);
+/// a node restarted after them loads the snapshot and replays the rest of the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_snapshots_are_built_and_a_restart_loads_them() -> Result<()> {
+    let mut cluster =
+        common::start_dev_with_env(&[("MERIDIAN_CLUSTER__SNAPSHOT_EVERY_LOGS", "20")])?;
+    cluster.credentials(Duration::from_secs(60)).await?;
+    let client = cluster.client(1).await?;
+    let mut conn = client.connect().await?;
+    // 30 devices and 60 twin writes: due at max(20, 30 devices) entries after the last.
+    for i in 0..30 {
+        let id = format!("snap-{i}");
+        let r = conn
+            .json(
+                "PUT",
+                &format!("/devices/{id}"),
+                Some(&json!({"deviceId": id})),
+            )
+            .await?;
+        assert_eq!(r.status, 200, "{:?}", r.json());
+    }
+    for round in 0..2 {
+        for i in 0..30 {
+            let r = conn
+                .json(
+                    "PATCH",
+                    &format!("/twins/snap-{i}"),
+                    Some(&json!({"tags": {"round": round}})),
+                )
+                .await?;
+            assert_eq!(r.status, 200, "{:?}", r.json());
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !cluster.node(1).log_tail(10_000).contains("built snapshot") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no hub snapshot after 90 writes:\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(conn);
+    cluster.node(1).kill9();
+    std::fs::remove_file(cluster.node(1).data_dir.join("dev-credentials.json"))?;
+    cluster.restart(1)?;
+    cluster.credentials(Duration::from_secs(60)).await?;
+    let mut conn = client.connect().await?;
+    for i in [0, 29] {
+        let twin = conn.json("GET", &format!("/twins/snap-{i}"), None).await?;
+        assert_eq!(twin.status, 200, "{}", cluster.logs());
+        assert_eq!(twin.json()["tags"]["round"], json!(1));
+    }
+    let devices = conn.json("GET", "/devices?top=100", None).await?;
+    assert_eq!(devices.status, 200);
+    let listed = devices.json().as_array().map_or(0, |a| {
+        a.iter()
+            .filter(|d| {
+                d["deviceId"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with("snap-"))
+            })
+            .count()
+    });
+    assert_eq!(listed, 30);
+    Ok(())
+}
+
 fn client_host(connection_string: &str) -> String {
     connection_string
         .split(';')

@@ -16,7 +16,9 @@ use meridian::client::ServiceClient;
 use meridian::client::device::{
     ConnAckCode as ConnectReturnCode, RawMqtt, device_token, tls_config,
 };
+use meridian_chaos::cluster::{ChaosCluster, ClusterOptions};
 use meridian_chaos::proc::free_ports;
+use meridian_chaos::workload::create_many;
 use serde_json::{Value, json};
 
 #[derive(Debug, Parser)]
@@ -47,7 +49,19 @@ struct Args {
     /// server's memory per connection (comma-separated list, e.g. 10000,100000).
     #[arg(long, value_delimiter = ',')]
     idle: Vec<usize>,
+    /// With `--idle`: nodes of a loopback cluster (`meridian node`) the idle devices are spread
+    /// over, round-robin; held by several load-generator processes. 1 = one `meridian dev`.
+    /// Needed beyond ~19k devices where a process may hold at most 20000 open files.
+    #[arg(long, default_value_t = 1)]
+    idle_nodes: usize,
+    /// Internal: hold the connections listed in this file (a load-generator worker of
+    /// `--idle-nodes`), print `HELD n seconds`, and keep them until stdin closes.
+    #[arg(long, hide = true)]
+    hold: Option<PathBuf>,
 }
+
+/// Devices one load-generator process holds at most (each holds one socket per device).
+const HELD_PER_WORKER: usize = 15_000;
 
 struct Proc(Child);
 
@@ -396,9 +410,207 @@ async fn idle_memory(args: &Args, dir: &Path, count: usize) -> Result<String> {
     ) + &format!(" (connected in {connect_secs:.1} s)"))
 }
 
+/// One device a worker connects: (MQTT address, source address, client id, password).
+type HeldDevice = (SocketAddr, IpAddr, String, String);
+
+/// `--idle` over a cluster: devices spread over `nodes` nodes, held by worker processes of this
+/// binary (`--hold`), the nodes' summed RSS measured before and after.
+async fn idle_memory_cluster(
+    args: &Args,
+    dir: &Path,
+    count: usize,
+    nodes: usize,
+) -> Result<String> {
+    let mut opts = ClusterOptions::new(
+        args.meridian_bin
+            .canonicalize()
+            .context("the meridian binary")?,
+    );
+    opts.nodes = nodes;
+    opts.log_filter = "warn".into();
+    let cluster = ChaosCluster::start(&opts, dir).await?;
+    let result = hold_on_cluster(&cluster, dir, count, nodes).await;
+    if result.is_err() {
+        eprintln!("{}", cluster.logs(20));
+    }
+    result
+}
+
+async fn hold_on_cluster(
+    cluster: &ChaosCluster,
+    dir: &Path,
+    count: usize,
+    nodes: usize,
+) -> Result<String> {
+    let ids: Vec<String> = (0..count).map(|i| format!("idle-{i}")).collect();
+    let created_at = Instant::now();
+    let keys = create_many(&cluster.service, &ids).await?;
+    println!(
+        "{count} devices created in {:.1} s",
+        created_at.elapsed().as_secs_f64()
+    );
+    let mut devices: Vec<HeldDevice> = Vec::with_capacity(count);
+    for (i, (id, key)) in keys.into_iter().enumerate() {
+        let node = &cluster.nodes[i % nodes];
+        let password = device_token("localhost", &id, &key, 24 * 3600)?;
+        let source = source(i).context("source address")?;
+        devices.push((node.mqtt, source, id, password));
+    }
+    // Let every node apply the registrations before the baseline.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss_all = |cluster: &ChaosCluster| -> Result<Vec<u64>> {
+        cluster
+            .nodes
+            .iter()
+            .map(|n| n.proc.pid().and_then(rss_kib).context("node rss"))
+            .collect()
+    };
+    let before = rss_all(cluster)?;
+    let exe = std::env::current_exe()?;
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for (w, chunk) in devices.chunks(HELD_PER_WORKER).enumerate() {
+        let file = dir.join(format!("hold{w}.json"));
+        std::fs::write(&file, serde_json::to_vec(chunk)?)?;
+        let mut child = Command::new(&exe)
+            .arg("--hold")
+            .arg(&file)
+            .arg("--idle")
+            .arg(chunk.len().to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.join(format!("hold{w}.log")))?)
+            .spawn()
+            .context("spawn a load-generator worker")?;
+        let stdout = child.stdout.take().context("worker stdout")?;
+        let ready = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
+                .map(|_| line)
+        });
+        workers.push((Proc(child), ready));
+    }
+    let (mut held, mut refusals) = (0, 0);
+    for (w, (_, ready)) in workers.iter_mut().enumerate() {
+        let line = ready.await??;
+        // `HELD {devices} {CONNACK 3 retried} {seconds}`
+        let fields: Vec<u64> = line
+            .strip_prefix("HELD ")
+            .map(|rest| {
+                rest.split_whitespace()
+                    .take(2)
+                    .filter_map(|f| f.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let [n, refused] = fields[..] else {
+            bail!("worker {w}: {line:?} (log in {})", dir.display());
+        };
+        held += n as usize;
+        refusals += refused;
+    }
+    let connect_secs = started.elapsed().as_secs_f64();
+    if held != count {
+        bail!("{held} of {count} devices connected");
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = rss_all(cluster)?;
+    // Everything still connected when measured: every node still holds its share.
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        if !node.proc.is_running() {
+            bail!("node {} exited; logs in {}", i + 1, dir.display());
+        }
+    }
+    drop(workers);
+    let (b, a): (u64, u64) = (before.iter().sum(), after.iter().sum());
+    let per_node: Vec<String> = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| format!("{:.0}→{:.0}", *b as f64 / 1024.0, *a as f64 / 1024.0))
+        .collect();
+    Ok(format!(
+        "| {count} over {nodes} nodes | {:.1} | {:.1} | {:.0} |",
+        b as f64 / 1024.0,
+        a as f64 / 1024.0,
+        a.saturating_sub(b) as f64 / count as f64
+    ) + &format!(
+        " (connected in {connect_secs:.1} s, {refusals} CONNACK 3 retried; per node MiB {})",
+        per_node.join(", ")
+    ))
+}
+
+/// A load-generator worker: connects the devices in `file`, reports, holds them until stdin
+/// closes.
+async fn hold(file: &Path) -> Result<()> {
+    let devices: Vec<HeldDevice> = serde_json::from_slice(&std::fs::read(file)?)?;
+    let ca = file.parent().context("work dir")?.join("tls/ca.pem");
+    let tls = tls_config(&ca)?;
+    let started = Instant::now();
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tasks = Vec::new();
+    for (addr, source, id, password) in devices {
+        let (tls, semaphore) = (tls.clone(), semaphore.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = semaphore.acquire_owned().await?;
+            // As the SDKs do: CONNACK 3 (server unavailable, e.g. the connection state could not
+            // be replicated in time under the connect storm) is retried after a pause.
+            let mut refused = 0;
+            loop {
+                let (client, code, _) = RawMqtt::connect_with(
+                    addr,
+                    Some(source),
+                    tls.clone(),
+                    &id,
+                    &password,
+                    true,
+                    3000,
+                )
+                .await?;
+                match code {
+                    ConnectReturnCode::Success => return Ok::<_, anyhow::Error>((client, refused)),
+                    ConnectReturnCode::ServiceUnavailable if refused < 20 => {
+                        refused += 1;
+                        tokio::time::sleep(Duration::from_millis(500 * refused)).await;
+                    }
+                    _ => bail!("{id}: {code:?} after {refused} refusals"),
+                }
+            }
+        }));
+    }
+    let mut held = Vec::new();
+    let mut refusals = 0;
+    for t in tasks {
+        match t.await? {
+            Ok((c, refused)) => {
+                held.push(c);
+                refusals += refused;
+            }
+            Err(e) => {
+                println!("FAILED {e:#}");
+                return Err(e);
+            }
+        }
+    }
+    println!(
+        "HELD {} {refusals} {:.1}",
+        held.len(),
+        started.elapsed().as_secs_f64()
+    );
+    // Until the parent closes stdin (or dies).
+    tokio::task::spawn_blocking(|| {
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new())
+    })
+    .await??;
+    drop(held);
+    Ok(())
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(file) = &args.hold {
+        return hold(file).await;
+    }
     let dir = tempfile::tempdir()?;
     println!("work dir: {}", dir.path().display());
     if !args.idle.is_empty() {
@@ -409,7 +621,11 @@ async fn main() -> Result<()> {
         for (n, count) in args.idle.iter().enumerate() {
             let sub = dir.path().join(format!("idle{n}"));
             std::fs::create_dir_all(&sub)?;
-            let line = idle_memory(&args, &sub, *count).await?;
+            let line = if args.idle_nodes > 1 {
+                idle_memory_cluster(&args, &sub, *count, args.idle_nodes).await?
+            } else {
+                idle_memory(&args, &sub, *count).await?
+            };
             println!("{line}");
             lines.push(line);
         }
