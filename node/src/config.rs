@@ -106,10 +106,12 @@ pub struct ClusterSection {
     pub election_timeout_min_ms: u64,
     /// Upper bound of the election timeout in ms (default 1200).
     pub election_timeout_max_ms: u64,
-    /// Build a snapshot after this many log entries since the last one (default 5000). The hub
-    /// group waits at least one entry per device and session as well: its snapshot is the whole
-    /// registry, so a large one is built proportionally less often.
+    /// Build a snapshot after this many log entries since the last one (default 5000).
     pub snapshot_every_logs: u64,
+    /// Hub group only: also wait this many entries per registered device and persistent session
+    /// (default 1; 0 = `snapshot_every_logs` alone). Its snapshot is the whole registry, so a
+    /// large registry is snapshotted proportionally less often and the cost per entry stays flat.
+    pub hub_snapshot_logs_per_item: u64,
     /// Log entries to keep behind the snapshot for lagging followers (default 1000).
     pub max_in_snapshot_log_to_keep: u64,
     /// How long a client request may wait for the cluster (leader election, forwarding) in ms
@@ -130,6 +132,7 @@ impl Default for ClusterSection {
             election_timeout_min_ms: 600,
             election_timeout_max_ms: 1200,
             snapshot_every_logs: 5000,
+            hub_snapshot_logs_per_item: 1,
             max_in_snapshot_log_to_keep: 1000,
             request_timeout_ms: 10_000,
             replication_factor: 3,

@@ -450,13 +450,19 @@ impl Hub {
     }
 }
 
-/// Entries between two snapshots of the hub group: at least `every_logs`, and at least one per
-/// item of the state (device, persistent session). A snapshot serializes the whole state, so
+/// Entries between two snapshots of the hub group: at least `every_logs`, and at least `per_item`
+/// per item of the state (device, persistent session). A snapshot serializes the whole state, so
 /// its cost grows with the registry; spacing snapshots in proportion keeps the amortized cost per
 /// entry constant (a 100k-device registry is a ~90 MB snapshot: every 5000 entries, every node
 /// would spend most of a connect storm building them and miss its heartbeats).
-pub fn snapshot_due(applied: u64, last_snapshot: u64, state_items: u64, every_logs: u64) -> bool {
-    applied.saturating_sub(last_snapshot) >= every_logs.max(state_items)
+pub fn snapshot_due(
+    applied: u64,
+    last_snapshot: u64,
+    state_items: u64,
+    every_logs: u64,
+    per_item: u64,
+) -> bool {
+    applied.saturating_sub(last_snapshot) >= every_logs.max(state_items.saturating_mul(per_item))
 }
 
 impl Hub {
@@ -465,6 +471,7 @@ impl Hub {
     pub async fn snapshot_policy(
         self,
         every_logs: u64,
+        per_item: u64,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
         // Applied index a snapshot was requested at, until one at least that recent exists.
@@ -491,7 +498,7 @@ impl Hub {
             let items = self
                 .read_local(|s| (s.devices.len() + s.sessions.len()) as u64)
                 .unwrap_or(0);
-            if snapshot_due(applied, snapshot, items, every_logs) {
+            if snapshot_due(applied, snapshot, items, every_logs, per_item) {
                 if let Err(e) = self.inner.raft.trigger().snapshot().await {
                     tracing::warn!(error = %e, "could not trigger a hub snapshot");
                     return;
@@ -509,12 +516,15 @@ mod snapshot_tests {
     #[test]
     fn snapshots_are_spaced_by_the_larger_of_the_setting_and_the_state_size() {
         // A small registry: every `every_logs` entries.
-        assert!(!snapshot_due(4_999, 0, 10, 5_000));
-        assert!(snapshot_due(5_000, 0, 10, 5_000));
+        assert!(!snapshot_due(4_999, 0, 10, 5_000, 1));
+        assert!(snapshot_due(5_000, 0, 10, 5_000, 1));
         // 100k devices: not before 100k entries since the last snapshot.
-        assert!(!snapshot_due(150_000, 60_000, 100_000, 5_000));
-        assert!(snapshot_due(160_000, 60_000, 100_000, 5_000));
+        assert!(!snapshot_due(150_000, 60_000, 100_000, 5_000, 1));
+        assert!(snapshot_due(160_000, 60_000, 100_000, 5_000, 1));
+        assert!(!snapshot_due(250_000, 60_000, 100_000, 5_000, 2));
+        // 0 per item: the fixed interval alone.
+        assert!(snapshot_due(65_000, 60_000, 100_000, 5_000, 0));
         // A snapshot newer than the applied index (just installed) is never "due".
-        assert!(!snapshot_due(10, 20, 0, 5_000));
+        assert!(!snapshot_due(10, 20, 0, 5_000, 1));
     }
 }

@@ -427,10 +427,11 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<No
     tasks.push(("region", tokio::spawn(region.clone().run(shutdown.clone()))));
     tasks.push((
         "hub-snapshots",
-        tokio::spawn(
-            hub.clone()
-                .snapshot_policy(config.cluster.snapshot_every_logs, shutdown.clone()),
-        ),
+        tokio::spawn(hub.clone().snapshot_policy(
+            config.cluster.snapshot_every_logs,
+            config.cluster.hub_snapshot_logs_per_item,
+            shutdown.clone(),
+        )),
     ));
     tasks.push((
         "partition-rebalance",

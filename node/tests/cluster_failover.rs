@@ -19,6 +19,8 @@ async fn leader_kill_loses_no_acknowledged_write() -> Result<()> {
         3,
         &[
             ("MERIDIAN_CLUSTER__SNAPSHOT_EVERY_LOGS", "40"),
+            // Every 40 entries however many devices: the restarted leader must be behind one.
+            ("MERIDIAN_CLUSTER__HUB_SNAPSHOT_LOGS_PER_ITEM", "0"),
             ("MERIDIAN_CLUSTER__MAX_IN_SNAPSHOT_LOG_TO_KEEP", "0"),
         ],
     )?;
