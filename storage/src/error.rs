@@ -18,6 +18,9 @@ pub enum Error {
     /// A thread could not start or stopped.
     #[error("io: {0}")]
     Io(String),
+    /// A stored snapshot is cut short or malformed.
+    #[error("corrupt snapshot: {0}")]
+    CorruptSnapshot(&'static str),
     /// A log key is not an 8-byte big-endian index.
     #[error("corrupt log key of {0} bytes")]
     CorruptLogKey(usize),

@@ -34,6 +34,12 @@ struct SnapshotBody {
     state: HubState,
 }
 
+/// [`SnapshotBody`] as written: the same JSON, borrowing the state.
+#[derive(Serialize)]
+struct SnapshotBodyRef<'a> {
+    state: &'a HubState,
+}
+
 /// openraft state machine for the hub.
 pub struct HubStateMachine {
     state: SharedState,
@@ -137,9 +143,10 @@ pub struct HubSnapshotBuilder {
 
 impl RaftSnapshotBuilder<TypeConfig> for HubSnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        // The builder is used once: the data moves into the snapshot rather than being copied.
         let stored = StoredSnapshot {
             meta: self.meta.clone(),
-            data: self.data.clone(),
+            data: std::mem::take(&mut self.data),
         };
         self.snapshots.save(&stored).map_err(|e| {
             io_err(
@@ -148,10 +155,10 @@ impl RaftSnapshotBuilder<TypeConfig> for HubSnapshotBuilder {
                 e,
             )
         })?;
-        tracing::info!(snapshot_id = %self.meta.snapshot_id, bytes = self.data.len(), "built snapshot");
+        tracing::info!(snapshot_id = %self.meta.snapshot_id, bytes = stored.data.len(), "built snapshot");
         Ok(Snapshot {
-            meta: self.meta.clone(),
-            snapshot: Box::new(Cursor::new(self.data.clone())),
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
         })
     }
 }
@@ -210,10 +217,9 @@ impl RaftStateMachine<TypeConfig> for HubStateMachine {
             .read()
             .ok()
             .and_then(|s| {
-                serde_json::to_vec(&SnapshotBody {
-                    state: (*s).clone(),
-                })
-                .ok()
+                // Serialized from the locked state, not from a copy: a copy of a 100k-device
+                // registry is hundreds of MB (applies wait on this task anyway).
+                serde_json::to_vec(&SnapshotBodyRef { state: &s }).ok()
             })
             .unwrap_or_default();
         let snapshot_id = match &self.last_applied {
