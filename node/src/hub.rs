@@ -462,7 +462,9 @@ pub fn snapshot_due(
     every_logs: u64,
     per_item: u64,
 ) -> bool {
-    applied.saturating_sub(last_snapshot) >= every_logs.max(state_items.saturating_mul(per_item))
+    // At least one entry: an empty hub with `every_logs = 0` would rebuild every second.
+    applied.saturating_sub(last_snapshot)
+        >= every_logs.max(state_items.saturating_mul(per_item)).max(1)
 }
 
 impl Hub {
@@ -526,5 +528,8 @@ mod snapshot_tests {
         assert!(snapshot_due(65_000, 60_000, 100_000, 5_000, 0));
         // A snapshot newer than the applied index (just installed) is never "due".
         assert!(!snapshot_due(10, 20, 0, 5_000, 1));
+        // Nothing new since the last snapshot is never due, even with every_logs = 0.
+        assert!(!snapshot_due(7, 7, 0, 0, 0));
+        assert!(snapshot_due(8, 7, 0, 0, 0));
     }
 }

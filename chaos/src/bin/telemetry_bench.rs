@@ -55,7 +55,8 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     idle_nodes: usize,
     /// Internal: hold the connections listed in this file (a load-generator worker of
-    /// `--idle-nodes`), print `HELD n seconds`, and keep them until stdin closes.
+    /// `--idle-nodes`), print `HELD {devices} {CONNACK 3 retried} {seconds}`, and keep them until
+    /// stdin closes.
     #[arg(long, hide = true)]
     hold: Option<PathBuf>,
 }
