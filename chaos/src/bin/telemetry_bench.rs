@@ -19,7 +19,7 @@ use meridian::client::device::{
 use meridian_chaos::cluster::{ChaosCluster, ClusterOptions};
 use meridian_chaos::proc::free_ports;
 use meridian_chaos::workload::create_many;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -157,39 +157,15 @@ async fn start_meridian(args: &Args, dir: &Path, devices: usize) -> Result<(Proc
         SocketAddr::from(([127, 0, 0, 1], p[0])),
         &ca,
     )?;
-    // Create the devices over a few keep-alive connections.
-    let mut tasks = Vec::new();
-    let per = devices.div_ceil(8);
-    for w in 0..8 {
-        let service = service.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut conn = service.connect().await?;
-            let mut out = Vec::new();
-            for i in (w * per)..((w + 1) * per).min(devices) {
-                let id = format!("bench-{i}");
-                let r = conn
-                    .json(
-                        "PUT",
-                        &format!("/devices/{id}"),
-                        Some(&json!({"deviceId": id})),
-                    )
-                    .await?;
-                if r.status != 200 {
-                    bail!("create {id}: {}", r.status);
-                }
-                let key = r.json()["authentication"]["symmetricKey"]["primaryKey"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string();
-                out.push((id.clone(), device_token("localhost", &id, &key, 24 * 3600)?));
-            }
-            Ok(out)
-        }));
-    }
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await??);
-    }
+    let ids: Vec<String> = (0..devices).map(|i| format!("bench-{i}")).collect();
+    let all = create_many(&service, &ids)
+        .await?
+        .into_iter()
+        .map(|(id, key)| {
+            let password = device_token("localhost", &id, &key, 24 * 3600)?;
+            Ok((id, password))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let target = Target {
         pid: proc.0.id(),
         addr: SocketAddr::from(([127, 0, 0, 1], p[3])),
