@@ -42,8 +42,10 @@ pub type NodeId = u64;
 pub struct Record {
     /// Stream key: `stream * STREAM_STRIDE + partition` (or the connection-events key).
     pub key: u32,
-    /// The encoded telemetry message.
-    pub data: Vec<u8>,
+    /// The encoded telemetry message. Shared, not copied, when a batch is retried or merged;
+    /// serialized as bytes (one copy) rather than as a sequence of `u8` (a call per byte), the
+    /// same on postcard's wire and in JSON.
+    pub data: bytes::Bytes,
 }
 
 /// A command of a partition's Raft group.
@@ -113,6 +115,11 @@ pub const LEADER_HINT: &str = "leader=";
 const MAX_BATCH_RECORDS: usize = 2048;
 /// Batches of one partition in flight at once (proposed or forwarded, awaiting commit).
 const MAX_IN_FLIGHT: usize = 8;
+/// Raft entries of one partition its leader has proposed and not yet seen applied. openraft 0.9
+/// appends (and fsyncs) each `client_write` as its own round, one after another, so a deeper
+/// queue only makes later records wait more rounds: with two, one entry is being made durable
+/// while the next waits, and everything arriving meanwhile is merged into the entry after.
+const PROPOSALS_IN_FLIGHT: usize = 2;
 /// How often placement and preferred leaders are checked.
 const REBALANCE_EVERY: Duration = Duration::from_secs(1);
 
@@ -133,8 +140,17 @@ struct Pending {
     deadline: Instant,
 }
 
+/// Records the leader proposes (from this node's batcher or forwarded by another node), merged
+/// with others into one Raft entry by [`propose_merged`].
+struct Proposal {
+    records: Vec<Record>,
+    epoch: u64,
+    reply: oneshot::Sender<Result<(), Option<HubError>>>,
+}
+
 struct Group {
     raft: PartitionRaft,
+    proposals: mpsc::Sender<Proposal>,
     applied: state_machine::SharedApplied,
     queue: mpsc::Sender<Pending>,
     /// Set while this node hands its leadership over: it proposes nothing, so that the
@@ -277,11 +293,20 @@ impl Partitions {
             .await
             .map_err(|e| format!("start partition {p} raft: {e}"))?;
             let (tx, rx) = mpsc::channel(4096);
+            let (proposals, proposals_rx) = mpsc::channel(4096);
+            let handing_over = Arc::<std::sync::atomic::AtomicBool>::default();
+            tokio::spawn(propose_merged(
+                raft.clone(),
+                p,
+                handing_over.clone(),
+                proposals_rx,
+            ));
             groups.push(Group {
+                proposals,
                 raft,
                 applied,
                 queue: tx,
-                handing_over: Arc::default(),
+                handing_over,
             });
             queues.push(rx);
         }
@@ -422,7 +447,10 @@ impl Partitions {
     /// Appends `records` (stream keys of one partition) and returns once a quorum of the
     /// partition's replicas stored them durably. On error nothing may be assumed either way: the
     /// device gets no PUBACK and sends again (a duplicate keeps its message id).
-    pub async fn append(&self, records: Vec<(u32, Vec<u8>)>) -> Result<(), HubError> {
+    pub async fn append<D: Into<bytes::Bytes>>(
+        &self,
+        records: Vec<(u32, D)>,
+    ) -> Result<(), HubError> {
         if let Some(gate) = &self.inner.gate {
             gate.check()?;
         }
@@ -434,7 +462,10 @@ impl Partitions {
         result
     }
 
-    async fn append_unchecked(&self, records: Vec<(u32, Vec<u8>)>) -> Result<(), HubError> {
+    async fn append_unchecked<D: Into<bytes::Bytes>>(
+        &self,
+        records: Vec<(u32, D)>,
+    ) -> Result<(), HubError> {
         let Some((first, _)) = records.first() else {
             return Ok(());
         };
@@ -453,7 +484,10 @@ impl Partitions {
         let (reply, rx) = oneshot::channel();
         let records = records
             .into_iter()
-            .map(|(key, data)| Record { key, data })
+            .map(|(key, data)| Record {
+                key,
+                data: data.into(),
+            })
             .collect();
         group
             .queue
@@ -484,7 +518,6 @@ impl Partitions {
             // Like "not the leader": the caller retries until the new leader is known.
             return Err(None);
         }
-        let raft = &group.raft;
         // Proposed only while this region is the primary, tagged with that epoch (see `Append`).
         let epoch = match &self.inner.gate {
             Some(gate) => {
@@ -493,23 +526,23 @@ impl Partitions {
             }
             None => 0,
         };
-        match raft
-            .client_write(PartitionCommand::Append { records, epoch })
+        let stopped = || {
+            Some(HubError::new(
+                ErrorCode::ServiceUnavailable,
+                format!("partition {partition} stopped"),
+            ))
+        };
+        let (reply, rx) = oneshot::channel();
+        group
+            .proposals
+            .send(Proposal {
+                records,
+                epoch,
+                reply,
+            })
             .await
-        {
-            Ok(r) if r.data => Ok(()),
-            Ok(_) => Err(Some(HubError::new(
-                ErrorCode::ServiceUnavailable,
-                format!(
-                    "partition {partition}: the region failed over before the append committed; it was discarded"
-                ),
-            ))),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(None),
-            Err(e) => Err(Some(HubError::new(
-                ErrorCode::ServiceUnavailable,
-                e.to_string(),
-            ))),
-        }
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
 
     /// Resolves when this node, as a replica of `partition`, knows a leader other than `from`;
@@ -729,7 +762,7 @@ impl Partitions {
                             .iter()
                             .map(|r| KeyedRecord {
                                 key: r.key,
-                                data: r.data.clone(),
+                                data: r.data.to_vec(),
                             })
                             .collect(),
                         relay: relayed,
@@ -988,6 +1021,11 @@ fn is_connect_error(status: &tonic::Status) -> bool {
 async fn batch_appends(partitions: Partitions, partition: u32, mut rx: mpsc::Receiver<Pending>) {
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     while let Some(first) = rx.recv().await {
+        // The batch is formed once it may go: everything queued while the window was full
+        // joins it, instead of waiting behind batches formed before.
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
         let mut pending = vec![first];
         let mut count = pending[0].records.len();
         while count < MAX_BATCH_RECORDS {
@@ -999,9 +1037,6 @@ async fn batch_appends(partitions: Partitions, partition: u32, mut rx: mpsc::Rec
                 Err(_) => break,
             }
         }
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            return;
-        };
         let partitions = partitions.clone();
         tokio::spawn(async move {
             let now = Instant::now();
@@ -1027,6 +1062,80 @@ async fn batch_appends(partitions: Partitions, partition: u32, mut rx: mpsc::Rec
             drop(permit);
             for reply in replies {
                 let _ = reply.send(result.clone());
+            }
+        });
+    }
+}
+
+/// Proposes the leader's appends of one partition: everything queued (same region epoch) goes
+/// into one Raft entry, at most [`PROPOSALS_IN_FLIGHT`] entries at once. All records of an entry
+/// share its fate (committed and applied, or not), so every proposer gets the entry's outcome.
+async fn propose_merged(
+    raft: PartitionRaft,
+    partition: u32,
+    handing_over: Arc<std::sync::atomic::AtomicBool>,
+    mut rx: mpsc::Receiver<Proposal>,
+) {
+    let in_flight = Arc::new(Semaphore::new(PROPOSALS_IN_FLIGHT));
+    let mut carried: Option<Proposal> = None;
+    loop {
+        let first = match carried.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let epoch = first.epoch;
+        let mut records = first.records;
+        let mut replies = vec![first.reply];
+        while records.len() < MAX_BATCH_RECORDS {
+            match rx.try_recv() {
+                Ok(p) if p.epoch == epoch => {
+                    records.extend(p.records);
+                    replies.push(p.reply);
+                }
+                Ok(p) => {
+                    // Another epoch's append goes in its own entry.
+                    carried = Some(p);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        if handing_over.load(std::sync::atomic::Ordering::SeqCst) {
+            // Queued before the hand-over began: answered like "not the leader", so the callers
+            // retry at the new leader.
+            for reply in replies {
+                let _ = reply.send(Err(None));
+            }
+            continue;
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let result = raft
+                .client_write(PartitionCommand::Append { records, epoch })
+                .await;
+            drop(permit);
+            let outcome = match result {
+                Ok(r) if r.data => Ok(()),
+                Ok(_) => Err(Some(HubError::new(
+                    ErrorCode::ServiceUnavailable,
+                    format!(
+                        "partition {partition}: the region failed over before the append committed; it was discarded"
+                    ),
+                ))),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(None),
+                Err(e) => Err(Some(HubError::new(
+                    ErrorCode::ServiceUnavailable,
+                    e.to_string(),
+                ))),
+            };
+            for reply in replies {
+                let _ = reply.send(outcome.clone());
             }
         });
     }

@@ -161,6 +161,73 @@ impl TelemetryMessage {
         })
     }
 
+    /// The stored form of [`Self::from_device`] with the same arguments, byte for byte, without
+    /// building the message: a hub without routes needs nothing but these bytes, and the two
+    /// property maps cost a dozen allocations per message on the ingest path.
+    pub fn encode_from_device(
+        bag: &str,
+        body: &[u8],
+        sender: &Sender,
+        enqueued_time: &str,
+        retain: bool,
+        max_bytes: usize,
+    ) -> HubResult<Vec<u8>> {
+        if body.len() > max_bytes {
+            return Err(HubError::new(
+                meridian_proto::ErrorCode::MessageTooLarge,
+                format!(
+                    "telemetry body is {} bytes; the limit is {max_bytes}",
+                    body.len()
+                ),
+            ));
+        }
+        let parsed = parse_property_bag(bag)?;
+        let auth_method = sender.auth_method();
+        // In the order `from_device` inserts them; `by_name_last_wins` then gives the maps' view.
+        let mut system: Vec<(&str, &str)> = Vec::with_capacity(parsed.len() + 6);
+        let mut application: Vec<(&str, &str)> = Vec::new();
+        for (k, v) in &parsed {
+            match SYSTEM_PROPERTIES.iter().find(|(short, _)| short == k) {
+                Some((_, long)) => system.push((long, v)),
+                None if k.starts_with('$') => {}
+                None => application.push((k, v)),
+            }
+        }
+        if retain {
+            application.push(("x-opt-retain", "1"));
+        }
+        system.push(("iothub-connection-device-id", &sender.device_id));
+        if let Some(m) = &sender.module_id {
+            system.push(("iothub-connection-module-id", m));
+        }
+        system.push((
+            "iothub-connection-auth-generation-id",
+            &sender.generation_id,
+        ));
+        system.push(("iothub-connection-auth-method", &auth_method));
+        system.push(("iothub-enqueuedtime", enqueued_time));
+        system.push(("iothub-message-source", "Telemetry"));
+        let header = StoredHeader {
+            system: by_name_last_wins(system)
+                .into_iter()
+                .map(|(k, v)| (StoredName::of(k), v))
+                .collect(),
+            application: by_name_last_wins(application),
+        };
+        match encode_stored(&header, body) {
+            Some(out) => Ok(out),
+            None => Ok(Self::from_device(
+                bag,
+                body.to_vec(),
+                sender,
+                enqueued_time,
+                retain,
+                max_bytes,
+            )?
+            .encode()),
+        }
+    }
+
     /// Stored form: the byte [`BINARY_HEADER`], the properties in postcard (well-known system
     /// property names as one-byte codes), then the body. A third of the bytes of the JSON header
     /// it replaced, and every stored byte is written twice and copied several times on the way.
@@ -177,16 +244,8 @@ impl TelemetryMessage {
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect(),
         };
-        let mut out = Vec::with_capacity(64 + self.body.len());
-        out.push(BINARY_HEADER);
-        match postcard::to_extend(&header, out) {
-            Ok(mut out) => {
-                out.extend_from_slice(&self.body);
-                out
-            }
-            // Not reachable for strings and vectors; the JSON form stays readable regardless.
-            Err(_) => self.encode_json(),
-        }
+        // Not reachable for strings and vectors; the JSON form stays readable regardless.
+        encode_stored(&header, &self.body).unwrap_or_else(|| self.encode_json())
     }
 
     /// The first stored form: 4-byte big-endian header length, JSON header, body. Still read.
@@ -277,6 +336,30 @@ struct StoredHeader<'a> {
     application: Vec<(&'a str, &'a str)>,
 }
 
+/// [`BINARY_HEADER`], the postcard header, the body (None: postcard refused the header).
+fn encode_stored(header: &StoredHeader<'_>, body: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(64 + body.len());
+    out.push(BINARY_HEADER);
+    let mut out = postcard::to_extend(header, out).ok()?;
+    out.extend_from_slice(body);
+    Some(out)
+}
+
+/// A property map's view of pairs inserted in this order: sorted by name, a later pair
+/// replacing an earlier one of the same name (as `BTreeMap::insert` does).
+fn by_name_last_wins<'a>(mut pairs: Vec<(&'a str, &'a str)>) -> Vec<(&'a str, &'a str)> {
+    // Stable: pairs of one name keep their insertion order, so the last of each run wins.
+    pairs.sort_by(|a, b| a.0.cmp(b.0));
+    let mut out: Vec<(&str, &str)> = Vec::with_capacity(pairs.len());
+    for pair in pairs {
+        if out.last().is_some_and(|last| last.0 == pair.0) {
+            out.pop();
+        }
+        out.push(pair);
+    }
+    out
+}
+
 /// The partition of a device: a stable hash (FNV-1a, 64 bit) of the device id modulo the count,
 /// so a device's messages stay in one partition, in order.
 pub fn partition_for(device_id: &str, partitions: u32) -> u32 {
@@ -299,6 +382,51 @@ mod tests {
             generation_id: "636510460778278550".into(),
             auth_type: "sasToken",
         }
+    }
+
+    #[test]
+    fn the_direct_encoding_is_the_messages_encoding() {
+        let module = Sender {
+            module_id: Some("m1".into()),
+            auth_type: "x509Certificate",
+            ..sender()
+        };
+        let bags = [
+            "",
+            "%24.mid=e2e-x-0&%24.cid=corr-x&%24.ct=application%2Fjson&%24.ce=utf-8&e2e=x&needs%20encoding=a%2Fb%26c%3Dd%20%C3%BC&seq=0",
+            // Repeated names (the last wins), spoofing attempts, a bare key, unknown `$` keys.
+            "b=1&a=2&b=3&%24.mid=1&%24.mid=2&iothub-connection-device-id=other&%24.iothub-enqueuedtime=x&bare&%24.zzz=1",
+            "x-opt-retain=0&%24.on=out&%24.ifid=urn%3Ax&%24.exp=2030&%24.uid=u",
+        ];
+        for bag in bags {
+            for (who, retain) in [(sender(), false), (module.clone(), true)] {
+                let body = b"{\"t\":1}";
+                let direct = TelemetryMessage::encode_from_device(
+                    bag,
+                    body,
+                    &who,
+                    "2026-11-28T00:00:00.000Z",
+                    retain,
+                    MAX_TELEMETRY_BYTES,
+                )
+                .expect("valid");
+                let built = TelemetryMessage::from_device(
+                    bag,
+                    body.to_vec(),
+                    &who,
+                    "2026-11-28T00:00:00.000Z",
+                    retain,
+                    MAX_TELEMETRY_BYTES,
+                )
+                .expect("valid");
+                assert_eq!(direct, built.encode(), "bag {bag:?}, retain {retain}");
+                assert_eq!(TelemetryMessage::decode(&direct), Some(built));
+            }
+        }
+        let too_big = TelemetryMessage::encode_from_device("", &[0; 11], &sender(), "t", false, 10);
+        assert!(too_big.is_err_and(|e| e.code == meridian_proto::ErrorCode::MessageTooLarge));
+        let bad_bag = TelemetryMessage::encode_from_device("%FF=1", b"", &sender(), "t", false, 10);
+        assert!(bad_bag.is_err());
     }
 
     #[test]

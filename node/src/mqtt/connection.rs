@@ -20,7 +20,7 @@ use tokio::time::{Instant, sleep_until};
 use super::MqttContext;
 use super::session::{MethodReply, Outbound};
 use super::topics::{self, ClientIdentity, DeviceRequest};
-use crate::auth::{DeviceAuth, DeviceCredential, authenticate_device};
+use crate::auth::{DeviceCredential, authenticate_device};
 use crate::clock::{iso_now, unix_now};
 use crate::domain::routing::{RouteSource, RoutingDocument, STREAM_STRIDE, json_body};
 use crate::domain::telemetry::{Sender, TelemetryMessage, encode_property_bag, partition_for};
@@ -61,10 +61,11 @@ struct Conn<S> {
     device_id: DeviceId,
     module_id: Option<ModuleId>,
     client_id: String,
-    auth: DeviceAuth,
     clean_session: bool,
     subscriptions: Vec<(String, u8)>,
     writer: WriteHalf<S>,
+    /// Who this connection's messages are stamped as sent by (anti-spoofing).
+    sender: Sender,
     next_pkid: u16,
     c2d_inflight: HashMap<u16, InflightC2d>,
     pending_methods: HashMap<String, oneshot::Sender<Result<MethodReply, &'static str>>>,
@@ -272,16 +273,22 @@ pub async fn serve<S>(
 
     let keep_alive = Duration::from_millis(u64::from(connect.keep_alive) * 1500);
     let expires_at = auth.expires_at;
+    let sender = Sender {
+        device_id: identity.device_id.clone(),
+        module_id: identity.module_id.clone(),
+        generation_id: auth.generation_id.clone(),
+        auth_type: auth.auth_type,
+    };
     let mut conn = Conn {
         ctx: ctx.clone(),
         identity,
         device_id,
         module_id,
         client_id: client_id.clone(),
-        auth,
         clean_session: connect.clean_session,
         subscriptions,
         writer,
+        sender,
         next_pkid: 0,
         c2d_inflight: HashMap::new(),
         pending_methods: HashMap::new(),
@@ -524,8 +531,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         let ack = (p.qos == QoS::AtLeastOnce).then(|| PubAck::new(p.pkid));
         match request {
             DeviceRequest::Telemetry { bag } => {
-                self.store_telemetry(&bag, p.payload.to_vec(), p.retain)
-                    .await?;
+                self.store_telemetry(&bag, &p.payload, p.retain).await?;
                 // Acknowledge only now: the message is fsync'd in its partition.
                 if let Some(a) = ack {
                     self.send(Packet::PubAck(a)).await?;
@@ -590,36 +596,45 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         }
     }
 
-    async fn store_telemetry(
-        &mut self,
-        bag: &str,
-        body: Vec<u8>,
-        retain: bool,
-    ) -> Result<(), Close> {
-        let sender = Sender {
-            device_id: self.identity.device_id.clone(),
-            module_id: self.identity.module_id.clone(),
-            generation_id: self.auth.generation_id.clone(),
-            auth_type: self.auth.auth_type,
-        };
-        let message = TelemetryMessage::from_device(
-            bag,
-            body,
-            &sender,
-            &iso_now(),
-            retain,
-            self.ctx.max_telemetry_bytes,
-        )
-        .map_err(|e| {
+    async fn store_telemetry(&mut self, bag: &str, body: &[u8], retain: bool) -> Result<(), Close> {
+        let refused = |e: HubError| {
             tracing::info!(client_id = self.client_id, error = %e, "telemetry refused; closing");
             Close::ByHub
-        })?;
-        store_message(&self.ctx, &self.device_id(), &message)
-            .await
-            .map_err(|e| {
-                tracing::error!(client_id = self.client_id, error = %e, "telemetry append failed; closing without ack");
-                Close::ByHub
-            })
+        };
+        let enqueued_time = iso_now();
+        let stored = if routes_nothing(&self.ctx).await {
+            // Only the stored bytes are needed: encoded straight from the topic and the body.
+            let encoded = TelemetryMessage::encode_from_device(
+                bag,
+                body,
+                &self.sender,
+                &enqueued_time,
+                retain,
+                self.ctx.max_telemetry_bytes,
+            )
+            .map_err(refused)?;
+            let key = partition_for(self.device_id.as_str(), self.ctx.partitions);
+            self.ctx
+                .partition_groups
+                .append(vec![(key, encoded)])
+                .await
+                .map_err(|e| e.to_string())
+        } else {
+            let message = TelemetryMessage::from_device(
+                bag,
+                body.to_vec(),
+                &self.sender,
+                &enqueued_time,
+                retain,
+                self.ctx.max_telemetry_bytes,
+            )
+            .map_err(refused)?;
+            store_message(&self.ctx, &self.device_id(), &message).await
+        };
+        stored.map_err(|e| {
+            tracing::error!(client_id = self.client_id, error = %e, "telemetry append failed; closing without ack");
+            Close::ByHub
+        })
     }
 
     async fn outbound(&mut self, work: Outbound) -> Result<(), Close> {
@@ -867,9 +882,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             && let Some(DeviceRequest::Telemetry { bag }) =
                 topics::classify_publish(&self.identity, &will.topic)
         {
-            let _ = self
-                .store_telemetry(&bag, will.message.to_vec(), will.retain)
-                .await;
+            let _ = self.store_telemetry(&bag, &will.message, will.retain).await;
         }
         let still_current = self.ctx.sessions.unregister(&self.client_id, registration);
         if !still_current {
@@ -966,6 +979,17 @@ async fn route(
     }
 }
 
+/// Whether the hub has neither routes nor enrichments: every message then goes to the built-in
+/// `events` stream (0) as sent.
+async fn routes_nothing(ctx: &MqttContext) -> bool {
+    ctx.hub
+        .read(ReadConsistency::Stale, |s| {
+            Ok(s.routing.routes.is_empty() && s.routing.enrichments.is_empty())
+        })
+        .await
+        .unwrap_or(false)
+}
+
 /// Stores a device's telemetry message: routed to its streams, appended to the device's partition
 /// (replicated, fsync'd) before this returns. Shared by the MQTT and AMQP device endpoints.
 pub(crate) async fn store_message(
@@ -975,7 +999,8 @@ pub(crate) async fn store_message(
 ) -> Result<(), String> {
     let partition = partition_for(device_id.as_str(), ctx.partitions);
     let routed = route(ctx, device_id, message).await;
-    let encoded = message.encode();
+    // Encoded once; a message routed to several streams unenriched shares those bytes.
+    let encoded = bytes::Bytes::from(message.encode());
     let records = routed
         .into_iter()
         .map(|(stream, extra)| {
@@ -985,7 +1010,7 @@ pub(crate) async fn store_message(
             } else {
                 let mut enriched = message.clone();
                 enriched.application_properties.extend(extra);
-                (key, enriched.encode())
+                (key, bytes::Bytes::from(enriched.encode()))
             }
         })
         .collect();

@@ -42,7 +42,7 @@ impl PartitionServiceImpl {
             .into_iter()
             .map(|r| Record {
                 key: r.key,
-                data: r.data,
+                data: r.data.into(),
             })
             .collect();
         if req.relay {

@@ -264,7 +264,7 @@ impl RaftStateMachine<PartitionTypeConfig> for PartitionStateMachine {
                     }
                     for r in records {
                         let next = self.applied.ends.entry(r.key).or_insert(0);
-                        payloads.push((r.key, *next, r.data));
+                        payloads.push((r.key, *next, Vec::from(r.data)));
                         *next += 1;
                     }
                 }
@@ -439,7 +439,7 @@ mod tests {
                 .iter()
                 .map(|k| Record {
                     key: *k,
-                    data: format!("r{k}").into_bytes(),
+                    data: format!("r{k}").into_bytes().into(),
                 })
                 .collect(),
         }
