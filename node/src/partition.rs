@@ -287,7 +287,7 @@ impl Partitions {
                 node_id,
                 settings.raft.clone(),
                 GrpcNetworkFactory::partition(p),
-                log_store,
+                log_store.bulk(),
                 sm,
             )
             .await

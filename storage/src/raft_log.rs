@@ -31,6 +31,9 @@ pub struct RocksLogStore<C: RaftTypeConfig> {
     families: Arc<Families>,
     /// When the committed log id was last written (see `save_committed`).
     committed_saved_at: Option<Instant>,
+    /// Whether appends to this log are a bulk stream (telemetry) whose fsync rounds may be
+    /// paced (see `wal_sync`); a registry's log is never held for it.
+    bulk: bool,
     _c: PhantomData<C>,
 }
 
@@ -69,6 +72,7 @@ impl<C: RaftTypeConfig> Clone for RocksLogStore<C> {
             codec: self.codec,
             families: self.families.clone(),
             committed_saved_at: self.committed_saved_at,
+            bulk: self.bulk,
             _c: PhantomData,
         }
     }
@@ -94,8 +98,17 @@ impl<C: RaftTypeConfig> RocksLogStore<C> {
             codec,
             families,
             committed_saved_at: None,
+            bulk: false,
             _c: PhantomData,
         }
+    }
+
+    /// Marks this log's appends as a bulk stream (telemetry): under sustained load their fsync
+    /// rounds are paced so that each covers more (see `wal_sync`). Durability is unchanged: an
+    /// append is still reported durable only after the fsync that covers it.
+    pub fn bulk(mut self) -> Self {
+        self.bulk = true;
+        self
     }
 
     fn get_meta<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>> {
@@ -251,7 +264,7 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for RocksLogStore<C> {
         I: IntoIterator<Item = C::Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let write = || -> Result<()> {
+        let write = || -> Result<usize> {
             let cf = cf(&self.db, &self.families.log)?;
             let mut batch = WriteBatch::default();
             for entry in entries {
@@ -261,13 +274,15 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for RocksLogStore<C> {
             // Readable now, durable once `wal_sync` has fsync'd the WAL. openraft 0.9's core awaits
             // the callback, but no Tokio worker blocks in fdatasync, and one fsync covers the
             // appends of every group queued by then.
+            let bytes = batch.size_in_bytes();
             self.db.write(batch)?;
-            Ok(())
+            Ok(bytes)
         };
         match write() {
-            Ok(()) => {
+            Ok(bytes) => {
                 crate::wal_sync::after_sync(
                     self.db.clone(),
+                    if self.bulk { bytes } else { 0 },
                     Box::new(move |result| {
                         callback.log_io_completed(
                             result.map_err(|e| std::io::Error::other(e.to_string())),
