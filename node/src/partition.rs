@@ -145,6 +145,8 @@ struct Pending {
 struct Proposal {
     records: Vec<Record>,
     epoch: u64,
+    /// Not proposed after this (None: no deadline).
+    deadline: Option<Instant>,
     reply: oneshot::Sender<Result<(), Option<HubError>>>,
 }
 
@@ -502,12 +504,13 @@ impl Partitions {
             .map_err(|_| HubError::new(ErrorCode::ServiceUnavailable, "partition stopped"))?
     }
 
-    /// Proposes on this node (which must lead the partition). `Err(None)` means "not the leader":
-    /// nothing was proposed.
+    /// Proposes on this node (which must lead the partition), not after `deadline`. `Err(None)`
+    /// means "not the leader": nothing was proposed.
     pub(crate) async fn propose_locally(
         &self,
         partition: u32,
         records: Vec<Record>,
+        deadline: Option<Instant>,
     ) -> Result<(), Option<HubError>> {
         let group = self
             .inner
@@ -538,6 +541,7 @@ impl Partitions {
             .send(Proposal {
                 records,
                 epoch,
+                deadline,
                 reply,
             })
             .await
@@ -736,7 +740,10 @@ impl Partitions {
             };
             match target {
                 Some((leader, _)) if leader == self.inner.node_id => {
-                    match self.propose_locally(partition, records.clone()).await {
+                    match self
+                        .propose_locally(partition, records.clone(), Some(deadline))
+                        .await
+                    {
                         Ok(()) => return Ok(()),
                         Err(Some(e)) => return Err(e),
                         Err(None) => {}
@@ -1067,6 +1074,60 @@ async fn batch_appends(partitions: Partitions, partition: u32, mut rx: mpsc::Rec
     }
 }
 
+/// Proposals merged into one Raft entry.
+struct MergedEntry {
+    epoch: u64,
+    records: Vec<Record>,
+    replies: Vec<oneshot::Sender<Result<(), Option<HubError>>>>,
+}
+
+/// Merges `first` and the proposals queued behind it into one entry: same region epoch, up to
+/// [`MAX_BATCH_RECORDS`] records (a larger proposal alone). Returns the entry (None: every
+/// proposal had expired) and a proposal of another epoch that must start the next entry.
+/// Deadlines are checked here, right before the entry is proposed: a proposal may have queued
+/// behind entries that could not commit (no quorum) past its device's deadline, and is then
+/// answered with an error instead of being proposed.
+fn form_entry(
+    first: Proposal,
+    rx: &mut mpsc::Receiver<Proposal>,
+    now: Instant,
+    partition: u32,
+) -> (Option<MergedEntry>, Option<Proposal>) {
+    let mut entry: Option<MergedEntry> = None;
+    let mut next = Some(first);
+    while let Some(p) = next.take() {
+        if p.deadline.is_some_and(|d| d <= now) {
+            let _ = p.reply.send(Err(Some(HubError::new(
+                ErrorCode::ServiceUnavailable,
+                format!("partition {partition}: append expired before it could be proposed"),
+            ))));
+        } else {
+            match &mut entry {
+                None => {
+                    entry = Some(MergedEntry {
+                        epoch: p.epoch,
+                        records: p.records,
+                        replies: vec![p.reply],
+                    })
+                }
+                Some(e) if e.epoch == p.epoch => {
+                    e.records.extend(p.records);
+                    e.replies.push(p.reply);
+                }
+                Some(_) => return (entry, Some(p)),
+            }
+        }
+        if entry
+            .as_ref()
+            .is_some_and(|e| e.records.len() >= MAX_BATCH_RECORDS)
+        {
+            break;
+        }
+        next = rx.try_recv().ok();
+    }
+    (entry, None)
+}
+
 /// Proposes the leader's appends of one partition: everything queued (same region epoch) goes
 /// into one Raft entry, at most [`PROPOSALS_IN_FLIGHT`] entries at once. All records of an entry
 /// share its fate (committed and applied, or not), so every proposer gets the entry's outcome.
@@ -1089,23 +1150,16 @@ async fn propose_merged(
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
-        let epoch = first.epoch;
-        let mut records = first.records;
-        let mut replies = vec![first.reply];
-        while records.len() < MAX_BATCH_RECORDS {
-            match rx.try_recv() {
-                Ok(p) if p.epoch == epoch => {
-                    records.extend(p.records);
-                    replies.push(p.reply);
-                }
-                Ok(p) => {
-                    // Another epoch's append goes in its own entry.
-                    carried = Some(p);
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
+        let (entry, carry) = form_entry(first, &mut rx, Instant::now(), partition);
+        carried = carry;
+        let Some(MergedEntry {
+            epoch,
+            records,
+            replies,
+        }) = entry
+        else {
+            continue;
+        };
         if handing_over.load(std::sync::atomic::Ordering::SeqCst) {
             // Queued before the hand-over began: answered like "not the leader", so the callers
             // retry at the new leader.
@@ -1154,6 +1208,74 @@ mod tests {
             advertise: "127.0.0.1:1".into(),
             gate: None,
         }
+    }
+
+    fn proposal(
+        keys: &[u32],
+        epoch: u64,
+        deadline: Option<Instant>,
+    ) -> (Proposal, oneshot::Receiver<Result<(), Option<HubError>>>) {
+        let (reply, rx) = oneshot::channel();
+        let records = keys
+            .iter()
+            .map(|k| Record {
+                key: *k,
+                data: bytes::Bytes::from(vec![*k as u8]),
+            })
+            .collect();
+        (
+            Proposal {
+                records,
+                epoch,
+                deadline,
+                reply,
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn queued_proposals_merge_by_epoch_and_expired_ones_are_answered_not_proposed() {
+        let now = Instant::now();
+        let (tx, mut rx) = mpsc::channel(16);
+        let (first, _r1) = proposal(&[1, 2], 0, Some(now + Duration::from_secs(1)));
+        let (expired, mut expired_rx) = proposal(&[3], 0, Some(now - Duration::from_millis(1)));
+        let (second, _r3) = proposal(&[4], 0, None);
+        let (other_epoch, _r4) = proposal(&[5], 1, None);
+        let (after, _r5) = proposal(&[6], 0, None);
+        for p in [expired, second, other_epoch, after] {
+            assert!(tx.try_send(p).is_ok());
+        }
+        let (entry, carried) = form_entry(first, &mut rx, now, 0);
+        let entry = entry.expect("an entry");
+        assert_eq!(entry.epoch, 0);
+        let keys: Vec<u32> = entry.records.iter().map(|r| r.key).collect();
+        assert_eq!(keys, [1, 2, 4], "the expired proposal is left out");
+        assert_eq!(entry.replies.len(), 2);
+        assert!(
+            matches!(expired_rx.try_recv(), Ok(Err(Some(e))) if e.code == ErrorCode::ServiceUnavailable),
+            "the expired proposal is answered with an error"
+        );
+        let carried = carried.expect("the other epoch starts the next entry");
+        assert_eq!(carried.epoch, 1);
+        // The next entry starts with the carried proposal and stops before epoch 0 again.
+        let (next, carried) = form_entry(carried, &mut rx, now, 0);
+        assert_eq!(next.map(|e| e.records.len()), Some(1));
+        assert_eq!(carried.map(|p| p.epoch), Some(0));
+
+        // Everything expired: no entry at all.
+        let (gone, _r) = proposal(&[7], 0, Some(now));
+        let (entry, carried) = form_entry(gone, &mut rx, now, 0);
+        assert!(entry.is_none() && carried.is_none());
+
+        // A full entry stops merging; the rest waits for the next one.
+        let big: Vec<u32> = (0..MAX_BATCH_RECORDS as u32).collect();
+        let (full, _r) = proposal(&big, 0, None);
+        let (rest, _r) = proposal(&[9], 0, None);
+        assert!(tx.try_send(rest).is_ok());
+        let (entry, _) = form_entry(full, &mut rx, now, 0);
+        assert_eq!(entry.map(|e| e.records.len()), Some(MAX_BATCH_RECORDS));
+        assert!(rx.try_recv().is_ok(), "left queued for the next entry");
     }
 
     #[tokio::test]

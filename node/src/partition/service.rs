@@ -59,9 +59,15 @@ impl PartitionServiceImpl {
                 Err(e) => Err(Status::new(e.code.grpc_code(), e.message)),
             };
         }
+        // The acceptance check above, kept until the proposal is made (it may queue).
+        let deadline = (req.expires_unix_ms != 0).then(|| {
+            let last = req.expires_unix_ms + super::CLOCK_SKEW_ALLOWANCE.as_millis() as u64;
+            std::time::Instant::now()
+                + std::time::Duration::from_millis(last.saturating_sub(received))
+        });
         match self
             .partitions
-            .propose_locally(req.partition, records)
+            .propose_locally(req.partition, records, deadline)
             .await
         {
             Ok(()) => Ok(Response::new(AppendResponse {})),
