@@ -20,6 +20,18 @@ mod snapshot;
 mod telemetry;
 mod wal_sync;
 
+/// The openraft type config the storage tests run with.
+#[cfg(test)]
+mod test_types {
+    use std::io::Cursor;
+
+    openraft::declare_raft_types!(
+        pub(crate) TestConfig:
+            D = String,
+            R = String,
+    );
+}
+
 use std::path::Path;
 use std::sync::Arc;
 

@@ -317,16 +317,10 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for RocksLogStore<C> {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Cursor;
-
     use openraft::storage::RaftLogStorage;
     use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftLogReader};
 
-    openraft::declare_raft_types!(
-        TestConfig:
-            D = String,
-            R = String,
-    );
+    use crate::test_types::TestConfig;
 
     fn entry(index: u64) -> Entry<TestConfig> {
         Entry {

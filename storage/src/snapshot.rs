@@ -103,17 +103,11 @@ fn decode<C: RaftTypeConfig>(bytes: &[u8]) -> Result<StoredSnapshot<C>> {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Cursor;
-
     use openraft::{CommittedLeaderId, LogId, SnapshotMeta};
 
     use super::{StoredSnapshot, decode, encode};
 
-    openraft::declare_raft_types!(
-        TestConfig:
-            D = String,
-            R = String,
-    );
+    use crate::test_types::TestConfig;
 
     fn snapshot(data: Vec<u8>) -> StoredSnapshot<TestConfig> {
         StoredSnapshot {

@@ -226,6 +226,12 @@ fn remove_matching<T>(items: &mut Vec<T>, same: impl Fn(&T) -> bool, what: &str)
 }
 
 impl RoutingConfig {
+    /// Whether messages go to the built-in `events` stream as sent: no route selects another
+    /// stream and no enrichment changes them.
+    pub fn passes_through(&self) -> bool {
+        self.routes.is_empty() && self.enrichments.is_empty()
+    }
+
     /// Fails unless every name is `events` or a custom endpoint.
     fn check_endpoints(&self, names: &[String]) -> HubResult<()> {
         match names

@@ -113,15 +113,7 @@ impl TelemetryMessage {
         retain: bool,
         max_bytes: usize,
     ) -> HubResult<Self> {
-        if body.len() > max_bytes {
-            return Err(HubError::new(
-                meridian_proto::ErrorCode::MessageTooLarge,
-                format!(
-                    "telemetry body is {} bytes; the limit is {max_bytes}",
-                    body.len()
-                ),
-            ));
-        }
+        check_body_size(body.len(), max_bytes)?;
         let mut system = BTreeMap::new();
         let mut application = BTreeMap::new();
         for (k, v) in parse_property_bag(bag)? {
@@ -172,15 +164,7 @@ impl TelemetryMessage {
         retain: bool,
         max_bytes: usize,
     ) -> HubResult<Vec<u8>> {
-        if body.len() > max_bytes {
-            return Err(HubError::new(
-                meridian_proto::ErrorCode::MessageTooLarge,
-                format!(
-                    "telemetry body is {} bytes; the limit is {max_bytes}",
-                    body.len()
-                ),
-            ));
-        }
+        check_body_size(body.len(), max_bytes)?;
         let parsed = parse_property_bag(bag)?;
         let auth_method = sender.auth_method();
         // In the order `from_device` inserts them; `by_name_last_wins` then gives the maps' view.
@@ -334,6 +318,17 @@ struct StoredHeader<'a> {
     system: Vec<(StoredName<'a>, &'a str)>,
     #[serde(borrow)]
     application: Vec<(&'a str, &'a str)>,
+}
+
+/// Azure's `MessageTooLarge` for a body over the limit.
+fn check_body_size(len: usize, max_bytes: usize) -> HubResult<()> {
+    if len > max_bytes {
+        return Err(HubError::new(
+            meridian_proto::ErrorCode::MessageTooLarge,
+            format!("telemetry body is {len} bytes; the limit is {max_bytes}"),
+        ));
+    }
+    Ok(())
 }
 
 /// [`BINARY_HEADER`], the postcard header, the body (None: postcard refused the header).

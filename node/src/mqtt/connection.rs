@@ -613,6 +613,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 self.ctx.max_telemetry_bytes,
             )
             .map_err(refused)?;
+            // Stream 0 (`events`): its key in the partition is the partition number itself.
             let key = partition_for(self.device_id.as_str(), self.ctx.partitions);
             self.ctx
                 .partition_groups
@@ -936,7 +937,7 @@ async fn route(
         .hub
         .read(ReadConsistency::Stale, |s| {
             let routing = &s.routing;
-            if routing.routes.is_empty() && routing.enrichments.is_empty() {
+            if routing.passes_through() {
                 return Ok(None);
             }
             let twin = if routing.needs_twin(RouteSource::DeviceMessages) {
@@ -979,13 +980,11 @@ async fn route(
     }
 }
 
-/// Whether the hub has neither routes nor enrichments: every message then goes to the built-in
-/// `events` stream (0) as sent.
+/// Whether the hub's messages go to the built-in `events` stream (0) as sent
+/// ([`RoutingConfig::passes_through`](crate::domain::routing::RoutingConfig::passes_through)).
 async fn routes_nothing(ctx: &MqttContext) -> bool {
     ctx.hub
-        .read(ReadConsistency::Stale, |s| {
-            Ok(s.routing.routes.is_empty() && s.routing.enrichments.is_empty())
-        })
+        .read(ReadConsistency::Stale, |s| Ok(s.routing.passes_through()))
         .await
         .unwrap_or(false)
 }
