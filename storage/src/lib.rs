@@ -20,6 +20,22 @@ mod snapshot;
 mod telemetry;
 mod wal_sync;
 
+/// Helpers for crash tests (here and in the crates above).
+pub mod testing {
+    use std::path::Path;
+
+    /// Copies a database directory's files as they are now into `to`: what a process crash
+    /// (kill -9) would leave on disk, to open beside the live database.
+    pub fn crash_image(from: &Path, to: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(to)?;
+        for entry in std::fs::read_dir(from)? {
+            let entry = entry?;
+            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+        }
+        Ok(())
+    }
+}
+
 /// The openraft type config the storage tests run with.
 #[cfg(test)]
 mod test_types {

@@ -239,7 +239,42 @@ impl TelemetryLog {
         Ok(())
     }
 
-    /// A marker written by [`TelemetryLog::write_at`], if any.
+    /// Writes records at offsets chosen by the caller, bypassing the write-ahead log: the hot
+    /// path of a replicated partition's state machine. The records are readable at once and
+    /// become durable at the next [`TelemetryLog::checkpoint`] (or memtable flush, or clean
+    /// close); until then the Raft log holds them, and after a crash the state machine re-applies
+    /// everything after its last checkpoint to the same offsets. Writing them to a second WAL
+    /// cost ~10% of the node's CPU under telemetry load (docs/adr/013).
+    pub fn write_applied(&self, records: &[(u32, u64, &[u8])]) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let db = &self.inner.db;
+        let cf = crate::cf(db, CF_TELEMETRY)?;
+        let mut batch = WriteBatch::default();
+        for (partition, offset, data) in records {
+            batch.put_cf(cf, key(*partition, *offset), data);
+        }
+        let mut unlogged = rocksdb::WriteOptions::default();
+        unlogged.disable_wal(true);
+        db.write_opt(batch, &unlogged)?;
+        Ok(())
+    }
+
+    /// Makes every record written so far durable (records written without the WAL are flushed to
+    /// a table file; the WAL is fsync'd), then stores `value` under `marker`, synced. A marker
+    /// therefore never covers a record that a crash could lose. Blocks for the flush: call it off
+    /// the async workers.
+    pub fn checkpoint(&self, marker: &str, value: &[u8]) -> Result<()> {
+        let db = &self.inner.db;
+        db.flush_cf(crate::cf(db, CF_TELEMETRY)?)?;
+        db.flush_wal(true)?;
+        let cursors = crate::cf(db, CF_CURSORS)?;
+        db.put_cf_opt(cursors, marker.as_bytes(), value, &synced())?;
+        Ok(())
+    }
+
+    /// A marker written by [`TelemetryLog::write_at`] or [`TelemetryLog::checkpoint`], if any.
     pub fn marker(&self, name: &str) -> Result<Option<Vec<u8>>> {
         let cf = crate::cf(&self.inner.db, CF_CURSORS)?;
         Ok(self.inner.db.get_cf(cf, name.as_bytes())?)
@@ -374,5 +409,39 @@ mod tests {
         );
         assert_eq!(log.end_offset(3).expect("end"), 2);
         assert_eq!(log.read(3, 1, 10).expect("read")[0].data, b"b");
+    }
+
+    #[test]
+    fn applied_records_are_durable_from_the_next_checkpoint_and_a_marker_never_runs_ahead() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let live = dir.path().join("live");
+        let log = TelemetryLog::open(&live, 1 << 30).expect("open");
+        log.write_applied(&[(3, 0, b"a"), (3, 1, b"b")])
+            .expect("write");
+        // Readable at once...
+        assert_eq!(log.end_offset(3).expect("end"), 2);
+        // ...but not in the WAL: a crash now loses them, and the marker with them.
+        crate::testing::crash_image(&live, &dir.path().join("crash1")).expect("image");
+        let image = TelemetryLog::open(&dir.path().join("crash1"), 1 << 30).expect("open");
+        assert_eq!(image.end_offset(3).expect("end"), 0);
+        assert_eq!(image.marker("m").expect("marker"), None);
+        drop(image);
+
+        log.checkpoint("m", b"v1").expect("checkpoint");
+        log.write_applied(&[(3, 2, b"c")]).expect("write");
+        crate::testing::crash_image(&live, &dir.path().join("crash2")).expect("image");
+        let image = TelemetryLog::open(&dir.path().join("crash2"), 1 << 30).expect("open");
+        assert_eq!(
+            image.marker("m").expect("marker").as_deref(),
+            Some(&b"v1"[..])
+        );
+        // Everything the marker covers survived; what came after it did not.
+        let data: Vec<Vec<u8>> = image
+            .read(3, 0, 10)
+            .expect("read")
+            .into_iter()
+            .map(|r| r.data)
+            .collect();
+        assert_eq!(data, vec![b"a".to_vec(), b"b".to_vec()]);
     }
 }

@@ -2,8 +2,12 @@
 //! [`TelemetryLog`], at offsets derived from the Raft log.
 //!
 //! The applied position, membership, per-key next offsets and delivery cursors form a small
-//! [`Applied`] marker written in the same RocksDB batch as the records it covers, so after a crash
-//! the state machine resumes exactly where its data ends and openraft re-applies the rest.
+//! [`Applied`] marker. Applying writes records without RocksDB's WAL (the Raft log already holds
+//! them durably); a *checkpoint* flushes them to a table file and only then writes the marker,
+//! synced. Checkpoints happen when a snapshot is built or installed (before openraft may purge
+//! the log behind it) and when the state machine is dropped. After a crash the state machine
+//! resumes from the last marker and openraft re-applies the entries after it, which rewrites the
+//! same records at the same offsets (offsets derive from the log alone). See docs/adr/013.
 //!
 //! Snapshots do not copy telemetry: a snapshot is the marker plus the address of the node that
 //! built it. A replica installing it fetches the records it lacks from that node (or another
@@ -14,9 +18,10 @@
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
     AnyError, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftSnapshotBuilder,
@@ -50,6 +55,44 @@ pub struct Applied {
     pub reconciled_epoch: u64,
 }
 
+/// Log index of the last checkpoint of a partition (`None`: none yet). Checkpoints of one
+/// partition take it in turn, and a snapshot built earlier never moves the marker back.
+type Checkpointed = Arc<Mutex<Option<u64>>>;
+
+/// Makes `applied` the partition's durable resume point: flushes every record written so far,
+/// then writes the marker (see [`TelemetryLog::checkpoint`]). Runs on a blocking thread.
+async fn checkpoint(
+    log: TelemetryLog,
+    partition: u32,
+    checkpointed: Checkpointed,
+    applied: Applied,
+) -> Result<(), StorageError<NodeId>> {
+    tokio::task::spawn_blocking(move || checkpoint_now(&log, partition, &checkpointed, &applied))
+        .await
+        .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?
+}
+
+fn checkpoint_now(
+    log: &TelemetryLog,
+    partition: u32,
+    checkpointed: &Checkpointed,
+    applied: &Applied,
+) -> Result<(), StorageError<NodeId>> {
+    let index = applied.last_applied.map(|l| l.index);
+    let mut last = checkpointed
+        .lock()
+        .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+    if index < *last {
+        return Ok(());
+    }
+    let marker = serde_json::to_vec(applied)
+        .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+    log.checkpoint(&marker_name(partition), &marker)
+        .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+    *last = index;
+    Ok(())
+}
+
 /// A snapshot's body.
 #[derive(Debug, Serialize, Deserialize)]
 struct SnapshotRef {
@@ -67,6 +110,7 @@ pub struct PartitionStateMachine {
     snapshots: SnapshotStore<PartitionTypeConfig>,
     advertise: String,
     snapshot_seq: u64,
+    checkpointed: Checkpointed,
 }
 
 fn io_err(
@@ -102,6 +146,7 @@ impl PartitionStateMachine {
         Ok(Self {
             partition,
             shared: Arc::new(RwLock::new(applied.clone())),
+            checkpointed: Arc::new(Mutex::new(applied.last_applied.map(|l| l.index))),
             log,
             applied,
             snapshots,
@@ -115,32 +160,21 @@ impl PartitionStateMachine {
         self.shared.clone()
     }
 
-    fn write(&mut self, records: &[(u32, u64, &[u8])]) -> Result<(), StorageError<NodeId>> {
-        let marker = serde_json::to_vec(&self.applied)
-            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
-        self.log
-            .write_at(records, &marker_name(self.partition), &marker)
-            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+    /// Publishes the applied position to the node's readers.
+    fn publish(&self) {
         if let Ok(mut shared) = self.shared.write() {
             shared.clone_from(&self.applied);
         }
-        Ok(())
     }
 
-    /// Writes pending records (without moving the marker).
-    fn flush(
-        &mut self,
-        payloads: &mut Vec<(u32, u64, Vec<u8>)>,
-    ) -> Result<(), StorageError<NodeId>> {
-        if payloads.is_empty() {
-            return Ok(());
-        }
+    /// Writes pending records (unlogged: durable from the next checkpoint on).
+    fn flush(&mut self, payloads: &mut Vec<(u32, u64, Bytes)>) -> Result<(), StorageError<NodeId>> {
         let rows: Vec<(u32, u64, &[u8])> = payloads
             .iter()
-            .map(|(k, o, d)| (*k, *o, d.as_slice()))
+            .map(|(k, o, d)| (*k, *o, d.as_ref()))
             .collect();
         self.log
-            .write_at(&rows, &format!("partition-fetch/{}", self.partition), b"")
+            .write_applied(&rows)
             .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
         payloads.clear();
         Ok(())
@@ -203,9 +237,13 @@ impl PartitionStateMachine {
     }
 }
 
-/// Builds a snapshot: makes the applied records durable, then records the marker.
+/// Builds a snapshot: checkpoints what it covers, then stores it.
 pub struct PartitionSnapshotBuilder {
     log: TelemetryLog,
+    partition: u32,
+    checkpointed: Checkpointed,
+    /// The applied position the snapshot covers.
+    applied: Applied,
     body: Vec<u8>,
     meta: SnapshotMeta<NodeId, openraft::BasicNode>,
     snapshots: SnapshotStore<PartitionTypeConfig>,
@@ -215,10 +253,15 @@ impl RaftSnapshotBuilder<PartitionTypeConfig> for PartitionSnapshotBuilder {
     async fn build_snapshot(
         &mut self,
     ) -> Result<Snapshot<PartitionTypeConfig>, StorageError<NodeId>> {
-        // The log behind the snapshot may be purged next, so what it covers must be on disk.
-        self.log
-            .sync()
-            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+        // The log behind the snapshot may be purged next, so what it covers must be on disk and
+        // the marker must not point before it.
+        checkpoint(
+            self.log.clone(),
+            self.partition,
+            self.checkpointed.clone(),
+            self.applied.clone(),
+        )
+        .await?;
         let stored = StoredSnapshot {
             meta: self.meta.clone(),
             data: self.body.clone(),
@@ -234,6 +277,18 @@ impl RaftSnapshotBuilder<PartitionTypeConfig> for PartitionSnapshotBuilder {
             meta: self.meta.clone(),
             snapshot: Box::new(Cursor::new(self.body.clone())),
         })
+    }
+}
+
+impl Drop for PartitionStateMachine {
+    /// A clean stop (shutdown, a partition moving away) checkpoints, so a restart need not
+    /// re-apply the log since the last snapshot. A failure here loses nothing: the marker stays
+    /// where it was and the log is re-applied from there.
+    fn drop(&mut self) {
+        if let Err(e) = checkpoint_now(&self.log, self.partition, &self.checkpointed, &self.applied)
+        {
+            tracing::warn!(partition = self.partition, error = %e, "partition checkpoint at stop failed");
+        }
     }
 }
 
@@ -264,7 +319,7 @@ impl RaftStateMachine<PartitionTypeConfig> for PartitionStateMachine {
                     }
                     for r in records {
                         let next = self.applied.ends.entry(r.key).or_insert(0);
-                        payloads.push((r.key, *next, Vec::from(r.data)));
+                        payloads.push((r.key, *next, r.data));
                         *next += 1;
                     }
                 }
@@ -282,7 +337,7 @@ impl RaftStateMachine<PartitionTypeConfig> for PartitionStateMachine {
                         if offset < *next {
                             continue;
                         }
-                        payloads.push((key, offset, data));
+                        payloads.push((key, offset, Bytes::from(data)));
                         *next = offset + 1;
                     }
                 }
@@ -320,11 +375,8 @@ impl RaftStateMachine<PartitionTypeConfig> for PartitionStateMachine {
             }
             out.push(true);
         }
-        let rows: Vec<(u32, u64, &[u8])> = payloads
-            .iter()
-            .map(|(k, o, d)| (*k, *o, d.as_slice()))
-            .collect();
-        self.write(&rows)?;
+        self.flush(&mut payloads)?;
+        self.publish();
         Ok(out)
     }
 
@@ -344,6 +396,9 @@ impl RaftStateMachine<PartitionTypeConfig> for PartitionStateMachine {
         };
         PartitionSnapshotBuilder {
             log: self.log.clone(),
+            partition: self.partition,
+            checkpointed: self.checkpointed.clone(),
+            applied: self.applied.clone(),
             body,
             meta: SnapshotMeta {
                 last_log_id: self.applied.last_applied,
@@ -387,10 +442,14 @@ impl RaftStateMachine<PartitionTypeConfig> for PartitionStateMachine {
             }
         }
         self.applied = body.applied;
-        self.write(&[])?;
-        self.log
-            .sync()
-            .map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
+        self.publish();
+        checkpoint(
+            self.log.clone(),
+            self.partition,
+            self.checkpointed.clone(),
+            self.applied.clone(),
+        )
+        .await?;
         self.snapshots
             .save(&StoredSnapshot {
                 meta: meta.clone(),
@@ -497,6 +556,39 @@ mod tests {
                 .flatten(),
             Some(1)
         );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_crash_resumes_from_the_last_checkpoint_and_reapplying_rewrites_the_same_records()
+    -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let live = dir.path().join("t");
+        let log = TelemetryLog::open(&live, 1 << 30)?;
+        let (_l, snaps) = meridian_storage::open::<PartitionTypeConfig>(&dir.path().join("r"))?;
+        let mut sm = PartitionStateMachine::open(2, log.clone(), snaps, "a:1".into())?;
+        let after_snapshot = entry(3, append(&[2, 1026]));
+        sm.apply([entry(1, append(&[2, 2])), entry(2, append(&[2]))])
+            .await?;
+        sm.get_snapshot_builder().await.build_snapshot().await?;
+        sm.apply([after_snapshot.clone()]).await?;
+        assert_eq!(log.end_offset(2)?, 4);
+
+        // kill -9 now: what is on disk is the checkpoint of the snapshot at index 2.
+        let crashed = dir.path().join("crashed");
+        meridian_storage::testing::crash_image(&live, &crashed)?;
+        let image = TelemetryLog::open(&crashed, 1 << 30)?;
+        let (_l2, snaps2) = meridian_storage::open::<PartitionTypeConfig>(&dir.path().join("r2"))?;
+        let mut resumed = PartitionStateMachine::open(2, image.clone(), snaps2, "a:1".into())?;
+        let (applied, _) = resumed.applied_state().await?;
+        assert_eq!(applied.map(|l| l.index), Some(2));
+        assert_eq!(image.end_offset(2)?, 3);
+        assert_eq!(image.end_offset(1026)?, 0);
+        // openraft re-applies the log after the marker: the same records at the same offsets.
+        resumed.apply([after_snapshot]).await?;
+        assert_eq!(image.read(2, 0, 10)?, log.read(2, 0, 10)?);
+        assert_eq!(image.read(1026, 0, 10)?, log.read(1026, 0, 10)?);
+        drop(sm);
         Ok(())
     }
 
