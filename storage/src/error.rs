@@ -21,6 +21,12 @@ pub enum Error {
     /// A stored snapshot is cut short or malformed.
     #[error("corrupt snapshot: {0}")]
     CorruptSnapshot(&'static str),
+    /// A stored run of telemetry records is malformed.
+    #[error("corrupt telemetry run: {0}")]
+    CorruptRun(&'static str),
+    /// A data directory holds a layout this version no longer reads.
+    #[error("{0}")]
+    OldLayout(String),
     /// A log key is not an 8-byte big-endian index.
     #[error("corrupt log key of {0} bytes")]
     CorruptLogKey(usize),

@@ -8,8 +8,8 @@
 //! * [`SnapshotStore`]: keeps the latest state-machine snapshot, so a restarted node restores its
 //!   state machine from the snapshot and replays only the log after it.
 //!
-//! * [`TelemetryLog`]: device-to-cloud partition logs in their own RocksDB instance (own WAL), with
-//!   group commit: an append returns its offset only after the batch holding it is fsync'd.
+//! * [`TelemetryLog`]: device-to-cloud partition logs in their own RocksDB instance, written by
+//!   the partitions' Raft state machines as runs of records (docs/adr/013, 014).
 //!
 //! The Raft log and snapshots live in one RocksDB instance per node ([`open`]), in separate column
 //! families; several groups can share one instance ([`open_groups`]). The crate knows nothing about the hub domain: values are opaque serde types or bytes.
@@ -54,7 +54,7 @@ use std::sync::Arc;
 pub use error::{Error, Result};
 pub use raft_log::{EntryCodec, RocksLogStore};
 pub use snapshot::{SnapshotStore, StoredSnapshot};
-pub use telemetry::{StoredRecord, TelemetryLog};
+pub use telemetry::{Run, StoredRecord, TelemetryLog};
 
 /// Column family of Raft log entries, keyed by big-endian log index.
 const CF_RAFT_LOG: &str = "raft_log";

@@ -55,6 +55,9 @@ pub struct Applied {
     pub reconciled_epoch: u64,
 }
 
+/// Records of one key at consecutive offsets from the first: (key, first offset, records).
+type PendingRun = (u32, u64, Vec<Bytes>);
+
 /// Log index of the last checkpoint of a partition (`None`: none yet). Checkpoints of one
 /// partition take it in turn, and a snapshot built earlier never moves the marker back.
 type Checkpointed = Arc<Mutex<Option<u64>>>;
@@ -167,16 +170,18 @@ impl PartitionStateMachine {
         }
     }
 
-    /// Writes pending records (unlogged: durable from the next checkpoint on).
-    fn flush(&mut self, payloads: &mut Vec<(u32, u64, Bytes)>) -> Result<(), StorageError<NodeId>> {
-        let rows: Vec<(u32, u64, &[u8])> = payloads
+    /// Writes pending runs (unlogged: durable from the next checkpoint on).
+    fn flush(&mut self, runs: &mut Vec<PendingRun>) -> Result<(), StorageError<NodeId>> {
+        let refs: Vec<meridian_storage::Run<'_>> = runs
             .iter()
-            .map(|(k, o, d)| (*k, *o, d.as_ref()))
+            .map(|(key, first, records)| {
+                (*key, *first, records.iter().map(|r| r.as_ref()).collect())
+            })
             .collect();
         self.log
-            .write_applied(&rows)
+            .write_applied(&refs)
             .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
-        payloads.clear();
+        runs.clear();
         Ok(())
     }
 
@@ -306,7 +311,9 @@ impl RaftStateMachine<PartitionTypeConfig> for PartitionStateMachine {
         I: IntoIterator<Item = openraft::Entry<PartitionTypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut payloads = Vec::new();
+        // One run per entry and key: the same boundaries however openraft batches the entries
+        // it applies, so a re-apply after a crash rewrites exactly the runs it wrote before.
+        let mut runs: Vec<PendingRun> = Vec::new();
         let mut out = Vec::new();
         for entry in entries {
             self.applied.last_applied = Some(entry.log_id);
@@ -317,9 +324,13 @@ impl RaftStateMachine<PartitionTypeConfig> for PartitionStateMachine {
                         out.push(false);
                         continue;
                     }
+                    let entry_runs = runs.len();
                     for r in records {
                         let next = self.applied.ends.entry(r.key).or_insert(0);
-                        payloads.push((r.key, *next, r.data));
+                        match runs[entry_runs..].iter_mut().find(|(k, _, _)| *k == r.key) {
+                            Some((_, _, run)) => run.push(r.data),
+                            None => runs.push((r.key, *next, vec![r.data])),
+                        }
                         *next += 1;
                     }
                 }
@@ -332,13 +343,15 @@ impl RaftStateMachine<PartitionTypeConfig> for PartitionStateMachine {
                     if first_offset > *next {
                         *next = first_offset;
                     }
-                    for (i, data) in records.into_iter().enumerate() {
-                        let offset = first_offset + i as u64;
-                        if offset < *next {
-                            continue;
-                        }
-                        payloads.push((key, offset, Bytes::from(data)));
-                        *next = offset + 1;
+                    let first_new = *next;
+                    let new: Vec<Bytes> = records
+                        .into_iter()
+                        .skip((first_new - first_offset) as usize)
+                        .map(Bytes::from)
+                        .collect();
+                    *next += new.len() as u64;
+                    if !new.is_empty() {
+                        runs.push((key, first_new, new));
                     }
                 }
                 EntryPayload::Normal(PartitionCommand::Truncate {
@@ -347,7 +360,7 @@ impl RaftStateMachine<PartitionTypeConfig> for PartitionStateMachine {
                 }) => {
                     if epoch > self.applied.reconciled_epoch {
                         // Records before the cut are written first, in order, by this batch.
-                        self.flush(&mut payloads)?;
+                        self.flush(&mut runs)?;
                         let cuts = meridian_failover::truncation_points(
                             &self.applied.ends,
                             &promoted_ends,
@@ -375,7 +388,7 @@ impl RaftStateMachine<PartitionTypeConfig> for PartitionStateMachine {
             }
             out.push(true);
         }
-        self.flush(&mut payloads)?;
+        self.flush(&mut runs)?;
         self.publish();
         Ok(out)
     }
@@ -436,6 +449,11 @@ impl RaftStateMachine<PartitionTypeConfig> for PartitionStateMachine {
         for (key, end) in &body.applied.ends {
             let have = self.applied.ends.get(key).copied().unwrap_or(0);
             if have < *end {
+                // Whatever lies past this replica's end (records of an earlier life that a crash
+                // left behind) goes first, so the fetched runs overlap nothing.
+                self.log
+                    .delete_from(*key, have)
+                    .map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
                 self.fetch(&sources, *key, have, *end)
                     .await
                     .map_err(|e| io_err(subject.clone(), ErrorVerb::Read, e))?;
