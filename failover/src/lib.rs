@@ -121,6 +121,15 @@ impl Fence {
         self.confirmed = true;
     }
 
+    /// How long the continuous lease stays valid from local time `now` (None: no such lease, or
+    /// a mode without expiry).
+    pub fn remaining(&self, now: u64) -> Option<u64> {
+        match self.mode {
+            LeaseMode::Continuous => self.valid_until.filter(|u| now < *u).map(|u| u - now),
+            _ => None,
+        }
+    }
+
     /// Forgets the lease (the node learned of a newer epoch).
     pub fn revoke(&mut self) {
         self.valid_until = None;
@@ -356,7 +365,11 @@ pub fn plan_automatic(v: &AutoView<'_>) -> AutoDecision {
     if !v.enabled || v.epoch.primary == v.my_region || !v.caps_allow {
         return AutoDecision::Wait;
     }
-    if v.now < v.primary_last_seen + v.grace_ms {
+    // Once the witness voted, it has committed the next epoch naming this region and fences the
+    // old primary's leases with it: a heartbeat from the old primary now (a cut that healed
+    // while the vote was under way) must not turn this region back, or neither region would be
+    // primary until an operator stepped in.
+    if !v.witness_granted && v.now < v.primary_last_seen + v.grace_ms {
         return AutoDecision::Wait;
     }
     // A new leader cannot know what its predecessor promised: it waits one lease first.
@@ -547,6 +560,9 @@ mod tests {
         v.now = 7000;
         assert_eq!(plan_automatic(&v), AutoDecision::RequestVote(epoch(2, "b")));
         v.witness_granted = true;
+        assert_eq!(plan_automatic(&v), AutoDecision::Promote(epoch(2, "b")));
+        // The old primary is heard from again after the vote: the promotion goes on.
+        v.primary_last_seen = 7000;
         assert_eq!(plan_automatic(&v), AutoDecision::Promote(epoch(2, "b")));
         // The seal was lifted while waiting for the vote and the promiser promised the old
         // primary again: seal again and wait that promise out before promoting.

@@ -272,6 +272,14 @@ impl RegionGate {
             .map_err(|r| unavailable(r.to_string()))
     }
 
+    /// How long this node's lease stays valid (None: no continuous lease).
+    fn lease_remaining_ms(&self) -> Option<u64> {
+        self.fence
+            .lock()
+            .ok()
+            .and_then(|f| f.remaining(self.now_ms()))
+    }
+
     fn granted(&self, sent_at: u64) {
         if let Ok(mut f) = self.fence.lock() {
             f.on_granted(sent_at);
@@ -481,6 +489,8 @@ impl Region {
             "primary": epoch.primary,
             "role": if self.section.witness { "witness" } else if primary { "primary" } else { "secondary" },
             "writable": self.gate.check().is_ok(),
+            // Writes stay allowed at least this long without a renewal (continuous leases).
+            "leaseRemainingMs": self.gate.lease_remaining_ms(),
             "leader": self.is_leader(),
             "shippedIndex": shipped,
             "lagMs": self.lag_ms(),
@@ -1314,8 +1324,11 @@ impl Region {
                     .steps
                     .push(("promoted".into(), started.elapsed().as_millis() as u64));
                 report.done = true;
+                // A promotion that failed in the same epoch is tried again (the witness's vote
+                // stands); once the epoch moved on, the vote is for a stale epoch.
+                let retry = result.is_err() && self.gate.epoch() == epoch;
                 report.error = result.err().map(|e| e.message);
-                if let Ok(mut a) = self.auto.lock() {
+                if !retry && let Ok(mut a) = self.auto.lock() {
                     *a = AutoState::default();
                 }
                 if let Ok(mut p) = self.progress.lock() {
