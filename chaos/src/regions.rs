@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use meridian::client::ServiceClient;
+use meridian::client::region::{WritableAnswer, surely_writable_together};
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -419,15 +420,18 @@ async fn sample_writable(cluster: &ChaosCluster, layout: &RegionLayout, hold: Du
     let started = Instant::now();
     while started.elapsed() < hold {
         let mut writable = std::collections::BTreeSet::new();
+        let mut split = false;
         if layout.sync {
             if let Some(p) = current_primary(cluster, layout).await {
                 writable.insert(p);
             }
         } else {
-            writable = writable_regions_now(cluster, layout).await;
+            let now = writable_regions_now(cluster, layout).await;
+            split = now.split;
+            writable = now.regions;
         }
         out.samples += 1;
-        out.two_writable += usize::from(writable.len() > 1);
+        out.two_writable += usize::from(split);
         for r in writable {
             *out.writable.entry(r).or_default() += 1;
         }
@@ -436,22 +440,40 @@ async fn sample_writable(cluster: &ChaosCluster, layout: &RegionLayout, hold: Du
     out
 }
 
-/// The regions with a node that reports itself writable, every data node asked at the same
-/// moment (asked one after another, a sample would span the hand-over and could see the old
-/// primary's last writable instant and the new one's first as "both").
-async fn writable_regions_now(
-    cluster: &ChaosCluster,
-    layout: &RegionLayout,
-) -> std::collections::BTreeSet<String> {
+/// Which regions have a node that reports itself writable, every data node asked at the same
+/// moment, and whether the answers prove two regions writable at one instant (answers taken at
+/// once are still not one instant: see `meridian::client::region`).
+struct WritableNow {
+    regions: std::collections::BTreeSet<String>,
+    split: bool,
+}
+
+async fn writable_regions_now(cluster: &ChaosCluster, layout: &RegionLayout) -> WritableNow {
     let nodes = data_nodes(layout);
-    let replies =
-        futures::future::join_all(nodes.iter().map(|id| region_status(cluster, *id))).await;
-    nodes
+    let replies = futures::future::join_all(nodes.iter().map(|id| async move {
+        let asked = Instant::now();
+        let status = region_status(cluster, *id).await;
+        status.map(|s| WritableAnswer::from_status(&s, asked, Instant::now()))
+    }))
+    .await;
+    let answers: Vec<(String, WritableAnswer)> = nodes
         .iter()
         .zip(replies)
-        .filter(|(_, s)| s.as_ref().is_some_and(|s| s["writable"] == true))
-        .map(|(id, _)| layout.region_of(*id).unwrap_or("").to_string())
-        .collect()
+        .filter_map(|(id, a)| Some((layout.region_of(*id).unwrap_or("").to_string(), a?)))
+        .collect();
+    let split = answers.iter().enumerate().any(|(i, (ra, a))| {
+        answers[i + 1..]
+            .iter()
+            .any(|(rb, b)| ra != rb && surely_writable_together(a, b))
+    });
+    WritableNow {
+        regions: answers
+            .into_iter()
+            .filter(|(_, a)| a.writable)
+            .map(|(r, _)| r)
+            .collect(),
+        split,
+    }
 }
 
 /// The node leading `region`'s hub group (sync mode: the one hub group).
@@ -790,13 +812,14 @@ pub async fn regions(opts: &RegionsOptions, dir: &Path) -> Result<RegionsReport>
         while trigger.elapsed() < Duration::from_secs(60) {
             // Sync mode has no region fencing to sample: a cut-off minority of voters cannot
             // commit (Raft), which the loss check confirms.
-            let writable_regions = if opts.sync {
-                std::collections::BTreeSet::new()
+            let (writable_regions, split) = if opts.sync {
+                (std::collections::BTreeSet::new(), false)
             } else {
-                writable_regions_now(&cluster, &layout).await
+                let now = writable_regions_now(&cluster, &layout).await;
+                (now.regions, now.split)
             };
             samples += 1;
-            if writable_regions.len() > 1 {
+            if split {
                 two_primaries += 1;
             }
             let east_primary = if opts.sync {

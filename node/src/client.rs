@@ -5,6 +5,7 @@
 //! * [`device::RawMqtt`]: a device over MQTT/TLS with packet-level control.
 
 pub mod device;
+pub mod region;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

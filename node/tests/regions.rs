@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use common::load::{Devices, check_replicas, progress};
 use common::{Cluster, RegionSpec, create_device, start_regions};
+use meridian::client::region::{WritableAnswer, surely_writable_together};
 use serde_json::{Value, json};
 
 const LEASE: &str = "lease_ms = 1000\nlease_margin_ms = 100\nship_interval_ms = 50\n";
@@ -53,98 +54,26 @@ async fn status(cluster: &mut Cluster, id: u64) -> Option<Value> {
     (r.status == 200).then(|| r.json())
 }
 
-/// Whether east (node 1) and west (node 2) report themselves writable, both asked at the same
-/// moment (asked one after the other, a sample would span a hand-over and could see the old
-/// primary's last writable instant and the new one's first).
-/// One region's answer to "are you writable", with when it was asked and answered.
-#[derive(Clone, Copy)]
-struct Writable {
-    writable: bool,
-    asked: Instant,
-    answered: Instant,
-    /// The lease the region still held when it answered.
-    lease_left: Option<Duration>,
-}
-
-impl Writable {
-    /// Until when the region was certainly still writable: it was at some instant between
-    /// asking and answering, with `lease_left` to go (no renewal assumed). Without a lease to
-    /// go by, only the answer itself (the old, stricter reading).
-    fn surely_until(&self) -> Option<Instant> {
-        if !self.writable {
-            return None;
-        }
-        Some(match self.lease_left {
-            Some(left) => self.asked + left,
-            None => self.answered + Duration::from_secs(3600),
-        })
-    }
-}
-
-/// Both data regions asked at once. The two answers are not one instant: only an overlap of
-/// the windows in which each was certainly writable is two writable regions.
-async fn writable_sample(cluster: &mut Cluster) -> Result<(Option<Writable>, Option<Writable>)> {
+/// East (node 1) and west (node 2) asked at once whether they are writable (see
+/// `meridian::client::region` for how to read the pair).
+async fn writable_sample(
+    cluster: &mut Cluster,
+) -> Result<(Option<WritableAnswer>, Option<WritableAnswer>)> {
     let (east, west) = (cluster.operator(1).await?, cluster.operator(2).await?);
     let ask = |op: meridian::client::ServiceClient| async move {
         let mut c = op.connect().await.ok()?;
         let asked = Instant::now();
         let r = c.json("GET", "/meridian/region", None).await.ok()?;
         let answered = Instant::now();
-        (r.status == 200).then(|| {
-            let s = r.json();
-            Writable {
-                writable: s["writable"] == true,
-                asked,
-                answered,
-                lease_left: s["leaseRemainingMs"].as_u64().map(Duration::from_millis),
-            }
-        })
+        (r.status == 200).then(|| WritableAnswer::from_status(&r.json(), asked, answered))
     };
     Ok(tokio::join!(ask(east), ask(west)))
 }
 
-#[test]
-fn two_writable_answers_count_only_when_their_certain_windows_overlap() {
-    let t0 = Instant::now();
-    let answer = |writable, answered_ms, left_ms: Option<u64>| {
-        Some(Writable {
-            writable,
-            asked: t0,
-            answered: t0 + Duration::from_millis(answered_ms),
-            lease_left: left_ms.map(Duration::from_millis),
-        })
-    };
-    // Both still held a lease when the later answer came: two writable regions.
-    assert!(both_surely_writable(
-        answer(true, 50, Some(500)),
-        answer(true, 60, Some(500))
-    ));
-    // East's lease ran out before west answered: a hand-over between two answers, not a split.
-    assert!(!both_surely_writable(
-        answer(true, 5, Some(10)),
-        answer(true, 60, Some(500))
-    ));
-    assert!(!both_surely_writable(
-        answer(true, 50, Some(500)),
-        answer(false, 60, None)
-    ));
-    assert!(!both_surely_writable(answer(true, 50, Some(500)), None));
-    // Without a lease to go by, two writable answers count (the strict reading).
-    assert!(both_surely_writable(
-        answer(true, 50, None),
-        answer(true, 60, None)
-    ));
-}
-
 /// Whether the two answers prove an instant at which both regions took writes.
-fn both_surely_writable(e: Option<Writable>, w: Option<Writable>) -> bool {
-    let (Some(e), Some(w)) = (e, w) else {
-        return false;
-    };
-    match (e.surely_until(), w.surely_until()) {
-        (Some(eu), Some(wu)) => e.answered.max(w.answered) < eu.min(wu),
-        _ => false,
-    }
+fn both_surely_writable(e: Option<WritableAnswer>, w: Option<WritableAnswer>) -> bool {
+    e.zip(w)
+        .is_some_and(|(e, w)| surely_writable_together(&e, &w))
 }
 
 async fn wait_status(
