@@ -40,8 +40,8 @@ fn split_key(k: &[u8]) -> Option<(u32, u64)> {
     Some((u32::from_be_bytes(p), u64::from_be_bytes(o)))
 }
 
-fn encode_run<'a>(records: impl ExactSizeIterator<Item = &'a [u8]> + Clone) -> Vec<u8> {
-    let bytes: usize = records.clone().map(|r| r.len() + 4).sum();
+fn encode_run(records: &[&[u8]]) -> Vec<u8> {
+    let bytes: usize = records.iter().map(|r| r.len() + 4).sum();
     let mut out = Vec::with_capacity(4 + bytes);
     out.extend_from_slice(&(records.len() as u32).to_le_bytes());
     for r in records {
@@ -87,11 +87,7 @@ fn put_runs(
 ) {
     for (i, chunk) in records.chunks(MAX_RUN).enumerate() {
         let offset = first + (i * MAX_RUN) as u64;
-        batch.put_cf(
-            cf,
-            key(partition, offset),
-            encode_run(chunk.iter().copied()),
-        );
+        batch.put_cf(cf, key(partition, offset), encode_run(chunk));
     }
 }
 
@@ -483,7 +479,7 @@ mod tests {
             decode_run(&[1, 0, 0, 0, 9, 0, 0, 0, b'x']),
             Err(Error::CorruptRun(_))
         ));
-        let run = encode_run([&b"ab"[..], &b""[..]].into_iter());
+        let run = encode_run(&[&b"ab"[..], &b""[..]]);
         assert_eq!(
             decode_run(&run).expect("decode"),
             vec![&b"ab"[..], &b""[..]]

@@ -58,42 +58,43 @@ pub struct Applied {
 /// Records of one key at consecutive offsets from the first: (key, first offset, records).
 type PendingRun = (u32, u64, Vec<Bytes>);
 
-/// Log index of the last checkpoint of a partition (`None`: none yet). Checkpoints of one
-/// partition take it in turn, and a snapshot built earlier never moves the marker back.
-type Checkpointed = Arc<Mutex<Option<u64>>>;
-
-/// Makes `applied` the partition's durable resume point: flushes every record written so far,
-/// then writes the marker (see [`TelemetryLog::checkpoint`]). Runs on a blocking thread.
-async fn checkpoint(
+/// Checkpoints of one partition (see [`TelemetryLog::checkpoint`]). Clones share the log index
+/// of the last checkpoint (`None`: none yet), so checkpoints take turns and a snapshot built
+/// earlier never moves the marker back.
+#[derive(Clone)]
+struct Checkpointer {
     log: TelemetryLog,
     partition: u32,
-    checkpointed: Checkpointed,
-    applied: Applied,
-) -> Result<(), StorageError<NodeId>> {
-    tokio::task::spawn_blocking(move || checkpoint_now(&log, partition, &checkpointed, &applied))
-        .await
-        .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?
+    last: Arc<Mutex<Option<u64>>>,
 }
 
-fn checkpoint_now(
-    log: &TelemetryLog,
-    partition: u32,
-    checkpointed: &Checkpointed,
-    applied: &Applied,
-) -> Result<(), StorageError<NodeId>> {
-    let index = applied.last_applied.map(|l| l.index);
-    let mut last = checkpointed
-        .lock()
-        .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
-    if index < *last {
-        return Ok(());
+impl Checkpointer {
+    /// Makes `applied` the partition's durable resume point, on a blocking thread.
+    async fn run(&self, applied: Applied) -> Result<(), StorageError<NodeId>> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.now(&applied))
+            .await
+            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?
     }
-    let marker = serde_json::to_vec(applied)
-        .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
-    log.checkpoint(&marker_name(partition), &marker)
-        .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
-    *last = index;
-    Ok(())
+
+    /// Flushes every record written so far, then writes `applied` as the marker.
+    fn now(&self, applied: &Applied) -> Result<(), StorageError<NodeId>> {
+        let index = applied.last_applied.map(|l| l.index);
+        let mut last = self
+            .last
+            .lock()
+            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+        if index < *last {
+            return Ok(());
+        }
+        let marker = serde_json::to_vec(applied)
+            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+        self.log
+            .checkpoint(&marker_name(self.partition), &marker)
+            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+        *last = index;
+        Ok(())
+    }
 }
 
 /// A snapshot's body.
@@ -113,7 +114,7 @@ pub struct PartitionStateMachine {
     snapshots: SnapshotStore<PartitionTypeConfig>,
     advertise: String,
     snapshot_seq: u64,
-    checkpointed: Checkpointed,
+    checkpoints: Checkpointer,
 }
 
 fn io_err(
@@ -149,7 +150,11 @@ impl PartitionStateMachine {
         Ok(Self {
             partition,
             shared: Arc::new(RwLock::new(applied.clone())),
-            checkpointed: Arc::new(Mutex::new(applied.last_applied.map(|l| l.index))),
+            checkpoints: Checkpointer {
+                log: log.clone(),
+                partition,
+                last: Arc::new(Mutex::new(applied.last_applied.map(|l| l.index))),
+            },
             log,
             applied,
             snapshots,
@@ -244,9 +249,7 @@ impl PartitionStateMachine {
 
 /// Builds a snapshot: checkpoints what it covers, then stores it.
 pub struct PartitionSnapshotBuilder {
-    log: TelemetryLog,
-    partition: u32,
-    checkpointed: Checkpointed,
+    checkpoints: Checkpointer,
     /// The applied position the snapshot covers.
     applied: Applied,
     body: Vec<u8>,
@@ -260,13 +263,7 @@ impl RaftSnapshotBuilder<PartitionTypeConfig> for PartitionSnapshotBuilder {
     ) -> Result<Snapshot<PartitionTypeConfig>, StorageError<NodeId>> {
         // The log behind the snapshot may be purged next, so what it covers must be on disk and
         // the marker must not point before it.
-        checkpoint(
-            self.log.clone(),
-            self.partition,
-            self.checkpointed.clone(),
-            self.applied.clone(),
-        )
-        .await?;
+        self.checkpoints.run(self.applied.clone()).await?;
         let stored = StoredSnapshot {
             meta: self.meta.clone(),
             data: self.body.clone(),
@@ -290,8 +287,7 @@ impl Drop for PartitionStateMachine {
     /// re-apply the log since the last snapshot. A failure here loses nothing: the marker stays
     /// where it was and the log is re-applied from there.
     fn drop(&mut self) {
-        if let Err(e) = checkpoint_now(&self.log, self.partition, &self.checkpointed, &self.applied)
-        {
+        if let Err(e) = self.checkpoints.now(&self.applied) {
             tracing::warn!(partition = self.partition, error = %e, "partition checkpoint at stop failed");
         }
     }
@@ -408,9 +404,7 @@ impl RaftStateMachine<PartitionTypeConfig> for PartitionStateMachine {
             None => format!("p{}--{}", self.partition, self.snapshot_seq),
         };
         PartitionSnapshotBuilder {
-            log: self.log.clone(),
-            partition: self.partition,
-            checkpointed: self.checkpointed.clone(),
+            checkpoints: self.checkpoints.clone(),
             applied: self.applied.clone(),
             body,
             meta: SnapshotMeta {
@@ -461,13 +455,7 @@ impl RaftStateMachine<PartitionTypeConfig> for PartitionStateMachine {
         }
         self.applied = body.applied;
         self.publish();
-        checkpoint(
-            self.log.clone(),
-            self.partition,
-            self.checkpointed.clone(),
-            self.applied.clone(),
-        )
-        .await?;
+        self.checkpoints.run(self.applied.clone()).await?;
         self.snapshots
             .save(&StoredSnapshot {
                 meta: meta.clone(),
