@@ -68,6 +68,7 @@ const CF_SNAPSHOT: &str = "snapshot";
 pub fn open<C>(path: &Path) -> Result<(RocksLogStore<C>, SnapshotStore<C>)>
 where
     C: openraft::RaftTypeConfig,
+    C::Entry: Clone,
 {
     open_with_codec(path, EntryCodec::Json)
 }
@@ -79,6 +80,7 @@ pub fn open_with_codec<C>(
 ) -> Result<(RocksLogStore<C>, SnapshotStore<C>)>
 where
     C: openraft::RaftTypeConfig,
+    C::Entry: Clone,
 {
     let mut stores = open_groups(path, codec, &[""])?;
     stores
@@ -96,6 +98,7 @@ pub fn open_groups<C>(
 ) -> Result<Vec<(RocksLogStore<C>, SnapshotStore<C>)>>
 where
     C: openraft::RaftTypeConfig,
+    C::Entry: Clone,
 {
     let mut opts = rocksdb::Options::default();
     opts.create_if_missing(true);
