@@ -52,6 +52,44 @@ pub fn unix_ms() -> u64 {
 }
 
 /// Now in Azure's timestamp format (ISO-8601, UTC, milliseconds).
+///
+/// Formatted at most once per millisecond per thread: every telemetry message is stamped with it,
+/// and formatting cost ~1% of a node's CPU under load.
 pub fn iso_now() -> String {
-    utc_now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(i64, String)>> = const { std::cell::RefCell::new(None) };
+    }
+    let now = utc_now();
+    let ms = now.timestamp_millis();
+    LAST.with_borrow_mut(|last| match last {
+        Some((at, text)) if *at == ms => text.clone(),
+        _ => {
+            let text = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            *last = Some((ms, text.clone()));
+            text
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso_now_is_the_current_millisecond_in_azure_format() {
+        for _ in 0..3 {
+            let before = utc_now().timestamp_millis();
+            let text = iso_now();
+            let after = utc_now().timestamp_millis();
+            let parsed = chrono::DateTime::parse_from_rfc3339(&text).expect("RFC 3339");
+            assert!(text.ends_with('Z') && text.len() == "2026-11-28T00:00:00.000Z".len());
+            assert!(
+                (before..=after).contains(&parsed.timestamp_millis()),
+                "{text}"
+            );
+            // The next call in a later millisecond is formatted afresh, not the cached text.
+            std::thread::sleep(Duration::from_millis(2));
+            assert_ne!(iso_now(), text);
+        }
+    }
 }

@@ -37,6 +37,17 @@ impl ClientIdentity {
         }
     }
 
+    /// `topic` after this identity's own prefix (see [`Self::own_prefix`]), if it starts with it.
+    fn strip_own_prefix<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        let rest = topic
+            .strip_prefix("devices/")?
+            .strip_prefix(self.device_id.as_str())?;
+        match &self.module_id {
+            Some(m) => rest.strip_prefix("/modules/")?.strip_prefix(m.as_str()),
+            None => Some(rest),
+        }
+    }
+
     /// Prefix of this identity's own topics: `devices/{d}` or `devices/{d}/modules/{m}`.
     fn own_prefix(&self) -> String {
         match &self.module_id {
@@ -100,8 +111,10 @@ pub fn classify_publish(identity: &ClientIdentity, topic: &str) -> Option<Device
         }
         return None;
     }
-    let own = format!("{}/messages/events/", identity.own_prefix());
-    let bag = topic.strip_prefix(&own)?;
+    // Matched piece by piece: this runs for every telemetry message.
+    let bag = identity
+        .strip_own_prefix(topic)?
+        .strip_prefix("/messages/events/")?;
     // The bag is one segment: a raw '/' would be a different topic.
     (!bag.contains('/')).then(|| DeviceRequest::Telemetry {
         bag: bag.to_string(),
@@ -197,6 +210,14 @@ mod tests {
         assert!(
             classify_publish(&dev("d1/m"), "devices/d1/modules/m/messages/events/x=1").is_some()
         );
+        for other in [
+            "devices/d1/modules/m2/messages/events/",
+            "devices/d1/modules/messages/events/",
+            "devices/d1/messages/events/",
+            "devices/d1/modules/m/messages/events",
+        ] {
+            assert!(classify_publish(&dev("d1/m"), other).is_none(), "{other}");
+        }
         assert_eq!(
             classify_publish(&d1, "$iothub/twin/GET/?$rid=abc"),
             Some(DeviceRequest::TwinGet { rid: "abc".into() })
