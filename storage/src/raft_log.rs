@@ -86,10 +86,13 @@ impl<C: RaftTypeConfig> Clone for RocksLogStore<C> {
     }
 }
 
-/// Bytes of encoded entries a log keeps in memory (see [`TailCache`]): under load a partition's
-/// entries are applied within milliseconds of their append, and 4 MiB holds about a second of a
-/// partition's telemetry, so a follower that lags further is served from RocksDB.
-const TAIL_CACHE_BYTES: usize = 4 << 20;
+/// Entries, and bytes of encoded entries, a log keeps in memory at most (see [`TailCache`]). Under
+/// load a partition has ~2 entries in flight, applied and replicated within milliseconds of their
+/// append; a follower that lags further is served from RocksDB. Bounded twice so that a node with
+/// many partitions (up to 1,024 per hub) holds at most ~64 recent entries of each, and at most
+/// 1 MiB of a busy one.
+const TAIL_CACHE_ENTRIES: usize = 64;
+const TAIL_CACHE_BYTES: usize = 1 << 20;
 
 /// The newest entries of a log, contiguous by index and ending at the log's last entry (appends
 /// push, truncation and purges trim), with their encoded sizes against a byte budget.
@@ -98,15 +101,17 @@ struct TailCache<E> {
     /// (index, entry, encoded bytes), oldest first.
     entries: VecDeque<(u64, E, usize)>,
     bytes: usize,
-    budget: usize,
+    max_entries: usize,
+    max_bytes: usize,
 }
 
 impl<E: Clone> TailCache<E> {
-    fn new(budget: usize) -> Self {
+    fn new(max_entries: usize, max_bytes: usize) -> Self {
         Self {
             entries: VecDeque::new(),
             bytes: 0,
-            budget,
+            max_entries,
+            max_bytes,
         }
     }
 
@@ -122,7 +127,7 @@ impl<E: Clone> TailCache<E> {
         }
         self.entries.push_back((index, entry, bytes));
         self.bytes += bytes;
-        while self.bytes > self.budget {
+        while self.bytes > self.max_bytes || self.entries.len() > self.max_entries {
             match self.entries.pop_front() {
                 Some((_, _, b)) => self.bytes -= b,
                 None => break,
@@ -204,7 +209,10 @@ where
             db,
             codec,
             families,
-            tail: Arc::new(Mutex::new(TailCache::new(TAIL_CACHE_BYTES))),
+            tail: Arc::new(Mutex::new(TailCache::new(
+                TAIL_CACHE_ENTRIES,
+                TAIL_CACHE_BYTES,
+            ))),
             committed_saved_at: None,
             bulk: false,
             _c: PhantomData,
@@ -566,7 +574,7 @@ mod tests {
 
     #[test]
     fn the_tail_cache_serves_only_whole_ranges_it_holds() {
-        let mut cache = super::TailCache::new(1 << 20);
+        let mut cache = super::TailCache::new(100, 1 << 20);
         assert_eq!(cached(&cache, 1, Bound::Unbounded), None);
         for i in 1..=5 {
             cache.push(i, i, 10);
@@ -602,17 +610,24 @@ mod tests {
     }
 
     #[test]
-    fn the_tail_cache_keeps_the_newest_entries_within_its_budget() {
-        let mut cache = super::TailCache::new(25);
+    fn the_tail_cache_keeps_the_newest_entries_within_its_count_and_bytes() {
+        let mut cache = super::TailCache::new(3, 25);
         for i in 1..=5 {
             cache.push(i, i, 10);
         }
         assert_eq!(cached(&cache, 4, Bound::Unbounded), Some(vec![4, 5]));
         assert_eq!(cached(&cache, 3, Bound::Unbounded), None);
         assert_eq!(cache.bytes, 20);
-        // One entry over the budget is not kept at all.
-        cache.push(6, 6, 30);
+        // Small entries: the count bounds it.
+        for i in 6..=9 {
+            cache.push(i, i, 1);
+        }
+        assert_eq!(cached(&cache, 7, Bound::Unbounded), Some(vec![7, 8, 9]));
         assert_eq!(cached(&cache, 6, Bound::Unbounded), None);
+        assert_eq!(cache.bytes, 3);
+        // One entry over the byte budget is not kept at all.
+        cache.push(10, 10, 30);
+        assert_eq!(cached(&cache, 10, Bound::Unbounded), None);
         assert_eq!(cache.bytes, 0);
     }
 
