@@ -95,7 +95,8 @@ const TAIL_CACHE_ENTRIES: usize = 64;
 const TAIL_CACHE_BYTES: usize = 1 << 20;
 
 /// The newest entries of a log, contiguous by index and ending at the log's last entry (appends
-/// push, truncation and purges trim), with their encoded sizes against a byte budget.
+/// push, truncation and purges trim), at most `max_entries` of them and `max_bytes` of their
+/// encoded sizes (the oldest go first).
 #[derive(Debug)]
 struct TailCache<E> {
     /// (index, entry, encoded bytes), oldest first.
