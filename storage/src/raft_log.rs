@@ -116,18 +116,39 @@ impl<E: Clone> TailCache<E> {
         }
     }
 
-    /// Adds the entry after the last one; an entry that does not follow it (the first append
-    /// after opening, or after a purge emptied the cache) starts the cache afresh.
+    /// Mirrors a write of the entry at `index` into the log: after the last one it is added; over
+    /// one the cache holds it replaces it (RocksDB overwrites that key and keeps the later ones;
+    /// openraft truncates first, but the mirror does not rely on it); before the first it changes
+    /// nothing cached; past a gap (the first append after opening, or after a purge emptied the
+    /// log) it starts the cache afresh.
     fn push(&mut self, index: u64, entry: E, bytes: usize) {
-        if self
-            .entries
-            .back()
-            .is_some_and(|(last, _, _)| last.checked_add(1) != Some(index))
+        if let (Some((first, _, _)), Some((last, _, _))) =
+            (self.entries.front(), self.entries.back())
         {
-            self.clear();
+            let (first, last) = (*first, *last);
+            if index < first {
+                return;
+            }
+            if index <= last {
+                let at = usize::try_from(index - first).unwrap_or(usize::MAX);
+                if let Some(slot) = self.entries.get_mut(at) {
+                    self.bytes = self.bytes - slot.2 + bytes;
+                    *slot = (index, entry, bytes);
+                }
+                self.evict();
+                return;
+            }
+            if last.checked_add(1) != Some(index) {
+                self.clear();
+            }
         }
         self.entries.push_back((index, entry, bytes));
         self.bytes += bytes;
+        self.evict();
+    }
+
+    /// Drops the oldest entries until both bounds hold.
+    fn evict(&mut self) {
         while self.bytes > self.max_bytes || self.entries.len() > self.max_entries {
             match self.entries.pop_front() {
                 Some((_, _, b)) => self.bytes -= b,
@@ -601,6 +622,12 @@ mod tests {
         assert_eq!(cached(&cache, 3, Bound::Unbounded), Some(vec![3, 40]));
         assert_eq!(cache.bytes, 20);
 
+        // Writes over held entries replace them in place; before the first, nothing changes.
+        cache.push(3, 33, 12);
+        cache.push(2, 22, 10);
+        assert_eq!(cached(&cache, 3, Bound::Unbounded), Some(vec![33, 40]));
+        assert_eq!(cache.bytes, 22);
+
         // An entry that does not follow the last starts afresh (the cache stays contiguous).
         cache.push(9, 9, 10);
         assert_eq!(cached(&cache, 3, Bound::Unbounded), None);
@@ -683,13 +710,28 @@ mod tests {
             read_both(&mut log, (Bound::Included(5), Bound::Excluded(8))).await,
             ["5:e5", "6:f6", "7:f7"]
         );
+        // Written over without a truncate first (openraft truncates, the mirror holds anyway):
+        // RocksDB keeps the later entries, and so does the cache.
+        log.write_entries([Entry {
+            log_id: LogId::new(CommittedLeaderId::new(3, 1), 6),
+            payload: EntryPayload::Normal("g6".into()),
+        }])
+        .expect("overwrite");
+        assert_eq!(
+            read_both(&mut log, (Bound::Included(5), Bound::Unbounded)).await,
+            ["5:e5", "6:g6", "7:f7"]
+        );
+        assert_eq!(
+            log.tail().get(5, Bound::Unbounded).map(|e| e.len()),
+            Some(3)
+        );
 
         log.purge(LogId::new(CommittedLeaderId::new(1, 1), 4))
             .await
             .expect("purge");
         assert_eq!(
             read_both(&mut log, (Bound::Included(1), Bound::Unbounded)).await,
-            ["5:e5", "6:f6", "7:f7"]
+            ["5:e5", "6:g6", "7:f7"]
         );
         // Served from the cache, not from RocksDB.
         assert_eq!(
