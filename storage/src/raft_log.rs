@@ -184,25 +184,22 @@ impl<E: Clone> TailCache<E> {
     /// caller reads RocksDB). An unbounded range ends at the cache's last entry, the log's last.
     fn get(&self, start: u64, end: Bound<u64>) -> Option<Vec<E>> {
         let first = self.entries.front()?.0;
-        let last = self.entries.back()?.0;
-        let covered = match end {
-            Bound::Included(e) => e <= last,
-            Bound::Excluded(e) => e <= last.saturating_add(1),
-            Bound::Unbounded => true,
+        let after_last = self.entries.back()?.0.saturating_add(1);
+        let end = match end {
+            Bound::Included(e) => e.saturating_add(1),
+            Bound::Excluded(e) => e,
+            Bound::Unbounded => after_last,
         };
-        if start < first || !covered {
+        if start < first || end > after_last {
             return None;
         }
-        let skip = usize::try_from(start - first).unwrap_or(usize::MAX);
+        let skip = usize::try_from(start - first).ok()?;
+        let take = usize::try_from(end.saturating_sub(start)).ok()?;
         Some(
             self.entries
                 .iter()
                 .skip(skip)
-                .take_while(|(i, _, _)| match end {
-                    Bound::Included(e) => *i <= e,
-                    Bound::Excluded(e) => *i < e,
-                    Bound::Unbounded => true,
-                })
+                .take(take)
                 .map(|(_, e, _)| e.clone())
                 .collect(),
         )
@@ -501,10 +498,20 @@ mod tests {
     use crate::test_types::TestConfig;
 
     fn entry(index: u64) -> Entry<TestConfig> {
+        entry_of_term(1, index, "e")
+    }
+
+    /// An entry of leader term `term` whose payload is `text` followed by the index.
+    fn entry_of_term(term: u64, index: u64, text: &str) -> Entry<TestConfig> {
         Entry {
-            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Normal(format!("e{index}")),
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Normal(format!("{text}{index}")),
         }
+    }
+
+    /// How many entries from `start` on the cache answers (None: it sends the read to RocksDB).
+    fn cached_from(log: &super::RocksLogStore<TestConfig>, start: u64) -> Option<usize> {
+        log.tail().get(start, Bound::Unbounded).map(|e| e.len())
     }
 
     /// Writes entries straight through the store (openraft's callback needs a running Raft, so
@@ -689,10 +696,7 @@ mod tests {
         log.write_entries((1..=10).map(entry)).expect("append");
         let all = read_both(&mut log, (Bound::Included(1), Bound::Unbounded)).await;
         assert_eq!(all.len(), 10);
-        assert_eq!(
-            log.tail().get(1, Bound::Unbounded).map(|e| e.len()),
-            Some(10)
-        );
+        assert_eq!(cached_from(&log, 1), Some(10));
 
         log.truncate(LogId::new(CommittedLeaderId::new(1, 1), 6))
             .await
@@ -701,30 +705,21 @@ mod tests {
             read_both(&mut log, (Bound::Included(3), Bound::Unbounded)).await,
             ["3:e3", "4:e4", "5:e5"]
         );
-        let replaced = |index| Entry {
-            log_id: LogId::new(CommittedLeaderId::new(2, 1), index),
-            payload: EntryPayload::Normal(format!("f{index}")),
-        };
-        log.write_entries((6..=7).map(replaced)).expect("append");
+        log.write_entries((6..=7).map(|i| entry_of_term(2, i, "f")))
+            .expect("append");
         assert_eq!(
             read_both(&mut log, (Bound::Included(5), Bound::Excluded(8))).await,
             ["5:e5", "6:f6", "7:f7"]
         );
         // Written over without a truncate first (openraft truncates, the mirror holds anyway):
         // RocksDB keeps the later entries, and so does the cache.
-        log.write_entries([Entry {
-            log_id: LogId::new(CommittedLeaderId::new(3, 1), 6),
-            payload: EntryPayload::Normal("g6".into()),
-        }])
-        .expect("overwrite");
+        log.write_entries([entry_of_term(3, 6, "g")])
+            .expect("overwrite");
         assert_eq!(
             read_both(&mut log, (Bound::Included(5), Bound::Unbounded)).await,
             ["5:e5", "6:g6", "7:f7"]
         );
-        assert_eq!(
-            log.tail().get(5, Bound::Unbounded).map(|e| e.len()),
-            Some(3)
-        );
+        assert_eq!(cached_from(&log, 5), Some(3));
 
         log.purge(LogId::new(CommittedLeaderId::new(1, 1), 4))
             .await
@@ -734,10 +729,7 @@ mod tests {
             ["5:e5", "6:g6", "7:f7"]
         );
         // Served from the cache, not from RocksDB.
-        assert_eq!(
-            log.tail().get(5, Bound::Unbounded).map(|e| e.len()),
-            Some(3)
-        );
+        assert_eq!(cached_from(&log, 5), Some(3));
     }
 
     #[test]

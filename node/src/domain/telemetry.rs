@@ -216,7 +216,13 @@ impl TelemetryMessage {
     /// property names as one-byte codes), then the body. A third of the bytes of the JSON header
     /// it replaced, and every stored byte is written twice and copied several times on the way.
     pub fn encode(&self) -> Vec<u8> {
-        let header = StoredHeader {
+        // Not reachable for strings and vectors; the JSON form stays readable regardless.
+        encode_stored(&self.stored_header(), &self.body).unwrap_or_else(|| self.encode_json())
+    }
+
+    /// The properties as the stored form's header.
+    fn stored_header(&self) -> StoredHeader<'_> {
+        StoredHeader {
             system: self
                 .system_properties
                 .iter()
@@ -227,9 +233,7 @@ impl TelemetryMessage {
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect(),
-        };
-        // Not reachable for strings and vectors; the JSON form stays readable regardless.
-        encode_stored(&header, &self.body).unwrap_or_else(|| self.encode_json())
+        }
     }
 
     /// The first stored form: 4-byte big-endian header length, JSON header, body. Still read.
@@ -437,18 +441,7 @@ mod tests {
                 .expect("valid");
                 assert_eq!(direct, built.encode(), "bag {bag:?}, retain {retain}");
                 // Sized once, with little to spare (a stored record stays in memory a while).
-                let header = StoredHeader {
-                    system: built
-                        .system_properties
-                        .iter()
-                        .map(|(k, v)| (StoredName::of(k), v.as_str()))
-                        .collect(),
-                    application: built
-                        .application_properties
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), v.as_str()))
-                        .collect(),
-                };
+                let header = built.stored_header();
                 let bound = stored_len_bound(&header, body);
                 let pairs = header.system.len() + header.application.len();
                 assert!(
