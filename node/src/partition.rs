@@ -11,6 +11,7 @@
 //! Any node accepts an append: it batches appends per partition and proposes locally when it leads
 //! the partition, or forwards the batch over `PartitionService.Append` to the leader.
 
+mod intake;
 pub mod service;
 pub mod state_machine;
 
@@ -132,14 +133,6 @@ pub fn partition_of_key(key: u32) -> u32 {
     }
 }
 
-struct Pending {
-    records: Vec<Record>,
-    reply: oneshot::Sender<Result<(), HubError>>,
-    /// After this the append is never proposed: the device has given up on it (and may have
-    /// resent it elsewhere), so a late proposal would store it after its successors.
-    deadline: Instant,
-}
-
 /// Records the leader proposes (from this node's batcher or forwarded by another node), merged
 /// with others into one Raft entry by [`propose_merged`].
 struct Proposal {
@@ -154,7 +147,10 @@ struct Group {
     raft: PartitionRaft,
     proposals: mpsc::Sender<Proposal>,
     applied: state_machine::SharedApplied,
-    queue: mpsc::Sender<Pending>,
+    /// This node's appends waiting to be batched. An append is never proposed after its
+    /// deadline: the device has given up on it (and may have resent it elsewhere), so a late
+    /// proposal would store it after its successors.
+    intake: Arc<intake::Intake>,
     /// Set while this node hands its leadership over: it proposes nothing, so that the
     /// followers' leases lapse (appends wait and then go to the new leader).
     handing_over: Arc<std::sync::atomic::AtomicBool>,
@@ -261,7 +257,6 @@ impl Partitions {
         settings: &PartitionSettings,
     ) -> Result<Self, String> {
         let mut groups = Vec::new();
-        let mut queues = Vec::new();
         let names: Vec<String> = (0..settings.partitions).map(|p| format!("p{p}")).collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         if dir.join("p0").exists() && !dir.join("groups").exists() {
@@ -294,7 +289,6 @@ impl Partitions {
             )
             .await
             .map_err(|e| format!("start partition {p} raft: {e}"))?;
-            let (tx, rx) = mpsc::channel(4096);
             let (proposals, proposals_rx) = mpsc::channel(4096);
             let handing_over = Arc::<std::sync::atomic::AtomicBool>::default();
             tokio::spawn(propose_merged(
@@ -307,10 +301,9 @@ impl Partitions {
                 proposals,
                 raft,
                 applied,
-                queue: tx,
+                intake: Arc::new(intake::Intake::new(MAX_BATCH_RECORDS)),
                 handing_over,
             });
-            queues.push(rx);
         }
         let partitions = Self {
             inner: Arc::new(Inner {
@@ -326,8 +319,12 @@ impl Partitions {
                 regions: std::sync::RwLock::new(BTreeMap::new()),
             }),
         };
-        for (p, rx) in queues.into_iter().enumerate() {
-            tokio::spawn(batch_appends(partitions.clone(), p as u32, rx));
+        for (p, group) in partitions.inner.groups.iter().enumerate() {
+            tokio::spawn(batch_appends(
+                partitions.clone(),
+                p as u32,
+                group.intake.clone(),
+            ));
         }
         Ok(partitions)
     }
@@ -483,25 +480,15 @@ impl Partitions {
             .groups
             .get(partition as usize)
             .ok_or_else(|| HubError::invalid(format!("no partition {partition}")))?;
-        let (reply, rx) = oneshot::channel();
-        let records = records
-            .into_iter()
-            .map(|(key, data)| Record {
-                key,
-                data: data.into(),
-            })
-            .collect();
+        let records = records.into_iter().map(|(key, data)| Record {
+            key,
+            data: data.into(),
+        });
         group
-            .queue
-            .send(Pending {
-                records,
-                reply,
-                deadline: Instant::now() + self.inner.request_timeout,
-            })
+            .intake
+            .push(records, self.inner.request_timeout)?
+            .outcome()
             .await
-            .map_err(|_| HubError::new(ErrorCode::ServiceUnavailable, "partition stopped"))?;
-        rx.await
-            .map_err(|_| HubError::new(ErrorCode::ServiceUnavailable, "partition stopped"))?
     }
 
     /// Proposes on this node (which must lead the partition), not after `deadline`. `Err(None)`
@@ -1025,51 +1012,32 @@ fn is_connect_error(status: &tonic::Status) -> bool {
 /// Collects appends of one partition into batches and proposes them, up to [`MAX_IN_FLIGHT`]
 /// batches at once. Each connection waits for its own append, so a device's messages stay in
 /// order; batching only merges different devices' messages.
-async fn batch_appends(partitions: Partitions, partition: u32, mut rx: mpsc::Receiver<Pending>) {
+async fn batch_appends(partitions: Partitions, partition: u32, intake: Arc<intake::Intake>) {
+    // Appends made after the batcher is gone fail at once instead of waiting forever.
+    struct CloseOnExit(Arc<intake::Intake>);
+    impl Drop for CloseOnExit {
+        fn drop(&mut self) {
+            self.0.close();
+        }
+    }
+    let _close = CloseOnExit(intake.clone());
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    while let Some(first) = rx.recv().await {
+    loop {
         // The batch is formed once it may go: everything queued while the window was full
         // joins it, instead of waiting behind batches formed before.
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
-        let mut pending = vec![first];
-        let mut count = pending[0].records.len();
-        while count < MAX_BATCH_RECORDS {
-            match rx.try_recv() {
-                Ok(p) => {
-                    count += p.records.len();
-                    pending.push(p);
-                }
-                Err(_) => break,
-            }
-        }
+        let mut batch = intake.next().await;
         let partitions = partitions.clone();
         tokio::spawn(async move {
-            let now = Instant::now();
-            let mut records = Vec::with_capacity(count);
-            let mut replies = Vec::with_capacity(pending.len());
-            let mut deadline: Option<Instant> = None;
-            for p in pending {
-                if p.deadline <= now {
-                    let _ = p.reply.send(Err(HubError::new(
-                        ErrorCode::ServiceUnavailable,
-                        format!("partition {partition}: append expired while queued"),
-                    )));
-                    continue;
-                }
-                deadline = Some(deadline.map_or(p.deadline, |d| d.min(p.deadline)));
-                records.extend(p.records);
-                replies.push(p.reply);
-            }
-            let Some(deadline) = deadline else {
-                return;
+            let Some(deadline) = batch.drop_expired(Instant::now()) else {
+                return batch.settle(Ok(()));
             };
+            let records = batch.take_records();
             let result = partitions.submit(partition, records, deadline, true).await;
             drop(permit);
-            for reply in replies {
-                let _ = reply.send(result.clone());
-            }
+            batch.settle(result);
         });
     }
 }
