@@ -341,8 +341,10 @@ impl Partitions {
 
     /// Whether this node leads `partition` now.
     pub fn is_leader(&self, partition: u32) -> bool {
+        // Borrowed, not cloned: called per batch, and the metrics hold maps.
         self.raft(partition).is_some_and(|r| {
-            let m = r.metrics().borrow().clone();
+            let m = r.metrics();
+            let m = m.borrow();
             m.current_leader == Some(m.id)
         })
     }
@@ -350,7 +352,8 @@ impl Partitions {
     /// Whether this node is a voter of `partition` (so its local log holds the partition).
     pub fn is_replica(&self, partition: u32) -> bool {
         self.raft(partition).is_some_and(|r| {
-            let m = r.metrics().borrow().clone();
+            let m = r.metrics();
+            let m = m.borrow();
             m.membership_config
                 .membership()
                 .voter_ids()
@@ -360,8 +363,8 @@ impl Partitions {
 
     /// The current leader of `partition` and its gRPC address, when known.
     pub fn leader(&self, partition: u32) -> Option<(NodeId, String)> {
-        let raft = self.raft(partition)?;
-        let m = raft.metrics().borrow().clone();
+        let metrics = self.raft(partition)?.metrics();
+        let m = metrics.borrow();
         let leader = m.current_leader?;
         let node = m.membership_config.membership().get_node(&leader)?;
         Some((leader, node.addr.clone()))
