@@ -67,7 +67,6 @@ struct Outcome {
 struct Settled {
     /// Appends whose first record index is below this expired before they could be proposed.
     expired_below: usize,
-    expired: HubError,
     /// The outcome of the records that were proposed.
     result: Result<(), HubError>,
 }
@@ -191,7 +190,10 @@ impl Ticket {
             notified.as_mut().enable();
             if let Some(settled) = self.outcome.settled.get() {
                 return if self.start < settled.expired_below {
-                    Err(settled.expired.clone())
+                    Err(HubError::new(
+                        ErrorCode::ServiceUnavailable,
+                        "append expired before it could be proposed",
+                    ))
                 } else {
                     settled.result.clone()
                 };
@@ -229,10 +231,6 @@ impl Batch {
     fn settle_with(&mut self, result: Result<(), HubError>) {
         let settled = Settled {
             expired_below: self.expired_below,
-            expired: HubError::new(
-                ErrorCode::ServiceUnavailable,
-                "append expired before it could be proposed",
-            ),
             result,
         };
         if self.outcome.settled.set(settled).is_ok() {
