@@ -194,7 +194,7 @@ impl TelemetryMessage {
         let header = StoredHeader {
             system: by_name_last_wins(system)
                 .into_iter()
-                .map(|(k, v)| (StoredName::of(k), v))
+                .map(|(k, v)| (StoredName::of(k), StoredValue::of(v)))
                 .collect(),
             application: by_name_last_wins(application),
         };
@@ -212,9 +212,9 @@ impl TelemetryMessage {
         }
     }
 
-    /// Stored form: the byte [`BINARY_HEADER`], the properties in postcard (well-known system
-    /// property names as one-byte codes), then the body. A third of the bytes of the JSON header
-    /// it replaced, and every stored byte is written twice and copied several times on the way.
+    /// Stored form: the byte [`COMPACT_HEADER`], the properties in postcard (well-known system
+    /// property names and values as one-byte codes, timestamps and numbers as varints), then the
+    /// body. Every stored byte is written twice and copied several times on the way (ADR 017).
     pub fn encode(&self) -> Vec<u8> {
         // Not reachable for strings and vectors; the JSON form stays readable regardless.
         encode_stored(&self.stored_header(), &self.body).unwrap_or_else(|| self.encode_json())
@@ -226,7 +226,7 @@ impl TelemetryMessage {
             system: self
                 .system_properties
                 .iter()
-                .map(|(k, v)| (StoredName::of(k), v.as_str()))
+                .map(|(k, v)| (StoredName::of(k), StoredValue::of(v)))
                 .collect(),
             application: self
                 .application_properties
@@ -246,10 +246,26 @@ impl TelemetryMessage {
         out
     }
 
-    /// Reads either stored form back (`None`: not a stored message).
+    /// Reads any stored form back (`None`: not a stored message).
     pub fn decode(bytes: &[u8]) -> Option<Self> {
-        if let Some((&BINARY_HEADER, rest)) = bytes.split_first() {
+        if let Some((&COMPACT_HEADER, rest)) = bytes.split_first() {
             let (header, body) = postcard::take_from_bytes::<StoredHeader<'_>>(rest).ok()?;
+            let mut system_properties = BTreeMap::new();
+            for (name, value) in header.system {
+                system_properties.insert(name.as_str()?.to_string(), value.text()?);
+            }
+            return Some(Self {
+                system_properties,
+                application_properties: header
+                    .application
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                body: body.to_vec(),
+            });
+        }
+        if let Some((&BINARY_HEADER, rest)) = bytes.split_first() {
+            let (header, body) = postcard::take_from_bytes::<TextHeader<'_>>(rest).ok()?;
             let mut system_properties = BTreeMap::new();
             for (name, value) in header.system {
                 system_properties.insert(name.as_str()?.to_string(), value.to_string());
@@ -272,9 +288,153 @@ impl TelemetryMessage {
     }
 }
 
-/// First byte of the binary stored form. The JSON form starts with a big-endian header length,
-/// whose first byte is 0 for any header under 16 MiB, so the two never collide.
+/// First byte of the second stored form, with system property values as text. Still read. The
+/// JSON form starts with a big-endian header length, whose first byte is 0 for any header under
+/// 16 MiB, so the forms never collide.
 const BINARY_HEADER: u8 = 0xFF;
+
+/// First byte of the stored form written now: system property values as [`StoredValue`]s.
+const COMPACT_HEADER: u8 = 0xFE;
+
+/// System property values stored as their index. Append only: an index, once written, is forever.
+/// The hub stamps each of these on every message of its kind.
+const STORED_VALUES: [&str; 8] = [
+    r#"{"scope":"device","type":"sasToken","issuer":"iothub"}"#,
+    r#"{"scope":"device","type":"x509Certificate","issuer":"iothub"}"#,
+    r#"{"scope":"module","type":"sasToken","issuer":"iothub"}"#,
+    r#"{"scope":"module","type":"x509Certificate","issuer":"iothub"}"#,
+    "Telemetry",
+    "twinChangeEvents",
+    "deviceLifecycleEvents",
+    "deviceConnectionStateEvents",
+];
+
+/// A system property value in the compact stored form. Every variant but `Text` is chosen only
+/// when it reads back as exactly the same text, so the form is lossless.
+#[derive(Serialize, Deserialize)]
+enum StoredValue<'a> {
+    Text(&'a str),
+    /// An index into [`STORED_VALUES`].
+    Known(u8),
+    /// `YYYY-MM-DDTHH:MM:SS.mmmZ` (the hub's enqueued times), as ms since the Unix epoch.
+    Millis(u64),
+    /// A decimal number without leading zeros (generation ids, many message ids).
+    Number(u64),
+}
+
+impl<'a> StoredValue<'a> {
+    fn of(value: &'a str) -> Self {
+        if let Some(i) = STORED_VALUES.iter().position(|v| *v == value) {
+            return StoredValue::Known(i as u8);
+        }
+        if let Some(ms) = parse_millis(value) {
+            return StoredValue::Millis(ms);
+        }
+        if let Some(n) = parse_canonical_number(value) {
+            return StoredValue::Number(n);
+        }
+        StoredValue::Text(value)
+    }
+
+    fn text(&self) -> Option<String> {
+        match self {
+            StoredValue::Text(text) => Some((*text).to_string()),
+            StoredValue::Known(i) => STORED_VALUES.get(usize::from(*i)).map(|v| v.to_string()),
+            StoredValue::Millis(ms) => format_millis(*ms),
+            StoredValue::Number(n) => Some(n.to_string()),
+        }
+    }
+
+    /// At least the length postcard gives this value (the variant tag and the payload).
+    fn len_bound(&self) -> usize {
+        match self {
+            StoredValue::Text(text) => 1 + 3 + text.len(),
+            StoredValue::Known(_) => 2,
+            StoredValue::Millis(n) | StoredValue::Number(n) => 1 + varint_len(*n),
+        }
+    }
+}
+
+/// Bytes of `n` as a postcard (LEB128) varint.
+fn varint_len(n: u64) -> usize {
+    (64 - (n | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// A decimal number as written by `u64::to_string`: digits only, no sign, no leading zero.
+fn parse_canonical_number(text: &str) -> Option<u64> {
+    let bytes = text.as_bytes();
+    if bytes.is_empty() || bytes.len() > 20 || !bytes.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    if bytes.len() > 1 && bytes[0] == b'0' {
+        return None;
+    }
+    text.parse().ok()
+}
+
+/// Milliseconds since the Unix epoch of a `YYYY-MM-DDTHH:MM:SS.mmmZ` time from 1970 on, the only
+/// spelling [`format_millis`] gives back for it. Anything else (offsets, other precisions, leap
+/// seconds, impossible dates) is `None` and stays text.
+fn parse_millis(text: &str) -> Option<u64> {
+    let b = text.as_bytes();
+    if b.len() != 24 {
+        return None;
+    }
+    let punctuation = [
+        (4, b'-'),
+        (7, b'-'),
+        (10, b'T'),
+        (13, b':'),
+        (16, b':'),
+        (19, b'.'),
+        (23, b'Z'),
+    ];
+    if punctuation.iter().any(|&(i, c)| b[i] != c) {
+        return None;
+    }
+    let number = |from: usize, to: usize| -> Option<u64> {
+        b[from..to].iter().try_fold(0u64, |acc, d| {
+            d.is_ascii_digit().then(|| acc * 10 + u64::from(d - b'0'))
+        })
+    };
+    let (year, month, day) = (number(0, 4)?, number(5, 7)?, number(8, 10)?);
+    let (hour, minute, second, milli) = (
+        number(11, 13)?,
+        number(14, 16)?,
+        number(17, 19)?,
+        number(20, 23)?,
+    );
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return None,
+    };
+    if year < 1970 || day == 0 || day > month_days || hour > 23 || minute > 59 || second > 59 {
+        return None;
+    }
+    let days = days_from_civil(year, month, day);
+    Some(((days * 24 + hour) * 60 + minute) * 60_000 + second * 1000 + milli)
+}
+
+/// Days from 1970-01-01 to a date from 1970 on (H. Hinnant's `days_from_civil`).
+fn days_from_civil(year: u64, month: u64, day: u64) -> u64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The hub's timestamp text (`clock::iso_now`'s format) of ms since the Unix epoch.
+fn format_millis(ms: u64) -> Option<String> {
+    let at = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(i64::try_from(ms).ok()?)?;
+    Some(at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+}
 
 /// System property names stored as their index. Append only: an index, once written, is forever.
 const STORED_NAMES: [&str; 14] = [
@@ -316,8 +476,18 @@ impl<'a> StoredName<'a> {
     }
 }
 
+/// The properties of the compact stored form ([`COMPACT_HEADER`]).
 #[derive(Serialize, Deserialize)]
 struct StoredHeader<'a> {
+    #[serde(borrow)]
+    system: Vec<(StoredName<'a>, StoredValue<'a>)>,
+    #[serde(borrow)]
+    application: Vec<(&'a str, &'a str)>,
+}
+
+/// The properties of the earlier binary form ([`BINARY_HEADER`]), read only (written by tests).
+#[derive(Serialize, Deserialize)]
+struct TextHeader<'a> {
     #[serde(borrow)]
     system: Vec<(StoredName<'a>, &'a str)>,
     #[serde(borrow)]
@@ -335,25 +505,25 @@ fn check_body_size(len: usize, max_bytes: usize) -> HubResult<()> {
     Ok(())
 }
 
-/// [`BINARY_HEADER`], the postcard header, the body (None: postcard refused the header).
+/// [`COMPACT_HEADER`], the postcard header, the body (None: postcard refused the header).
 fn encode_stored(header: &StoredHeader<'_>, body: &[u8]) -> Option<Vec<u8>> {
     // Sized up front: growing past a guess copied the body again, ~1% of a node's CPU under load.
     let mut out = Vec::with_capacity(stored_len_bound(header, body));
-    out.push(BINARY_HEADER);
+    out.push(COMPACT_HEADER);
     let mut out = postcard::to_extend(header, out).ok()?;
     out.extend_from_slice(body);
     Some(out)
 }
 
 /// At least the length of [`encode_stored`]'s output: postcard writes a string as a varint length
-/// (3 bytes below 2 MiB) and its bytes, a well-known name as a variant tag and a code.
+/// (3 bytes below 2 MiB) and its bytes, a well-known name or value as a variant tag and a code.
 fn stored_len_bound(header: &StoredHeader<'_>, body: &[u8]) -> usize {
     let system: usize = header
         .system
         .iter()
         .map(|(k, v)| match k {
-            StoredName::Known(_) => 2 + v.len() + 3,
-            StoredName::Other(k) => 1 + k.len() + 3 + v.len() + 3,
+            StoredName::Known(_) => 2 + v.len_bound(),
+            StoredName::Other(k) => 1 + k.len() + 3 + v.len_bound(),
         })
         .sum();
     let application: usize = header
@@ -541,6 +711,153 @@ mod tests {
             let _ = TelemetryMessage::decode(&encoded[..cut]);
         }
         assert_eq!(TelemetryMessage::decode(&[BINARY_HEADER]), None);
+        assert_eq!(TelemetryMessage::decode(&[COMPACT_HEADER]), None);
+        // A value code past the table is None too.
+        assert_eq!(
+            TelemetryMessage::decode(&[COMPACT_HEADER, 1, 0, 3, 1, 200, 0]),
+            None
+        );
+    }
+
+    /// The earlier binary form, as sessions before ADR 017 wrote it.
+    fn encode_text_form(m: &TelemetryMessage) -> Vec<u8> {
+        let header = TextHeader {
+            system: m
+                .system_properties
+                .iter()
+                .map(|(k, v)| (StoredName::of(k), v.as_str()))
+                .collect(),
+            application: m
+                .application_properties
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
+        };
+        let mut out = postcard::to_extend(&header, vec![BINARY_HEADER]).expect("encodes");
+        out.extend_from_slice(&m.body);
+        out
+    }
+
+    #[test]
+    fn stamped_values_are_stored_as_codes_and_records_of_every_form_read_back() {
+        let stamped = |who: &Sender| {
+            TelemetryMessage::from_device(
+                "%24.mid=42&%24.cid=0042&a=2026-11-28T00:00:00.000Z",
+                vec![7; 256],
+                who,
+                "2026-11-28T20:41:07.123Z",
+                false,
+                MAX_TELEMETRY_BYTES,
+            )
+            .expect("valid")
+        };
+        for auth_type in ["sasToken", "x509Certificate"] {
+            for module_id in [None, Some("m1".to_string())] {
+                let who = Sender {
+                    module_id,
+                    auth_type,
+                    ..sender()
+                };
+                // Every auth method the hub stamps is a code, or records silently grow again.
+                assert!(STORED_VALUES.contains(&who.auth_method().as_str()));
+                let m = stamped(&who);
+                let compact = m.encode();
+                let text = encode_text_form(&m);
+                assert_eq!(compact[0], COMPACT_HEADER);
+                assert_eq!(TelemetryMessage::decode(&compact), Some(m.clone()));
+                assert_eq!(TelemetryMessage::decode(&text), Some(m.clone()));
+                // Auth method, enqueued time, generation id, source and the numeric message id.
+                assert!(
+                    compact.len() + 80 < text.len(),
+                    "compact {} bytes, text {}",
+                    compact.len(),
+                    text.len()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn compact_values_read_back_as_exactly_the_same_text() {
+        for text in ["0", "7", "42", "636510460778278550", "18446744073709551615"] {
+            assert_eq!(
+                parse_canonical_number(text).map(|n| n.to_string()),
+                Some(text.into())
+            );
+        }
+        for text in [
+            "",
+            "007",
+            "-1",
+            "+1",
+            "1.0",
+            " 1",
+            "18446744073709551616",
+            "1e3",
+        ] {
+            assert_eq!(parse_canonical_number(text), None, "{text:?}");
+        }
+        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        // Every time the hub formats parses back to its millisecond, up to the year 9999.
+        for _ in 0..20_000 {
+            let ms = next() % 253_402_300_800_000;
+            let text = format_millis(ms).expect("in range");
+            assert_eq!(parse_millis(&text), Some(ms), "{text}");
+        }
+        for edge in [0, 951_782_400_000, 4_107_456_000_000, 253_402_300_799_999] {
+            let text = format_millis(edge).expect("in range");
+            assert_eq!(parse_millis(&text), Some(edge), "{text}");
+        }
+        // Whatever else parses formats back to the same text: mutate valid times a character
+        // at a time (days past the month's end, hour 24, leap seconds, other letters).
+        let alphabet = b"0123456789-:.TZtz+ ";
+        let mut accepted = 0;
+        for _ in 0..50_000 {
+            let ms = next() % 4_102_444_800_000;
+            let mut bytes = format_millis(ms).expect("in range").into_bytes();
+            let at = (next() % 24) as usize;
+            bytes[at] = alphabet[(next() % alphabet.len() as u64) as usize];
+            let text = String::from_utf8(bytes).expect("ascii");
+            if let Some(parsed) = parse_millis(&text) {
+                accepted += 1;
+                assert_eq!(format_millis(parsed).as_deref(), Some(text.as_str()));
+            }
+        }
+        assert!(
+            accepted > 10_000,
+            "mutations of digits stay valid often: {accepted}"
+        );
+        for text in [
+            "2026-02-29T00:00:00.000Z",
+            "2024-02-30T00:00:00.000Z",
+            "2026-04-31T00:00:00.000Z",
+            "2026-11-28T24:00:00.000Z",
+            "2026-11-28T23:59:60.000Z",
+            "2026-13-01T00:00:00.000Z",
+            "2026-00-01T00:00:00.000Z",
+            "1969-12-31T23:59:59.999Z",
+            "2026-11-28T20:41:07.123z",
+            "2026-11-28T20:41:07.1234Z",
+            "2026-11-28T20:41:07.12Z",
+            "2026-11-28T20:41:07+00:00",
+            "2026-11-28 20:41:07.123Z",
+        ] {
+            assert_eq!(parse_millis(text), None, "{text}");
+        }
+        assert_eq!(
+            parse_millis("2024-02-29T00:00:00.000Z"),
+            Some(1_709_164_800_000)
+        );
+        for n in [0, 1, 127, 128, 16_383, 16_384, u64::MAX] {
+            let encoded = postcard::to_stdvec(&StoredValue::Number(n)).expect("encodes");
+            assert_eq!(encoded.len(), 1 + varint_len(n), "{n}");
+        }
     }
 
     #[test]
