@@ -415,3 +415,90 @@ async fn unacknowledged_c2d_is_redelivered_and_completion_yields_feedback() -> R
     assert_eq!(device_json["cloudToDeviceMessageCount"], json!(0));
     Ok(())
 }
+
+/// A device that keeps its socket full (QoS 0 telemetry written without pause) still gets its
+/// C2D messages and is still closed when its token expires: the connection reads its socket
+/// first, but not only. Fails if outbound work or the token's expiry wait for the socket to go
+/// quiet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_flooding_its_connection_still_gets_c2d_and_its_token_expiry() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut cluster = start_dev()?;
+    let client = cluster.client(1).await?;
+    let mut svc = client.connect().await?;
+    let (mqtt, ca) = (cluster.node(1).mqtt, cluster.ca.clone());
+    let key = create(&mut svc, "flood", "enabled").await?;
+    let token_secs = 5;
+    let token = device_token("localhost", "flood", &key, token_secs)?;
+    let (mut device, code, _) = RawMqtt::connect(mqtt, &ca, "flood", &token, false, 60).await?;
+    assert_eq!(code, ConnectReturnCode::Success);
+    device
+        .send(Packet::Subscribe(Subscribe::new(
+            "devices/flood/messages/devicebound/#",
+            QoS::AtLeastOnce,
+        )))
+        .await?;
+    assert!(matches!(
+        device.recv(Duration::from_secs(10)).await?,
+        Some(Packet::SubAck(_))
+    ));
+    let mut burst = bytes::BytesMut::new();
+    for _ in 0..256 {
+        Packet::Publish(Publish::new(
+            "devices/flood/messages/events/",
+            QoS::AtMostOnce,
+            vec![b'x'; 64],
+        ))
+        .write(&mut burst, usize::MAX)?;
+    }
+    let (mut reader, mut writer) = device.into_split();
+    let start = std::time::Instant::now();
+    // Writes until the connection closes (or 20 s): the node always has a packet to read.
+    let flood = tokio::spawn(async move {
+        let mut bursts = 0u64;
+        while start.elapsed() < Duration::from_secs(20) {
+            if writer.write_all(&burst).await.is_err() {
+                break;
+            }
+            bursts += 1;
+        }
+        bursts
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = svc
+        .send(
+            "POST",
+            "/devices/flood/messages/devicebound",
+            Some(Bytes::from_static(b"while flooding")),
+            &[("iothub-messageid", "flood-1")],
+            Authorization::Policy,
+        )
+        .await?;
+    assert_eq!(r.status, 204);
+    let (mut c2d_received, mut closed) = (None, None);
+    while start.elapsed() < Duration::from_secs(20) {
+        match reader.recv(Duration::from_secs(20)).await {
+            Ok(Some(Packet::Publish(p))) if p.topic.contains("/messages/devicebound") => {
+                c2d_received.get_or_insert(start.elapsed());
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => {
+                closed = Some(start.elapsed());
+                break;
+            }
+        }
+    }
+    let bursts = flood.await?;
+    assert!(bursts > 20, "the device kept writing: {bursts} bursts");
+    let c2d_received = c2d_received.expect("the C2D message arrives while the device floods");
+    assert!(
+        c2d_received < Duration::from_secs(4),
+        "C2D after {c2d_received:?}"
+    );
+    let closed = closed.expect("the connection closes at its token's expiry while flooding");
+    assert!(
+        closed < Duration::from_secs(token_secs as u64 + 4),
+        "closed after {closed:?}"
+    );
+    Ok(())
+}

@@ -185,21 +185,16 @@ impl RawMqtt {
 
     /// The next packet, `None` when the server closed the connection, error on timeout.
     pub async fn recv(&mut self, timeout: Duration) -> Result<Option<Packet>> {
-        tokio::time::timeout(timeout, async {
-            loop {
-                match Packet::read(&mut self.buf, 1 << 20) {
-                    Ok(p) => return Ok(Some(p)),
-                    Err(CodecError::InsufficientBytes(_)) => {}
-                    Err(e) => return Err(transport(format!("decode: {e}"))),
-                }
-                match self.reader.read_buf(&mut self.buf).await {
-                    Ok(0) | Err(_) => return Ok(None),
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await
-        .map_err(|_| ClientError::Timeout(timeout))?
+        read_packet(&mut self.reader, &mut self.buf, timeout).await
+    }
+
+    /// The reading half and the raw writing half, for a test that writes while it reads.
+    pub fn into_split(self) -> (RawMqttReader, WriteHalf<TlsStream<TcpStream>>) {
+        let reader = RawMqttReader {
+            reader: self.reader,
+            buf: self.buf,
+        };
+        (reader, self.writer)
     }
 
     /// Whether the server closes the connection within `timeout` (packets before that are
@@ -238,6 +233,41 @@ impl RawMqtt {
             }
         }
     }
+}
+
+/// The reading half of a [`RawMqtt`] ([`RawMqtt::into_split`]).
+pub struct RawMqttReader {
+    reader: ReadHalf<TlsStream<TcpStream>>,
+    buf: BytesMut,
+}
+
+impl RawMqttReader {
+    /// The next packet, `None` when the server closed the connection, error on timeout.
+    pub async fn recv(&mut self, timeout: Duration) -> Result<Option<Packet>> {
+        read_packet(&mut self.reader, &mut self.buf, timeout).await
+    }
+}
+
+async fn read_packet(
+    reader: &mut ReadHalf<TlsStream<TcpStream>>,
+    buf: &mut BytesMut,
+    timeout: Duration,
+) -> Result<Option<Packet>> {
+    tokio::time::timeout(timeout, async {
+        loop {
+            match Packet::read(buf, 1 << 20) {
+                Ok(p) => return Ok(Some(p)),
+                Err(CodecError::InsufficientBytes(_)) => {}
+                Err(e) => return Err(transport(format!("decode: {e}"))),
+            }
+            match reader.read_buf(buf).await {
+                Ok(0) | Err(_) => return Ok(None),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .map_err(|_| ClientError::Timeout(timeout))?
 }
 
 /// Connects as device `id` through `addr`, subscribes to its cloud-to-device messages and

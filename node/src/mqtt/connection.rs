@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
 use rumqttc::mqttbytes::v4::{
     ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,
 };
@@ -89,6 +90,10 @@ async fn read_packet<R: AsyncRead + Unpin>(
         }
     }
 }
+
+/// Reads in a row after which a connection checks its outbound queue and timers without waiting
+/// (its select polls the socket first).
+const FAIR_EVERY: u32 = 16;
 
 async fn write_packet<W: AsyncWrite + Unpin>(
     writer: &mut W,
@@ -344,6 +349,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 return close;
             }
         }
+        // The select below polls the socket first (`biased`): nearly every wake-up is the
+        // device's next packet, and polling the outbound queue and both timers before it on each
+        // one cost ~3% of a node's CPU under telemetry load. So that a device that keeps its
+        // socket busy cannot starve them, after FAIR_EVERY reads in a row they are checked
+        // without waiting.
+        let mut reads_in_a_row = 0u32;
         loop {
             // Drain every complete packet already buffered before waiting for more bytes.
             loop {
@@ -361,10 +372,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     }
                 }
             }
+            if reads_in_a_row >= FAIR_EVERY {
+                reads_in_a_row = 0;
+                if let Err(close) = self.fair_turn(rx, &mut lock_tick, expiry).await {
+                    return close;
+                }
+            }
             tokio::select! {
+                biased;
                 read = reader.read_buf(buf) => match read {
                     Ok(0) | Err(_) => return Close::Ungraceful,
-                    Ok(_) => {}
+                    Ok(_) => reads_in_a_row += 1,
                 },
                 work = rx.recv() => match work {
                     Some(work) => {
@@ -394,6 +412,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 }
             }
         }
+    }
+
+    /// What the select would have done had the socket not been ready: outbound work queued so
+    /// far, the token's expiry, a due C2D lock check. (Keep-alive cannot be due: packets came.)
+    async fn fair_turn(
+        &mut self,
+        rx: &mut tokio::sync::mpsc::Receiver<Outbound>,
+        lock_tick: &mut tokio::time::Interval,
+        expiry: Instant,
+    ) -> Result<(), Close> {
+        for _ in 0..FAIR_EVERY {
+            match rx.try_recv() {
+                Ok(work) => self.outbound(work).await?,
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                    return Err(Close::ByHub);
+                }
+            }
+        }
+        if Instant::now() >= expiry {
+            tracing::info!(client_id = self.client_id, "SAS token expired; closing");
+            return Err(Close::ByHub);
+        }
+        if !self.c2d_inflight.is_empty() && lock_tick.tick().now_or_never().is_some() {
+            self.redeliver_expired().await?;
+        }
+        Ok(())
     }
 
     async fn send(&mut self, packet: Packet) -> Result<(), Close> {
