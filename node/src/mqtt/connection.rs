@@ -374,7 +374,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             }
             if reads_in_a_row >= FAIR_EVERY {
                 reads_in_a_row = 0;
-                if let Err(close) = self.fair_turn(rx, &mut lock_tick, expiry).await {
+                let idle_due = idle_deadline(last_packet);
+                if let Err(close) = self.fair_turn(rx, &mut lock_tick, expiry, idle_due).await {
                     return close;
                 }
             }
@@ -415,12 +416,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     }
 
     /// What the select would have done had the socket not been ready: outbound work queued so
-    /// far, the token's expiry, a due C2D lock check. (Keep-alive cannot be due: packets came.)
+    /// far, the token's expiry, the keep-alive (bytes that never complete a packet do not count),
+    /// a due C2D lock check.
     async fn fair_turn(
         &mut self,
         rx: &mut tokio::sync::mpsc::Receiver<Outbound>,
         lock_tick: &mut tokio::time::Interval,
         expiry: Instant,
+        idle_due: Instant,
     ) -> Result<(), Close> {
         for _ in 0..FAIR_EVERY {
             match rx.try_recv() {
@@ -431,9 +434,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 }
             }
         }
-        if Instant::now() >= expiry {
+        let now = Instant::now();
+        if now >= expiry {
             tracing::info!(client_id = self.client_id, "SAS token expired; closing");
             return Err(Close::ByHub);
+        }
+        if now >= idle_due {
+            tracing::info!(client_id = self.client_id, "keep-alive expired; closing");
+            return Err(Close::Ungraceful);
         }
         if !self.c2d_inflight.is_empty() && lock_tick.tick().now_or_never().is_some() {
             self.redeliver_expired().await?;
