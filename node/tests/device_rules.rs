@@ -321,6 +321,28 @@ async fn device_endpoint_enforces_azure_rules() -> Result<()> {
     Ok(())
 }
 
+/// Connects `id` (persistent session) and subscribes it to its C2D messages.
+async fn connect_subscribed_to_c2d(
+    mqtt: std::net::SocketAddr,
+    ca: &std::path::Path,
+    id: &str,
+    token: &str,
+) -> Result<RawMqtt> {
+    let (mut device, code, _) = RawMqtt::connect(mqtt, ca, id, token, false, 60).await?;
+    assert_eq!(code, ConnectReturnCode::Success);
+    device
+        .send(Packet::Subscribe(Subscribe::new(
+            format!("devices/{id}/messages/devicebound/#"),
+            QoS::AtLeastOnce,
+        )))
+        .await?;
+    assert!(matches!(
+        device.recv(Duration::from_secs(10)).await?,
+        Some(Packet::SubAck(_))
+    ));
+    Ok(device)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unacknowledged_c2d_is_redelivered_and_completion_yields_feedback() -> Result<()> {
     let mut cluster = common::start_dev_with_env(&[("MERIDIAN_MQTT__C2D_LOCK_TIMEOUT_SECS", "1")])?;
@@ -329,18 +351,7 @@ async fn unacknowledged_c2d_is_redelivered_and_completion_yields_feedback() -> R
     let (mqtt, ca) = (cluster.node(1).mqtt, cluster.ca.clone());
     let key = create(&mut svc, "c2d-dev", "enabled").await?;
     let token = device_token("localhost", "c2d-dev", &key, 600)?;
-    let (mut device, code, _) = RawMqtt::connect(mqtt, &ca, "c2d-dev", &token, false, 60).await?;
-    assert_eq!(code, ConnectReturnCode::Success);
-    device
-        .send(Packet::Subscribe(Subscribe::new(
-            "devices/c2d-dev/messages/devicebound/#",
-            QoS::AtLeastOnce,
-        )))
-        .await?;
-    assert!(matches!(
-        device.recv(Duration::from_secs(10)).await?,
-        Some(Packet::SubAck(_))
-    ));
+    let mut device = connect_subscribed_to_c2d(mqtt, &ca, "c2d-dev", &token).await?;
     let r = svc
         .send(
             "POST",
@@ -430,18 +441,7 @@ async fn a_device_flooding_its_connection_still_gets_c2d_and_its_token_expiry() 
     let key = create(&mut svc, "flood", "enabled").await?;
     let token_secs = 5;
     let token = device_token("localhost", "flood", &key, token_secs)?;
-    let (mut device, code, _) = RawMqtt::connect(mqtt, &ca, "flood", &token, false, 60).await?;
-    assert_eq!(code, ConnectReturnCode::Success);
-    device
-        .send(Packet::Subscribe(Subscribe::new(
-            "devices/flood/messages/devicebound/#",
-            QoS::AtLeastOnce,
-        )))
-        .await?;
-    assert!(matches!(
-        device.recv(Duration::from_secs(10)).await?,
-        Some(Packet::SubAck(_))
-    ));
+    let device = connect_subscribed_to_c2d(mqtt, &ca, "flood", &token).await?;
     let mut burst = bytes::BytesMut::new();
     for _ in 0..256 {
         Packet::Publish(Publish::new(

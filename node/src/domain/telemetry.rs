@@ -258,38 +258,43 @@ impl TelemetryMessage {
 
     /// Reads any stored form back (`None`: not a stored message).
     pub fn decode(bytes: &[u8]) -> Option<Self> {
-        if let Some((&COMPACT_HEADER, rest)) = bytes.split_first() {
-            let (header, body) = postcard::take_from_bytes::<StoredHeader<'_>>(rest).ok()?;
-            let mut system_properties = BTreeMap::new();
-            for (name, value) in header.system {
-                system_properties.insert(name.as_str()?.to_string(), value.text()?);
+        let (header, body) = match bytes.split_first() {
+            Some((&COMPACT_HEADER, rest)) => {
+                postcard::take_from_bytes::<StoredHeader<'_>>(rest).ok()?
             }
-            return Some(Self {
-                system_properties,
-                application_properties: header
-                    .application
+            // The earlier binary form: every value is text.
+            Some((&BINARY_HEADER, rest)) => {
+                let (text, body) = postcard::take_from_bytes::<TextHeader<'_>>(rest).ok()?;
+                let system = text
+                    .system
                     .into_iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-                body: body.to_vec(),
-            });
-        }
-        if let Some((&BINARY_HEADER, rest)) = bytes.split_first() {
-            let (header, body) = postcard::take_from_bytes::<TextHeader<'_>>(rest).ok()?;
-            let mut system_properties = BTreeMap::new();
-            for (name, value) in header.system {
-                system_properties.insert(name.as_str()?.to_string(), value.to_string());
+                    .map(|(name, value)| (name, StoredValue::Text(value)))
+                    .collect();
+                let header = StoredHeader {
+                    system,
+                    application: text.application,
+                };
+                (header, body)
             }
-            return Some(Self {
-                system_properties,
-                application_properties: header
-                    .application
-                    .into_iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-                body: body.to_vec(),
-            });
+            _ => return Self::decode_json(bytes),
+        };
+        let mut system_properties = BTreeMap::new();
+        for (name, value) in header.system {
+            system_properties.insert(name.as_str()?.to_string(), value.text()?);
         }
+        Some(Self {
+            system_properties,
+            application_properties: header
+                .application
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: body.to_vec(),
+        })
+    }
+
+    /// The first stored form: 4-byte big-endian header length, JSON header, body.
+    fn decode_json(bytes: &[u8]) -> Option<Self> {
         let len = u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
         let header = bytes.get(4..4usize.checked_add(len)?)?;
         let mut message: TelemetryMessage = serde_json::from_slice(header).ok()?;
