@@ -197,6 +197,12 @@ impl RawMqtt {
         (reader, self.writer)
     }
 
+    /// The whole TLS stream and the bytes already read past the last packet, for a load
+    /// generator that frames its own packets without a lock between a reader and a writer half.
+    pub fn into_stream(self) -> (TlsStream<TcpStream>, BytesMut) {
+        (self.reader.unsplit(self.writer), self.buf)
+    }
+
     /// Whether the server closes the connection within `timeout` (packets before that are
     /// skipped).
     pub async fn closed_within(&mut self, timeout: Duration) -> bool {
