@@ -379,12 +379,24 @@ async fn measure(
         registry_writable(&apis, &probe_id, trigger, Duration::from_secs(90)),
         all_devices_again(times, devices, trigger, Duration::from_secs(120)),
     );
+    // Why a recovery was not measured, so a failed run says which probe gave up and how.
+    let mut notes = Vec::new();
+    if let Err(e) = &telemetry {
+        notes.push(format!("device-send probe: {e:#}"));
+    }
+    if registry.is_none() {
+        notes.push(format!(
+            "registry probe: no create answered 200 through {} nodes",
+            apis.len()
+        ));
+    }
     StepResult {
         step: name.into(),
         new_primary: current_primary(cluster, layout).await.unwrap_or_default(),
         rto_telemetry_ms: telemetry.ok().map(|d| d.as_millis() as u64),
         rto_registry_ms: registry.map(|d| d.as_millis() as u64),
         rto_all_devices_ms: all.map(|d| d.as_millis() as u64),
+        notes,
         ..Default::default()
     }
 }
@@ -1311,7 +1323,11 @@ pub async fn regions(opts: &RegionsOptions, dir: &Path) -> Result<RegionsReport>
             }
         }
         if s.result.rto_telemetry_ms.is_none() || s.result.rto_registry_ms.is_none() {
-            failures.push(format!("{}: no recovery measured", s.name));
+            failures.push(format!(
+                "{}: no recovery measured ({})",
+                s.name,
+                s.result.notes.join("; ")
+            ));
         }
     }
     let acknowledged = BTreeMap::from([

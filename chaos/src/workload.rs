@@ -270,23 +270,33 @@ pub async fn probe_until_acked(
     // Each failed try moves to the next node: the probe finds whichever region or node takes
     // writes now (a paused node accepts TCP but never answers, hence the bound on each try).
     let mut next = 0usize;
+    // The last try's outcome, for the error when none succeeds.
+    let mut last = String::from("no try");
     while Instant::now() < deadline {
         let Some(addr) = addrs.get(next % addrs.len().max(1)).copied() else {
             bail!("{id}: no address to probe");
         };
         next += 1;
-        let Ok(Ok((mut c, ConnAckCode::Success, _))) = tokio::time::timeout(
+        let connected = tokio::time::timeout(
             Duration::from_secs(2),
             RawMqtt::connect_with(addr, None, tls.clone(), &id, &token, true, 60),
         )
-        .await
-        else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
+        .await;
+        let mut c = match connected {
+            Ok(Ok((c, ConnAckCode::Success, _))) => c,
+            other => {
+                last = match other {
+                    Ok(Ok((_, code, _))) => format!("{addr}: CONNACK {code:?}"),
+                    Ok(Err(e)) => format!("{addr}: connect: {e}"),
+                    Err(_) => format!("{addr}: no CONNACK within 2 s"),
+                };
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
         };
         seq += 1;
         // One try per connection: a node that could not store the message closes it.
-        if let Ok(true) = c
+        match c
             .publish_acked(
                 &topic,
                 b"probe",
@@ -295,10 +305,12 @@ pub async fn probe_until_acked(
             )
             .await
         {
-            return Ok(Instant::now());
+            Ok(true) => return Ok(Instant::now()),
+            Ok(false) => last = format!("{addr}: closed before the PUBACK"),
+            Err(e) => last = format!("{addr}: publish: {e}"),
         }
     }
-    bail!("{id}: no PUBACK before the deadline")
+    bail!("{id}: no PUBACK before the deadline after {next} tries (last: {last})")
 }
 
 /// Time from `trigger` until every probe (one per partition) got a PUBACK through one of `addrs`.
