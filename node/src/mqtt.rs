@@ -378,6 +378,7 @@ pub async fn serve_tls(
         let acceptor = acceptor.clone();
         let ctx = ctx.clone();
         tokio::spawn(async move {
+            let tcp = SingleBufferWrites(tcp);
             let stream =
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => s,
@@ -400,6 +401,62 @@ pub async fn serve_tls(
                 .filter(|chain| !chain.is_empty());
             connection::serve(ctx, stream, peer.to_string(), client_chain).await;
         });
+    }
+}
+
+/// A device's TCP stream that sends a lone buffer with `write(2)`, not `writev(2)`: rustls hands
+/// every flush to `write_vectored`, and nearly every flush is one TLS record (a PUBACK), for which
+/// the kernel's vectored path costs more than the plain one (see docs/BENCHMARKS.md, session 14).
+/// Several buffers still go out in one `writev`.
+struct SingleBufferWrites<T>(T);
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for SingleBufferWrites<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for SingleBufferWrites<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let mut non_empty = bufs.iter().filter(|b| !b.is_empty());
+        match (non_empty.next(), non_empty.next()) {
+            (Some(only), None) => std::pin::Pin::new(&mut self.0).poll_write(cx, only),
+            _ => std::pin::Pin::new(&mut self.0).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
 
@@ -464,6 +521,74 @@ pub fn exercise_untrusted_input(data: &[u8]) {
 
 #[cfg(test)]
 mod tests {
+    /// Records how each write reached it.
+    #[derive(Default)]
+    struct Recorder {
+        calls: Vec<(&'static str, Vec<u8>)>,
+    }
+
+    impl tokio::io::AsyncWrite for Recorder {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.calls.push(("write", buf.to_vec()));
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            let n = all.len();
+            self.calls.push(("writev", all));
+            std::task::Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lone_buffer_is_written_plainly_and_several_in_one_vectored_write() {
+        use std::io::IoSlice;
+        use tokio::io::AsyncWriteExt;
+        let mut w = super::SingleBufferWrites(Recorder::default());
+        let one = [
+            IoSlice::new(b""),
+            IoSlice::new(b"puback"),
+            IoSlice::new(b""),
+        ];
+        assert_eq!(w.write_vectored(&one).await.ok(), Some(6));
+        let two = [IoSlice::new(b"rec1"), IoSlice::new(b"rec2")];
+        assert_eq!(w.write_vectored(&two).await.ok(), Some(8));
+        assert_eq!(
+            w.0.calls,
+            vec![
+                ("write", b"puback".to_vec()),
+                ("writev", b"rec1rec2".to_vec())
+            ]
+        );
+    }
+
     use super::*;
 
     /// A bounded, deterministic fuzz run for CI: mutated valid packets and pure noise.
