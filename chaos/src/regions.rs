@@ -384,17 +384,14 @@ async fn measure(
     if let Err(e) = &telemetry {
         notes.push(format!("device-send probe: {e:#}"));
     }
-    if registry.is_none() {
-        notes.push(format!(
-            "registry probe: no create answered 200 through {} nodes",
-            apis.len()
-        ));
+    if let Err(e) = &registry {
+        notes.push(format!("registry probe through {} nodes: {e}", apis.len()));
     }
     StepResult {
         step: name.into(),
         new_primary: current_primary(cluster, layout).await.unwrap_or_default(),
         rto_telemetry_ms: telemetry.ok().map(|d| d.as_millis() as u64),
-        rto_registry_ms: registry.map(|d| d.as_millis() as u64),
+        rto_registry_ms: registry.ok().map(|d| d.as_millis() as u64),
         rto_all_devices_ms: all.map(|d| d.as_millis() as u64),
         notes,
         ..Default::default()

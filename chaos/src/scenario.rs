@@ -154,9 +154,9 @@ pub async fn cluster_nemeses(opts: &NemesesOptions, dir: &Path) -> Result<Report
                 Duration::from_secs(30)
             ),
         );
-        if telemetry_took.is_err() {
+        if let Err(e) = &telemetry_took {
             failures.push(format!(
-                "partitions not writable 30 s after killing node {victim}"
+                "partitions not writable 30 s after killing node {victim}: {e:#}"
             ));
         }
         timeline.note(format!(
@@ -171,7 +171,7 @@ pub async fn cluster_nemeses(opts: &NemesesOptions, dir: &Path) -> Result<Report
             node: victim,
             why: format!("leads {led} partitions"),
             telemetry_recovery_ms: ms(telemetry_took.ok()),
-            registry_recovery_ms: ms(registry_took),
+            registry_recovery_ms: ms(registry_took.ok()),
             notes: Vec::new(),
         });
         killed.push(victim);
@@ -206,8 +206,10 @@ pub async fn cluster_nemeses(opts: &NemesesOptions, dir: &Path) -> Result<Report
     tokio::time::sleep(opts.pause.saturating_sub(paused.elapsed())).await;
     cluster.resume(leader)?;
     timeline.note(format!("SIGCONT node {leader}"));
-    if registry_took.is_none() {
-        failures.push(format!("no registry write while node {leader} was paused"));
+    if let Err(e) = &registry_took {
+        failures.push(format!(
+            "no registry write while node {leader} was paused: {e}"
+        ));
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     nemeses.push(NemesisResult {
@@ -215,7 +217,7 @@ pub async fn cluster_nemeses(opts: &NemesesOptions, dir: &Path) -> Result<Report
         node: leader,
         why: "hub leader".into(),
         telemetry_recovery_ms: ms(telemetry_took.ok()),
-        registry_recovery_ms: ms(registry_took),
+        registry_recovery_ms: ms(registry_took.ok()),
         notes: Vec::new(),
     });
 

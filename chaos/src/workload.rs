@@ -340,19 +340,26 @@ pub async fn all_partitions_writable(
     Ok(last - trigger)
 }
 
-/// Time from `trigger` until a create through one of `clients` (tried in turn) is answered 200.
+/// Time from `trigger` until a create through one of `clients` (tried in turn) is answered 200;
+/// the last try's outcome when none is within `timeout`.
 pub async fn registry_writable(
     clients: &[ServiceClient],
     id: &str,
     trigger: Instant,
     timeout: Duration,
-) -> Option<Duration> {
+) -> Result<Duration, String> {
     let mut next = 0usize;
+    let mut last = String::from("no try");
     while trigger.elapsed() < timeout {
-        let client = clients.get(next % clients.len().max(1))?;
+        let Some(client) = clients.get(next % clients.len().max(1)) else {
+            return Err("no node to write through".into());
+        };
         next += 1;
         let attempt = async {
-            let mut c = client.connect().await.ok()?;
+            let mut c = client
+                .connect()
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
             let r = c
                 .json(
                     "PUT",
@@ -360,15 +367,23 @@ pub async fn registry_writable(
                     Some(&json!({"deviceId": id})),
                 )
                 .await
-                .ok()?;
-            (r.status == 200).then_some(())
+                .map_err(|e| format!("PUT: {e}"))?;
+            if r.status == 200 {
+                Ok(())
+            } else {
+                Err(format!("status {}", r.status))
+            }
         };
-        if let Ok(Some(())) = tokio::time::timeout(Duration::from_secs(3), attempt).await {
-            return Some(trigger.elapsed());
+        match tokio::time::timeout(Duration::from_secs(3), attempt).await {
+            Ok(Ok(())) => return Ok(trigger.elapsed()),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = "no answer within 3 s".into(),
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    None
+    Err(format!(
+        "no create answered 200 within {timeout:?} after {next} tries (last: {last})"
+    ))
 }
 
 /// Official Python SDK devices (`chaos/sdk/sdk_devices.py`, azure-iot-device 2.14 from the venv
