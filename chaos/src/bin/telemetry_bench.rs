@@ -20,7 +20,6 @@ use meridian_chaos::cluster::{ChaosCluster, ClusterOptions};
 use meridian_chaos::proc::free_ports;
 use meridian_chaos::workload::create_many;
 use serde_json::Value;
-use tokio::io::AsyncWriteExt;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -269,22 +268,19 @@ async fn run_load(target: &Target, ca: &Path, seconds: u64, payload: usize) -> R
     let give_up = tokio::time::Instant::from_std(stop + Duration::from_secs(30));
     let mut tasks = Vec::new();
     for (id, client) in clients {
-        let mut publish = EncodedPublish::new(&format!("devices/{id}/messages/events/"), &body);
+        let mut publisher =
+            client.into_publisher(&format!("devices/{id}/messages/events/"), &body)?;
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
-            let (mut stream, mut buf) = client.into_stream();
             let run = async {
                 let mut seq: u64 = 0;
                 while Instant::now() < stop {
                     seq += 1;
-                    let pkid = (seq % 60_000) as u16 + 1;
                     let t0 = Instant::now();
-                    if stream.write_all(publish.with_pkid(pkid)).await.is_err()
-                        || !read_puback(&mut stream, &mut buf, pkid).await
-                    {
-                        return true;
+                    match publisher.publish_acked((seq % 60_000) as u16 + 1).await {
+                        Ok(true) => latencies.push(t0.elapsed()),
+                        _ => return true,
                     }
-                    latencies.push(t0.elapsed());
                 }
                 false
             };
@@ -322,76 +318,6 @@ async fn run_load(target: &Target, ca: &Path, seconds: u64, payload: usize) -> R
         cpu,
         generator_cpu,
     })
-}
-
-/// A device's QoS 1 PUBLISH (MQTT 3.1.1), encoded once; each message only rewrites its packet id.
-struct EncodedPublish {
-    bytes: Vec<u8>,
-    pkid_at: usize,
-}
-
-impl EncodedPublish {
-    fn new(topic: &str, body: &[u8]) -> Self {
-        let mut remaining = 2 + topic.len() + 2 + body.len();
-        let mut bytes = vec![0x32];
-        loop {
-            let digit = (remaining % 128) as u8;
-            remaining /= 128;
-            bytes.push(if remaining > 0 { digit | 0x80 } else { digit });
-            if remaining == 0 {
-                break;
-            }
-        }
-        bytes.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-        bytes.extend_from_slice(topic.as_bytes());
-        let pkid_at = bytes.len();
-        bytes.extend_from_slice(&[0, 0]);
-        bytes.extend_from_slice(body);
-        Self { bytes, pkid_at }
-    }
-
-    fn with_pkid(&mut self, pkid: u16) -> &[u8] {
-        self.bytes[self.pkid_at..self.pkid_at + 2].copy_from_slice(&pkid.to_be_bytes());
-        &self.bytes
-    }
-}
-
-/// The packet type, the size of the remaining-length field and the remaining length of the packet
-/// at the front of `buf`, once all of it has arrived.
-fn whole_packet(buf: &[u8]) -> Option<(u8, usize, usize)> {
-    let mut remaining = 0usize;
-    for i in 0..4 {
-        let byte = *buf.get(1 + i)?;
-        remaining |= usize::from(byte & 0x7f) << (7 * i);
-        if byte & 0x80 == 0 {
-            return (buf.len() >= 2 + i + remaining).then_some((buf[0] >> 4, i + 1, remaining));
-        }
-    }
-    None
-}
-
-/// Reads until the PUBACK of `pkid` (other packets are skipped); false when the connection closed.
-async fn read_puback(
-    stream: &mut (impl tokio::io::AsyncRead + Unpin),
-    buf: &mut bytes::BytesMut,
-    pkid: u16,
-) -> bool {
-    use bytes::Buf;
-    use tokio::io::AsyncReadExt;
-    loop {
-        while let Some((kind, field, remaining)) = whole_packet(buf) {
-            let end = 1 + field + remaining;
-            let acked = kind == 4 && remaining == 2 && buf[1 + field..end] == pkid.to_be_bytes();
-            buf.advance(end);
-            if acked {
-                return true;
-            }
-        }
-        match stream.read_buf(buf).await {
-            Ok(0) | Err(_) => return false,
-            Ok(_) => {}
-        }
-    }
 }
 
 impl Load {
@@ -754,39 +680,4 @@ async fn main() -> Result<()> {
     }
     println!("\n{}", lines.join("\n"));
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_encoded_publish_is_mqtt_311_qos1_with_the_packet_id_it_is_given() {
-        let mut small = EncodedPublish::new("t", b"ab");
-        assert_eq!(
-            small.with_pkid(0x0102),
-            [0x32, 7, 0, 1, b't', 1, 2, b'a', b'b']
-        );
-        // 256-byte bodies need two bytes of remaining length.
-        let body = vec![b'x'; 256];
-        let topic = "devices/d1/messages/events/";
-        let mut large = EncodedPublish::new(topic, &body);
-        let bytes = large.with_pkid(60_001).to_vec();
-        let remaining = 2 + topic.len() + 2 + 256;
-        assert_eq!(whole_packet(&bytes), Some((3, 2, remaining)));
-        assert_eq!(bytes.len(), 1 + 2 + remaining);
-        assert_eq!(bytes[3 + 2 + topic.len()..][..2], 60_001u16.to_be_bytes());
-        assert_eq!(whole_packet(&bytes[..bytes.len() - 1]), None);
-    }
-
-    #[tokio::test]
-    async fn read_puback_skips_other_packets_and_waits_for_its_own() {
-        // A PUBACK for 7, a PINGRESP, then the PUBACK for 9 and the start of the next packet.
-        let wire: &[u8] = &[0x40, 2, 0, 7, 0xd0, 0, 0x40, 2, 0, 9, 0x40];
-        let (mut reader, mut buf) = (wire, bytes::BytesMut::new());
-        assert!(read_puback(&mut reader, &mut buf, 9).await);
-        assert_eq!(&buf[..], [0x40]);
-        // The connection closes before the PUBACK of 10 is whole.
-        assert!(!read_puback(&mut reader, &mut buf, 10).await);
-    }
 }

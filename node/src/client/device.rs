@@ -197,10 +197,15 @@ impl RawMqtt {
         (reader, self.writer)
     }
 
-    /// The whole TLS stream and the bytes already read past the last packet, for a load
-    /// generator that frames its own packets without a lock between a reader and a writer half.
-    pub fn into_stream(self) -> (TlsStream<TcpStream>, BytesMut) {
-        (self.reader.unsplit(self.writer), self.buf)
+    /// This connection as a load generator's publisher of `body` to `topic`.
+    pub fn into_publisher(self, topic: &str, body: &[u8]) -> Result<QosOnePublisher> {
+        let (packet, pkid_at) = encode_publish(topic, body)?;
+        Ok(QosOnePublisher {
+            stream: self.reader.unsplit(self.writer),
+            buf: self.buf,
+            packet,
+            pkid_at,
+        })
     }
 
     /// Whether the server closes the connection within `timeout` (packets before that are
@@ -259,21 +264,79 @@ async fn read_packet(
     buf: &mut BytesMut,
     timeout: Duration,
 ) -> Result<Option<Packet>> {
-    tokio::time::timeout(timeout, async {
-        loop {
-            match Packet::read(buf, 1 << 20) {
-                Ok(p) => return Ok(Some(p)),
-                Err(CodecError::InsufficientBytes(_)) => {}
-                Err(e) => return Err(transport(format!("decode: {e}"))),
-            }
-            match reader.read_buf(buf).await {
-                Ok(0) | Err(_) => return Ok(None),
-                Ok(_) => {}
-            }
+    tokio::time::timeout(timeout, next_packet(reader, buf))
+        .await
+        .map_err(|_| ClientError::Timeout(timeout))?
+}
+
+/// The next packet, `None` when the connection closed.
+async fn next_packet(
+    reader: &mut (impl tokio::io::AsyncRead + Unpin),
+    buf: &mut BytesMut,
+) -> Result<Option<Packet>> {
+    loop {
+        match Packet::read(buf, 1 << 20) {
+            Ok(p) => return Ok(Some(p)),
+            Err(CodecError::InsufficientBytes(_)) => {}
+            Err(e) => return Err(transport(format!("decode: {e}"))),
         }
-    })
-    .await
-    .map_err(|_| ClientError::Timeout(timeout))?
+        match reader.read_buf(buf).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// A device connection that publishes one QoS 1 message at a time and waits for its PUBACK, for
+/// a load generator sharing the cores with the broker it measures: the PUBLISH is encoded once
+/// (each message rewrites only its packet id), with no lock between halves of the stream and no
+/// timer or allocation per message (the caller bounds the whole run).
+pub struct QosOnePublisher {
+    stream: TlsStream<TcpStream>,
+    buf: BytesMut,
+    packet: Vec<u8>,
+    pkid_at: usize,
+}
+
+impl QosOnePublisher {
+    /// Publishes with packet id `pkid` and waits for its PUBACK (other packets are skipped);
+    /// `Ok(false)` when the connection closed first.
+    pub async fn publish_acked(&mut self, pkid: u16) -> Result<bool> {
+        self.packet[self.pkid_at..self.pkid_at + 2].copy_from_slice(&pkid.to_be_bytes());
+        if self.stream.write_all(&self.packet).await.is_err() {
+            return Ok(false);
+        }
+        wait_puback(&mut self.stream, &mut self.buf, pkid).await
+    }
+}
+
+/// A QoS 1 PUBLISH of `body` to `topic` and where its packet id sits.
+fn encode_publish(topic: &str, body: &[u8]) -> Result<(Vec<u8>, usize)> {
+    let mut publish = Publish::new(topic, QoS::AtLeastOnce, body.to_vec());
+    // The codec refuses packet id 0; every message rewrites it anyway.
+    publish.pkid = 1;
+    let mut out = BytesMut::new();
+    Packet::Publish(publish)
+        .write(&mut out, usize::MAX)
+        .map_err(transport)?;
+    // MQTT 3.1.1 has no properties: the packet id comes right before the body.
+    let pkid_at = out.len() - body.len() - 2;
+    Ok((out.to_vec(), pkid_at))
+}
+
+/// Reads until the PUBACK of `pkid` (other packets are skipped); false when the connection closed.
+async fn wait_puback(
+    reader: &mut (impl tokio::io::AsyncRead + Unpin),
+    buf: &mut BytesMut,
+    pkid: u16,
+) -> Result<bool> {
+    loop {
+        match next_packet(reader, buf).await? {
+            Some(Packet::PubAck(ack)) if ack.pkid == pkid => return Ok(true),
+            Some(_) => continue,
+            None => return Ok(false),
+        }
+    }
 }
 
 /// Connects as device `id` through `addr`, subscribes to its cloud-to-device messages and
@@ -311,5 +374,62 @@ pub async fn receive_c2d_bodies(
             Ok(None) | Err(ClientError::Timeout(_)) => return Ok(bodies),
             Err(e) => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_encoded_publish_is_mqtt_311_qos1_with_the_packet_id_it_is_given() {
+        let with_pkid = |topic: &str, body: &[u8], pkid: u16| {
+            let (mut bytes, at) = encode_publish(topic, body).expect("encodes");
+            bytes[at..at + 2].copy_from_slice(&pkid.to_be_bytes());
+            bytes
+        };
+        assert_eq!(
+            with_pkid("t", b"ab", 0x0102),
+            [0x32, 7, 0, 1, b't', 1, 2, b'a', b'b']
+        );
+        // 256-byte bodies need two bytes of remaining length.
+        let body = vec![b'x'; 256];
+        let topic = "devices/d1/messages/events/";
+        let bytes = with_pkid(topic, &body, 60_001);
+        let remaining = 2 + topic.len() + 2 + 256;
+        assert_eq!(bytes.len(), 1 + 2 + remaining);
+        assert_eq!(bytes[3 + 2 + topic.len()..][..2], 60_001u16.to_be_bytes());
+        let mut short = BytesMut::from(&bytes[..bytes.len() - 1]);
+        assert!(matches!(
+            Packet::read(&mut short, 1 << 20),
+            Err(CodecError::InsufficientBytes(_))
+        ));
+        match Packet::read(&mut BytesMut::from(&bytes[..]), 1 << 20) {
+            Ok(Packet::Publish(p)) => {
+                assert_eq!(
+                    (p.pkid, p.qos, &p.topic[..]),
+                    (60_001, QoS::AtLeastOnce, topic)
+                );
+                assert_eq!(p.payload, body);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn wait_puback_skips_other_packets_and_waits_for_its_own() {
+        // A PUBACK for 7, a PINGRESP, then the PUBACK for 9 and the start of the next packet.
+        let wire: &[u8] = &[0x40, 2, 0, 7, 0xd0, 0, 0x40, 2, 0, 9, 0x40];
+        let (mut reader, mut buf) = (wire, BytesMut::new());
+        assert!(matches!(
+            wait_puback(&mut reader, &mut buf, 9).await,
+            Ok(true)
+        ));
+        assert_eq!(&buf[..], [0x40]);
+        // The connection closes before the PUBACK of 10 is whole.
+        assert!(matches!(
+            wait_puback(&mut reader, &mut buf, 10).await,
+            Ok(false)
+        ));
     }
 }
