@@ -269,10 +269,12 @@ impl Partitions {
                 dir.display()
             ));
         }
-        // Every partition's Raft log in one RocksDB instance: they share one WAL, so one fsync
-        // makes the appends of all partitions durable (see meridian_storage::open_groups).
-        let stores = meridian_storage::open_groups::<PartitionTypeConfig>(
+        // Every partition's Raft log entries in one segment log (each entry written once, one
+        // fsync per round makes the appends of all partitions durable; docs/adr/018), their
+        // votes, markers and snapshots in one RocksDB instance.
+        let stores = meridian_storage::open_groups_in_segments::<PartitionTypeConfig>(
             &dir.join("groups"),
+            &dir.join("segments"),
             meridian_storage::EntryCodec::Binary,
             &names,
         )

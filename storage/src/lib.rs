@@ -5,6 +5,8 @@
 //!   done, so an acknowledged write survives `kill -9` and power loss. Appends are group-committed:
 //!   one thread fsyncs the WAL for every append queued by all Raft groups of the process meanwhile
 //!   (`wal_sync`), and only then tells openraft they are durable.
+//! * [`SegmentLog`]: the telemetry partitions' log entries, every partition of a node in one
+//!   sequence of segment files: each entry written once, no memtable, no flush (docs/adr/018).
 //! * [`SnapshotStore`]: keeps the latest state-machine snapshot, so a restarted node restores its
 //!   state machine from the snapshot and replays only the log after it.
 //!
@@ -16,6 +18,7 @@
 
 mod error;
 mod raft_log;
+mod segment_log;
 mod snapshot;
 mod telemetry;
 mod wal_sync;
@@ -53,6 +56,7 @@ use std::sync::Arc;
 
 pub use error::{Error, Result};
 pub use raft_log::{EntryCodec, RocksLogStore};
+pub use segment_log::SegmentLog;
 pub use snapshot::{SnapshotStore, StoredSnapshot};
 pub use telemetry::{Run, StoredRecord, TelemetryLog};
 
@@ -121,6 +125,27 @@ where
             )
         })
         .collect())
+}
+
+/// Like [`open_groups`], but the groups' log entries go to one [`SegmentLog`] in `segments` (its
+/// files written once per entry and fsync'd once per round for every group; docs/adr/018) while
+/// their votes, markers and snapshots stay in the RocksDB instance at `path`. Entries an earlier
+/// version left in the instance move to the segment log.
+pub fn open_groups_in_segments<C>(
+    path: &Path,
+    segments: &Path,
+    codec: EntryCodec,
+    groups: &[&str],
+) -> Result<Vec<(RocksLogStore<C>, SnapshotStore<C>)>>
+where
+    C: openraft::RaftTypeConfig,
+    C::Entry: Clone + serde::de::DeserializeOwned,
+{
+    let log = SegmentLog::open(segments)?;
+    open_groups(path, codec, groups)?
+        .into_iter()
+        .map(|(store, snapshots)| Ok((store.in_segments(log.clone())?, snapshots)))
+        .collect()
 }
 
 /// The column families of one Raft group.

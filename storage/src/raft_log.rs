@@ -1,4 +1,5 @@
-//! The Raft log in RocksDB.
+//! The Raft log: entries in RocksDB or, for the telemetry partitions, in the node's
+//! [`SegmentLog`]; vote, committed and purge markers in RocksDB.
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
@@ -16,16 +17,21 @@ use rocksdb::{DB, Direction, IteratorMode, WriteBatch};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::segment_log::{Batch, SegmentLog};
 use crate::{Error, Families, Result, cf, synced};
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";
 
-/// openraft log storage over RocksDB. Cheap to clone: clones share the database.
+/// openraft log storage. Cheap to clone: clones share the database.
 ///
-/// Entries are stored as JSON under their big-endian index, so RocksDB's key order is log order.
-/// Writes that openraft must see durable (append, vote, purge marker) use a synced write.
+/// Entries are stored under their big-endian index in the group's column family, so RocksDB's
+/// key order is log order; or, for the telemetry partitions ([`RocksLogStore::in_segments`]), in
+/// the node's [`SegmentLog`], which writes each entry once and keeps no memtable (docs/adr/018).
+/// Vote, committed and purge markers stay in the group's RocksDB metadata either way. Writes that
+/// openraft must see durable (append, vote, purge marker, truncation) are fsync'd before it hears
+/// they are done.
 ///
 /// The newest entries are also kept in memory ([`TailCache`], shared by the clones): openraft
 /// reads each entry back right after appending it, to apply it and to replicate it, and decoding
@@ -35,6 +41,8 @@ pub struct RocksLogStore<C: RaftTypeConfig> {
     db: Arc<DB>,
     codec: EntryCodec,
     families: Arc<Families>,
+    /// Where the entries are, if not in the group's column family.
+    segments: Option<Arc<SegmentLog>>,
     tail: Arc<Mutex<TailCache<C::Entry>>>,
     /// When the committed log id was last written (see `save_committed`).
     committed_saved_at: Option<Instant>,
@@ -64,6 +72,15 @@ impl EntryCodec {
         })
     }
 
+    /// Appends the encoding of `value` to `out`.
+    fn encode_into<T: Serialize>(self, value: &T, out: &mut Vec<u8>) -> Result<()> {
+        match self {
+            EntryCodec::Json => serde_json::to_writer(&mut *out, value)?,
+            EntryCodec::Binary => *out = postcard::to_extend(value, std::mem::take(out))?,
+        }
+        Ok(())
+    }
+
     fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T> {
         Ok(match self {
             EntryCodec::Json => serde_json::from_slice(bytes)?,
@@ -78,6 +95,7 @@ impl<C: RaftTypeConfig> Clone for RocksLogStore<C> {
             db: self.db.clone(),
             codec: self.codec,
             families: self.families.clone(),
+            segments: self.segments.clone(),
             tail: self.tail.clone(),
             committed_saved_at: self.committed_saved_at,
             bulk: self.bulk,
@@ -228,6 +246,7 @@ where
             db,
             codec,
             families,
+            segments: None,
             tail: Arc::new(Mutex::new(TailCache::new(
                 TAIL_CACHE_ENTRIES,
                 TAIL_CACHE_BYTES,
@@ -244,6 +263,47 @@ where
     pub fn bulk(mut self) -> Self {
         self.bulk = true;
         self
+    }
+
+    /// Keeps this group's entries in `segments` from now on. Entries still in the group's column
+    /// family (written before ADR 018) are moved there first, and entries the segment log replayed
+    /// at or below the group's purge marker are dropped.
+    pub(crate) fn in_segments(mut self, segments: Arc<SegmentLog>) -> Result<Self>
+    where
+        C::Entry: DeserializeOwned,
+    {
+        let group = self.families.log.clone();
+        let cf = cf(&self.db, &self.families.log)?;
+        let mut batch = Batch::default();
+        let mut moved = None;
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (key, value) = item?;
+            let index = key_index(&key)?;
+            batch.entry(&group, index, |out| {
+                out.extend_from_slice(&value);
+                Ok(())
+            })?;
+            moved = Some(moved.map_or((index, index), |(first, _)| (first, index)));
+        }
+        if let Some((first, last)) = moved {
+            // Copied and fsync'd before they leave RocksDB: a crash in between leaves both
+            // copies, and the next open moves them again (same indexes, same bytes).
+            segments.append(&batch)?;
+            segments.sync()?;
+            self.delete_range_synced(first, last.saturating_add(1))?;
+            tracing::info!(
+                group,
+                first,
+                last,
+                "moved Raft log entries into the segment log"
+            );
+        }
+        let purged: Option<LogId<C::NodeId>> = self.get_meta(KEY_LAST_PURGED)?;
+        if let Some(purged) = purged {
+            segments.purge(&group, purged.index)?;
+        }
+        self.segments = Some(segments);
+        Ok(self)
     }
 
     fn get_meta<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>> {
@@ -285,6 +345,21 @@ where
     where
         C::Entry: DeserializeOwned,
     {
+        if let Some(segments) = &self.segments {
+            let mut out = Vec::new();
+            for (index, bytes) in segments.read(&self.families.log, start, end)? {
+                let entry: C::Entry = self.codec.decode(&bytes)?;
+                let entry_index = entry.get_log_id().index;
+                if entry_index != index {
+                    return Err(Error::IndexMismatch {
+                        key: index,
+                        entry: entry_index,
+                    });
+                }
+                out.push(entry);
+            }
+            return Ok(out);
+        }
         let cf = cf(&self.db, &self.families.log)?;
         let start_key = index_key(start);
         let mut out = Vec::new();
@@ -317,6 +392,23 @@ where
 
     /// Writes entries (not synced) and adds them to the cache; returns the batch's bytes.
     fn write_entries(&self, entries: impl IntoIterator<Item = C::Entry>) -> Result<usize> {
+        if let Some(segments) = &self.segments {
+            let mut batch = Batch::default();
+            let mut written = Vec::new();
+            for entry in entries {
+                let index = entry.get_log_id().index;
+                let size = batch.entry(&self.families.log, index, |out| {
+                    self.codec.encode_into(&entry, out)
+                })?;
+                written.push((index, entry, size));
+            }
+            segments.append(&batch)?;
+            let mut tail = self.tail();
+            for (index, entry, size) in written {
+                tail.push(index, entry, size);
+            }
+            return Ok(batch.len());
+        }
         let cf = cf(&self.db, &self.families.log)?;
         let mut batch = WriteBatch::default();
         let mut written = Vec::new();
@@ -340,6 +432,15 @@ where
     where
         C::Entry: DeserializeOwned,
     {
+        if let Some(segments) = &self.segments {
+            return match segments.last(&self.families.log)? {
+                Some(bytes) => {
+                    let entry: C::Entry = self.codec.decode(&bytes)?;
+                    Ok(Some(entry.get_log_id().clone()))
+                }
+                None => Ok(None),
+            };
+        }
         let cf = cf(&self.db, &self.families.log)?;
         match self.db.iterator_cf(cf, IteratorMode::End).next() {
             Some(item) => {
@@ -447,15 +548,15 @@ where
         // of every group queued by then.
         match self.write_entries(entries) {
             Ok(bytes) => {
-                crate::wal_sync::after_sync(
-                    self.db.clone(),
-                    if self.bulk { bytes } else { 0 },
-                    Box::new(move |result| {
-                        callback.log_io_completed(
-                            result.map_err(|e| std::io::Error::other(e.to_string())),
-                        )
-                    }),
-                );
+                let bytes = if self.bulk { bytes } else { 0 };
+                let done: crate::wal_sync::Done = Box::new(move |result| {
+                    callback
+                        .log_io_completed(result.map_err(|e| std::io::Error::other(e.to_string())))
+                });
+                match &self.segments {
+                    Some(segments) => crate::wal_sync::after_sync(segments.clone(), bytes, done),
+                    None => crate::wal_sync::after_sync(self.db.clone(), bytes, done),
+                }
                 Ok(())
             }
             Err(e) => {
@@ -468,12 +569,15 @@ where
     async fn truncate(&mut self, log_id: LogId<C::NodeId>) -> RaftResult<C, ()> {
         tracing::debug!(%log_id, "truncate raft log");
         self.tail().truncate(log_id.index);
-        self.delete_range_synced(log_id.index, u64::MAX)
-            .map_err(|e| {
-                // The log may still hold what the cache dropped: the cache must not claim its end.
-                self.tail().clear();
-                e.into_raft(ErrorSubject::Logs, ErrorVerb::Delete)
-            })
+        let truncated = match &self.segments {
+            Some(segments) => segments.truncate(&self.families.log, log_id.index),
+            None => self.delete_range_synced(log_id.index, u64::MAX),
+        };
+        truncated.map_err(|e| {
+            // The log may still hold what the cache dropped: the cache must not claim its end.
+            self.tail().clear();
+            e.into_raft(ErrorSubject::Logs, ErrorVerb::Delete)
+        })
     }
 
     async fn purge(&mut self, log_id: LogId<C::NodeId>) -> RaftResult<C, ()> {
@@ -483,8 +587,11 @@ where
         self.put_meta(KEY_LAST_PURGED, &log_id, true)
             .map_err(|e| e.into_raft(ErrorSubject::Store, ErrorVerb::Write))?;
         self.tail().purge(log_id.index);
-        self.delete_range_synced(0, log_id.index.saturating_add(1))
-            .map_err(|e| e.into_raft(ErrorSubject::Logs, ErrorVerb::Delete))
+        match &self.segments {
+            Some(segments) => segments.purge(&self.families.log, log_id.index),
+            None => self.delete_range_synced(0, log_id.index.saturating_add(1)),
+        }
+        .map_err(|e| e.into_raft(ErrorSubject::Logs, ErrorVerb::Delete))
     }
 }
 
@@ -559,6 +666,118 @@ mod tests {
             p1.read_vote().await.expect("vote"),
             Some(openraft::Vote::new(7, 2))
         );
+    }
+
+    /// Opens groups p0 and p1 with their entries in a segment log beside the instance.
+    fn open_in_segments(dir: &std::path::Path) -> Vec<super::RocksLogStore<TestConfig>> {
+        crate::open_groups_in_segments::<TestConfig>(
+            &dir.join("groups"),
+            &dir.join("segments"),
+            crate::EntryCodec::Binary,
+            &["p0", "p1"],
+        )
+        .expect("open")
+        .into_iter()
+        .map(|(log, _)| log)
+        .collect()
+    }
+
+    fn log_indexes(entries: &[Entry<TestConfig>]) -> Vec<u64> {
+        entries.iter().map(|e| e.log_id.index).collect()
+    }
+
+    #[tokio::test]
+    async fn partition_logs_in_segments_keep_entries_votes_truncations_and_purges() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let mut stores = open_in_segments(dir.path());
+            stores[0].write_entries((1..=10).map(entry)).expect("write");
+            stores[1].write_entries((1..=3).map(entry)).expect("write");
+            stores[0]
+                .save_vote(&openraft::Vote::new(3, 1))
+                .await
+                .expect("vote");
+            stores[0]
+                .purge(LogId::new(CommittedLeaderId::new(1, 1), 4))
+                .await
+                .expect("purge");
+            stores[0]
+                .truncate(LogId::new(CommittedLeaderId::new(1, 1), 9))
+                .await
+                .expect("truncate");
+            stores[1]
+                .write_entries([entry_of_term(2, 4, "new")])
+                .expect("write");
+            stores[1]
+                .segments
+                .as_ref()
+                .expect("in segments")
+                .sync()
+                .expect("sync");
+            // Nothing went to the instance's log column families.
+            for store in &stores {
+                let cf = super::cf(&store.db, &store.families.log).expect("cf");
+                assert!(
+                    store
+                        .db
+                        .iterator_cf(cf, rocksdb::IteratorMode::Start)
+                        .next()
+                        .is_none()
+                );
+            }
+        }
+        let mut stores = open_in_segments(dir.path());
+        let state = stores[0].get_log_state().await.expect("state");
+        assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(4));
+        assert_eq!(state.last_log_id.map(|l| l.index), Some(8));
+        assert_eq!(
+            stores[0].read_vote().await.expect("vote"),
+            Some(openraft::Vote::new(3, 1))
+        );
+        // Read from the segments, not the cache (empty after opening).
+        assert_eq!(cached_from(&stores[0], 1), None);
+        let got = stores[0].try_get_log_entries(1..).await.expect("read");
+        assert_eq!(log_indexes(&got), vec![5, 6, 7, 8]);
+        let got = stores[1].try_get_log_entries(1..=4).await.expect("read");
+        assert_eq!(log_indexes(&got), vec![1, 2, 3, 4]);
+        assert_eq!(got[3], entry_of_term(2, 4, "new"));
+        assert_eq!(stores[1].read_vote().await.expect("vote"), None);
+    }
+
+    #[tokio::test]
+    async fn entries_left_in_rocksdb_move_to_the_segment_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let stores = crate::open_groups::<TestConfig>(
+                &dir.path().join("groups"),
+                crate::EntryCodec::Binary,
+                &["p0", "p1"],
+            )
+            .expect("open");
+            put(&stores[0].0, &(1..=6).map(entry).collect::<Vec<_>>());
+            let mut p0 = stores[0].0.clone();
+            p0.purge(LogId::new(CommittedLeaderId::new(1, 1), 2))
+                .await
+                .expect("purge");
+        }
+        let mut stores = open_in_segments(dir.path());
+        let state = stores[0].get_log_state().await.expect("state");
+        assert_eq!(state.last_log_id.map(|l| l.index), Some(6));
+        let got = stores[0].try_get_log_entries(0..).await.expect("read");
+        assert_eq!(log_indexes(&got), vec![3, 4, 5, 6]);
+        let cf = super::cf(&stores[0].db, &stores[0].families.log).expect("cf");
+        assert!(
+            stores[0]
+                .db
+                .iterator_cf(cf, rocksdb::IteratorMode::Start)
+                .next()
+                .is_none(),
+            "moved out of RocksDB"
+        );
+        drop(stores);
+        let mut stores = open_in_segments(dir.path());
+        let got = stores[0].try_get_log_entries(0..).await.expect("read");
+        assert_eq!(log_indexes(&got), vec![3, 4, 5, 6]);
     }
 
     #[tokio::test]
@@ -692,7 +911,19 @@ mod tests {
     #[tokio::test]
     async fn reads_through_the_tail_cache_match_the_stored_log_across_truncate_and_purge() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (mut log, _) = crate::open::<TestConfig>(dir.path()).expect("open");
+        let (log, _) = crate::open::<TestConfig>(dir.path()).expect("open");
+        tail_cache_reads_match_the_stored_log(log).await;
+    }
+
+    #[tokio::test]
+    async fn reads_through_the_tail_cache_match_the_stored_log_across_truncate_and_purge_in_segments()
+     {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = open_in_segments(dir.path()).swap_remove(0);
+        tail_cache_reads_match_the_stored_log(log).await;
+    }
+
+    async fn tail_cache_reads_match_the_stored_log(mut log: super::RocksLogStore<TestConfig>) {
         log.write_entries((1..=10).map(entry)).expect("append");
         let all = read_both(&mut log, (Bound::Included(1), Bound::Unbounded)).await;
         assert_eq!(all.len(), 10);

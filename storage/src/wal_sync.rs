@@ -3,8 +3,9 @@
 //! openraft hands `append` a callback to call once the entries are durable, so the append itself
 //! need not wait for the disk. [`RocksLogStore::append`](crate::RocksLogStore) writes its batch
 //! without sync (the entries are readable at once, as openraft requires) and queues the callback
-//! here; one thread fsyncs the WAL of every database with queued callbacks and then calls them, in
-//! the order they were queued. openraft 0.9's core still awaits its callback before its next
+//! here; one thread fsyncs every log with queued callbacks (a RocksDB instance's WAL, or the
+//! partitions' [`SegmentLog`](crate::SegmentLog)) once and then calls them, in the order they were
+//! queued. openraft 0.9's core still awaits its callback before its next
 //! command, but it awaits asynchronously: no Tokio worker is parked in `fdatasync` (before, each
 //! group's core blocked one per append), and one fsync round serves every group that appended
 //! meanwhile.
@@ -20,7 +21,24 @@ use std::time::{Duration, Instant};
 
 use rocksdb::DB;
 
-use crate::Result;
+use crate::{Result, SegmentLog};
+
+/// A log whose unsynced writes one call makes durable.
+pub(crate) trait Durable: Send + Sync {
+    fn make_durable(&self) -> Result<()>;
+}
+
+impl Durable for DB {
+    fn make_durable(&self) -> Result<()> {
+        Ok(self.flush_wal(true)?)
+    }
+}
+
+impl Durable for SegmentLog {
+    fn make_durable(&self) -> Result<()> {
+        self.sync()
+    }
+}
 
 /// Called once the WAL holding an append is on disk (or failed to get there).
 pub(crate) type Done = Box<dyn FnOnce(Result<()>) + Send>;
@@ -31,7 +49,7 @@ pub(crate) const BUSY_ROUND_BYTES: usize = 4 * 1024;
 pub(crate) const BUSY_ROUND_INTERVAL: Duration = Duration::from_millis(1);
 
 struct Request {
-    db: Arc<DB>,
+    db: Arc<dyn Durable>,
     /// Bytes the append wrote (what this round makes durable).
     bytes: usize,
     done: Done,
@@ -39,7 +57,8 @@ struct Request {
 
 /// Calls `done` after everything written to `db` so far is fsync'd. If the sync thread cannot be
 /// started, syncs on the caller's thread.
-pub(crate) fn after_sync(db: Arc<DB>, bytes: usize, done: Done) {
+pub(crate) fn after_sync<D: Durable + 'static>(db: Arc<D>, bytes: usize, done: Done) {
+    let db: Arc<dyn Durable> = db;
     static SYNCER: OnceLock<Option<Sender<Request>>> = OnceLock::new();
     let syncer = SYNCER.get_or_init(|| {
         let (tx, rx) = channel();
@@ -57,12 +76,8 @@ pub(crate) fn after_sync(db: Arc<DB>, bytes: usize, done: Done) {
         },
         None => request,
     };
-    let result = sync(&request.db);
+    let result = request.db.make_durable();
     (request.done)(result);
-}
-
-fn sync(db: &DB) -> Result<()> {
-    Ok(db.flush_wal(true)?)
 }
 
 /// How long the next round waits, given when the previous one started and whether it was busy.
@@ -85,19 +100,19 @@ fn run(rx: Receiver<Request>) {
         batch.extend(rx.try_iter());
         let bytes: usize = batch.iter().map(|r| r.bytes).sum();
         previous = Some((started, bytes >= BUSY_ROUND_BYTES));
-        // One fsync per database, however many appends it holds.
-        let mut synced: Vec<(*const DB, std::result::Result<(), String>)> = Vec::new();
+        // One fsync per log, however many appends it holds.
+        let mut synced: Vec<(*const (), std::result::Result<(), String>)> = Vec::new();
         for request in &batch {
-            let db = Arc::as_ptr(&request.db);
+            let db = Arc::as_ptr(&request.db) as *const ();
             if !synced.iter().any(|(d, _)| *d == db) {
-                synced.push((db, sync(&request.db).map_err(|e| e.to_string())));
+                synced.push((db, request.db.make_durable().map_err(|e| e.to_string())));
             }
         }
         for Request { db, done, .. } in batch {
-            // Our handle on the database goes before the callback runs: the woken Raft core may
-            // shut down and its owner reopen the same path, which RocksDB refuses while any handle
-            // of this process is alive.
-            let db_ptr = Arc::as_ptr(&db);
+            // Our handle on the log goes before the callback runs: the woken Raft core may shut
+            // down and its owner reopen the same path, which RocksDB refuses while any handle of
+            // this process is alive.
+            let db_ptr = Arc::as_ptr(&db) as *const ();
             drop(db);
             let db = db_ptr;
             let result = match synced.iter().find(|(d, _)| *d == db) {

@@ -510,6 +510,53 @@ mod tests {
         }
     }
 
+    struct SegmentStoreBuilder;
+
+    impl
+        openraft::testing::StoreBuilder<
+            PartitionTypeConfig,
+            meridian_storage::RocksLogStore<PartitionTypeConfig>,
+            PartitionStateMachine,
+            tempfile::TempDir,
+        > for SegmentStoreBuilder
+    {
+        async fn build(
+            &self,
+        ) -> Result<
+            (
+                tempfile::TempDir,
+                meridian_storage::RocksLogStore<PartitionTypeConfig>,
+                PartitionStateMachine,
+            ),
+            StorageError<NodeId>,
+        > {
+            let fail = |e: String| StorageError::IO {
+                source: openraft::StorageIOError::write(openraft::AnyError::error(e)),
+            };
+            let dir = tempfile::tempdir().map_err(|e| fail(e.to_string()))?;
+            let log = TelemetryLog::open(&dir.path().join("t"), 1 << 30)
+                .map_err(|e| fail(e.to_string()))?;
+            let (store, snaps) = meridian_storage::open_groups_in_segments::<PartitionTypeConfig>(
+                &dir.path().join("groups"),
+                &dir.path().join("segments"),
+                meridian_storage::EntryCodec::Binary,
+                &["p0"],
+            )
+            .map_err(|e| fail(e.to_string()))?
+            .pop()
+            .ok_or_else(|| fail("no group".into()))?;
+            let sm = PartitionStateMachine::open(0, log, snaps, "a:1".into())?;
+            Ok((dir, store, sm))
+        }
+    }
+
+    /// openraft's storage conformance suite against the partitions' log store (entries in the
+    /// segment log, docs/adr/018) and the partition state machine.
+    #[test]
+    fn openraft_storage_suite_over_the_segment_log() -> Result<(), StorageError<NodeId>> {
+        openraft::testing::Suite::test_all(SegmentStoreBuilder)
+    }
+
     #[tokio::test]
     async fn offsets_follow_the_log_and_resume_after_reopen() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
