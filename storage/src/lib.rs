@@ -141,8 +141,11 @@ where
     C: openraft::RaftTypeConfig,
     C::Entry: Clone + serde::de::DeserializeOwned,
 {
+    // RocksDB first: its LOCK keeps a second process off the data dir before the segment log's
+    // replay may cut a torn tail the live process is still writing.
+    let stores = open_groups(path, codec, groups)?;
     let log = SegmentLog::open(segments)?;
-    open_groups(path, codec, groups)?
+    stores
         .into_iter()
         .map(|(store, snapshots)| Ok((store.in_segments(log.clone())?, snapshots)))
         .collect()

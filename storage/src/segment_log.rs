@@ -81,8 +81,10 @@ struct Segment {
 struct State {
     segments: BTreeMap<u64, Segment>,
     groups: HashMap<String, BTreeMap<u64, Loc>>,
-    /// Set when a failed write may have left a partial record that could not be cut away:
-    /// appending after it would hide every later record from replay.
+    /// Set when a write left a partial record that could not be cut away (appending after it
+    /// would hide every later record from replay) or an fsync failed (Linux marks the lost
+    /// pages clean, so a later fsync would report success for writes that never reached the
+    /// disk): every later call fails until the log is reopened and replayed.
     broken: Option<String>,
 }
 
@@ -269,6 +271,12 @@ pub struct SegmentLog {
     segment_bytes: u64,
     relocate_after: Duration,
     state: Mutex<State>,
+    /// fsyncs done, and the count at which one fails (tests: a page cache survives kill -9, so
+    /// only counting and failing fsyncs shows what a power loss would).
+    #[cfg(test)]
+    syncs: std::sync::atomic::AtomicU64,
+    #[cfg(test)]
+    fail_sync_at: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for SegmentLog {
@@ -283,8 +291,8 @@ fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{seq:016x}.seg"))
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io)
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir).and_then(|d| d.sync_all())
 }
 
 impl SegmentLog {
@@ -298,7 +306,19 @@ impl SegmentLog {
         segment_bytes: u64,
         relocate_after: Duration,
     ) -> Result<Arc<Self>> {
+        // Directories this creates must be durable by name too, or a power loss could take the
+        // whole log (whose entries are acknowledged) with them.
+        let missing: Vec<PathBuf> = dir
+            .ancestors()
+            .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+            .map(Path::to_path_buf)
+            .collect();
         std::fs::create_dir_all(dir).map_err(io)?;
+        for created in &missing {
+            if let Some(parent) = created.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent).map_err(io)?;
+            }
+        }
         let mut seqs = Vec::new();
         for item in std::fs::read_dir(dir).map_err(io)? {
             let name = item.map_err(io)?.file_name();
@@ -381,6 +401,10 @@ impl SegmentLog {
             segment_bytes,
             relocate_after,
             state: Mutex::new(state),
+            #[cfg(test)]
+            syncs: Default::default(),
+            #[cfg(test)]
+            fail_sync_at: std::sync::atomic::AtomicU64::new(u64::MAX),
         };
         {
             let mut state = log.lock();
@@ -397,6 +421,41 @@ impl SegmentLog {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// fsyncs `file` (or the log's directory), marking the log broken if that fails.
+    fn durable(&self, state: &mut State, file: Option<&File>) -> Result<()> {
+        let result = self.fsync(file);
+        if let Err(e) = &result {
+            state.broken = Some(format!("fsync failed: {e}"));
+        }
+        result
+    }
+
+    fn fsync(&self, file: Option<&File>) -> Result<()> {
+        #[cfg(test)]
+        {
+            use std::sync::atomic::Ordering;
+            if self.syncs.fetch_add(1, Ordering::SeqCst) + 1
+                == self.fail_sync_at.load(Ordering::SeqCst)
+            {
+                return Err(Error::Io("fsync failed (test)".into()));
+            }
+        }
+        match file {
+            Some(file) => file.sync_data(),
+            None => sync_dir(&self.dir),
+        }
+        .map_err(io)
+    }
+
+    fn check(state: &State) -> Result<()> {
+        match &state.broken {
+            Some(why) => Err(Error::Io(format!(
+                "partition log unusable until reopened: {why}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     fn create_segment(&self, state: &mut State, seq: u64) -> Result<()> {
         let file = OpenOptions::new()
             .read(true)
@@ -405,7 +464,7 @@ impl SegmentLog {
             .open(segment_path(&self.dir, seq))
             .map_err(io)?;
         // The new file's name must survive a crash before anything in it is acknowledged.
-        sync_dir(&self.dir)?;
+        self.durable(state, None)?;
         state.segments.insert(
             seq,
             Segment {
@@ -426,9 +485,7 @@ impl SegmentLog {
     }
 
     fn append_locked(&self, state: &mut State, batch: &Batch, may_roll: bool) -> Result<()> {
-        if let Some(why) = &state.broken {
-            return Err(Error::Io(format!("partition log unusable: {why}")));
-        }
+        Self::check(state)?;
         if may_roll {
             self.roll_if_full(state, batch.buf.len() as u64)?;
         }
@@ -472,7 +529,8 @@ impl SegmentLog {
         }
         // A round's fsync covers only the active segment: what this one holds must be durable
         // before later appends go elsewhere.
-        segment.file.sync_data().map_err(io)?;
+        let file = segment.file.clone();
+        self.durable(state, Some(&file))?;
         self.create_segment(state, seq + 1)?;
         self.collect(state)
     }
@@ -496,7 +554,7 @@ impl SegmentLog {
                 }
                 // Each deletion is durable before the next: a crash must never keep an older
                 // segment while losing a newer one whose TRUNCATE records it depends on.
-                sync_dir(&self.dir)?;
+                self.durable(state, None)?;
                 continue;
             }
             if segment.created.elapsed() < self.relocate_after {
@@ -540,7 +598,9 @@ impl SegmentLog {
             "relocating the live entries of an old partition log segment"
         );
         self.append_locked(state, &batch, false)?;
-        state.active()?.1.file.sync_data().map_err(io)?;
+        let active = state.active()?.1.file.clone();
+        // Should this fail, the log is broken and nothing deletes the old segment.
+        self.durable(state, Some(&active))?;
         if let Some(segment) = state.segments.get_mut(&seq) {
             // Every live entry now points at its copy.
             segment.live = 0;
@@ -554,62 +614,86 @@ impl SegmentLog {
         batch.truncate(group, index)?;
         let mut state = self.lock();
         self.append_locked(&mut state, &batch, true)?;
-        state.active()?.1.file.sync_data().map_err(io)
+        let active = state.active()?.1.file.clone();
+        self.durable(&mut state, Some(&active))
     }
 
     /// Forgets the group's entries up to and including `index` (the caller recorded the purge
     /// durably first) and deletes the segments nothing needs any more.
     pub(crate) fn purge(&self, group: &str, index: u64) -> Result<()> {
         let mut state = self.lock();
+        Self::check(&state)?;
         state.cut_to(group, index);
         self.collect(&mut state)
     }
 
-    /// The payloads of the group's entries in `start..end`, by index.
+    /// The payloads of the group's entries in `start..end`, by index. The files are read after
+    /// the lock is released (a deleted segment stays readable through its open handle), so a
+    /// long read does not hold up every partition's appends.
     pub(crate) fn read(
         &self,
         group: &str,
         start: u64,
         end: Bound<u64>,
     ) -> Result<Vec<(u64, Vec<u8>)>> {
-        let state = self.lock();
-        let Some(entries) = state.groups.get(group) else {
-            return Ok(Vec::new());
+        let wanted: Vec<(u64, Loc, Arc<File>)> = {
+            let state = self.lock();
+            let Some(entries) = state.groups.get(group) else {
+                return Ok(Vec::new());
+            };
+            entries
+                .range((Bound::Included(start), end))
+                .map(|(index, loc)| Ok((*index, *loc, Self::file_of(&state, *loc)?)))
+                .collect::<Result<_>>()?
         };
-        let mut out = Vec::new();
-        for (index, loc) in entries.range((Bound::Included(start), end)) {
-            out.push((*index, Self::payload(&state, *loc)?));
-        }
-        Ok(out)
+        wanted
+            .into_iter()
+            .map(|(index, loc, file)| Ok((index, Self::payload(&file, loc)?)))
+            .collect()
     }
 
     /// The payload of the group's last entry.
     pub(crate) fn last(&self, group: &str) -> Result<Option<Vec<u8>>> {
-        let state = self.lock();
-        match state.groups.get(group).and_then(|e| e.last_key_value()) {
-            Some((_, loc)) => Ok(Some(Self::payload(&state, *loc)?)),
-            None => Ok(None),
-        }
+        let found = {
+            let state = self.lock();
+            match state.groups.get(group).and_then(|e| e.last_key_value()) {
+                Some((_, loc)) => Some((*loc, Self::file_of(&state, *loc)?)),
+                None => None,
+            }
+        };
+        found
+            .map(|(loc, file)| Self::payload(&file, loc))
+            .transpose()
     }
 
-    fn payload(state: &State, loc: Loc) -> Result<Vec<u8>> {
-        let segment = state
+    fn file_of(state: &State, loc: Loc) -> Result<Arc<File>> {
+        state
             .segments
             .get(&loc.seq)
-            .ok_or_else(|| Error::Io(format!("partition log segment {} is gone", loc.seq)))?;
+            .map(|s| s.file.clone())
+            .ok_or_else(|| Error::Io(format!("partition log segment {} is gone", loc.seq)))
+    }
+
+    fn payload(file: &File, loc: Loc) -> Result<Vec<u8>> {
         let mut buf = vec![0; loc.len as usize];
-        segment
-            .file
-            .read_exact_at(&mut buf, loc.offset)
-            .map_err(io)?;
+        file.read_exact_at(&mut buf, loc.offset).map_err(io)?;
         Ok(buf)
     }
 
     /// Makes everything appended so far durable. Earlier segments were fsync'd when the log
     /// rolled past them.
     pub(crate) fn sync(&self) -> Result<()> {
-        let file = self.lock().active()?.1.file.clone();
-        file.sync_data().map_err(io)
+        let file = {
+            let mut state = self.lock();
+            Self::check(&state)?;
+            state.active()?.1.file.clone()
+        };
+        // Outside the lock: appends go on meanwhile (the next round covers them).
+        let result = self.fsync(Some(&file));
+        if let Err(e) = &result {
+            self.lock().broken = Some(format!("fsync failed: {e}"));
+        }
+        result
     }
 
     /// Segment files on disk, oldest first (for tests and diagnostics).
@@ -812,6 +896,113 @@ mod tests {
         log.purge("g", 4).expect("purge");
         log.purge("h", 6).expect("purge");
         assert_eq!(log.segments().len(), 1);
+    }
+
+    fn syncs(log: &SegmentLog) -> u64 {
+        log.syncs.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Makes the `n`-th fsync from now fail.
+    fn fail_sync(log: &SegmentLog, n: u64) {
+        log.fail_sync_at
+            .store(syncs(log) + n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    #[test]
+    fn rolls_truncations_and_deletions_are_fsynced_where_acknowledgements_need_them() {
+        let dir = tempfile::tempdir().expect("dir");
+        // Records of "p0" here are 35 bytes: 1-3 fill the first segment, 4 and 5 roll.
+        let log = SegmentLog::open_with(dir.path(), 120, KEEP).expect("open");
+        append(&log, "p0", [1, 2]);
+        let before = syncs(&log);
+        // Appends alone are not synced (the round's `sync` is)...
+        append(&log, "p0", [3]);
+        assert_eq!(syncs(&log), before);
+        // ...but rolling syncs the segment it leaves and the directory naming the new one.
+        append(&log, "p0", [4, 5]);
+        assert_eq!(log.segments().len(), 2);
+        assert_eq!(syncs(&log), before + 2);
+        log.truncate("p0", 5).expect("truncate");
+        assert_eq!(syncs(&log), before + 3);
+        // A deletion is made durable before anything else happens.
+        log.purge("p0", 4).expect("purge");
+        assert_eq!(log.segments().len(), 1);
+        assert_eq!(syncs(&log), before + 4);
+    }
+
+    #[test]
+    fn a_failed_fsync_stops_the_log_until_it_is_reopened() {
+        let dir = tempfile::tempdir().expect("dir");
+        {
+            let log = SegmentLog::open(dir.path()).expect("open");
+            append(&log, "p0", 1..=3);
+            log.sync().expect("sync");
+            append(&log, "p0", [4]);
+            fail_sync(&log, 1);
+            assert!(log.sync().is_err());
+            // The lost pages may now look clean: nothing more is accepted or reported durable.
+            let mut batch = Batch::default();
+            batch
+                .entry("p0", 5, |out| {
+                    out.extend_from_slice(b"x");
+                    Ok(())
+                })
+                .expect("encode");
+            let err = log.append(&batch).expect_err("broken");
+            assert!(err.to_string().contains("unusable"), "{err}");
+            assert!(log.sync().is_err());
+            assert!(log.truncate("p0", 2).is_err());
+            assert!(log.purge("p0", 1).is_err());
+        }
+        let log = SegmentLog::open(dir.path()).expect("reopen");
+        assert_eq!(indexes(&log, "p0"), (1..=4).collect::<Vec<_>>());
+        append(&log, "p0", [5]);
+        log.sync().expect("sync after reopening");
+    }
+
+    #[test]
+    fn a_failed_fsync_while_relocating_keeps_the_old_segment() {
+        let dir = tempfile::tempdir().expect("dir");
+        let log = SegmentLog::open_with(dir.path(), 200, Duration::ZERO).expect("open");
+        append(&log, "quiet", [1]);
+        append(&log, "busy", [1, 2]);
+        let first = log.segments()[0];
+        // The next append rolls (fsync 1: the old segment, 2: the directory), then relocates
+        // the first segment's live entries and fsyncs their copies (3), which fails.
+        fail_sync(&log, 3);
+        let mut batch = Batch::default();
+        for index in 3..=5 {
+            batch
+                .entry("busy", index, |out| {
+                    out.extend_from_slice(&payload("busy", index));
+                    Ok(())
+                })
+                .expect("encode");
+        }
+        assert!(log.append(&batch).is_err());
+        assert_eq!(log.segments().len(), 2, "rolled, then relocated");
+        // The copies took every live byte from the first segment, but a broken log deletes
+        // nothing.
+        assert!(log.purge("busy", 2).is_err());
+        assert!(super::segment_path(dir.path(), first).exists());
+        drop(log);
+        let log = SegmentLog::open(dir.path()).expect("reopen");
+        assert_eq!(indexes(&log, "quiet"), vec![1]);
+        assert_eq!(indexes(&log, "busy"), vec![1, 2]);
+    }
+
+    #[test]
+    fn a_new_log_directory_is_created_with_its_parents() {
+        let dir = tempfile::tempdir().expect("dir");
+        let deep = dir.path().join("a").join("b").join("segments");
+        let log = SegmentLog::open(&deep).expect("open");
+        append(&log, "p0", [1]);
+        log.sync().expect("sync");
+        drop(log);
+        assert_eq!(
+            indexes(&SegmentLog::open(&deep).expect("reopen"), "p0"),
+            vec![1]
+        );
     }
 
     #[test]
