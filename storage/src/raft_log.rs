@@ -348,15 +348,7 @@ where
         if let Some(segments) = &self.segments {
             let mut out = Vec::new();
             for (index, bytes) in segments.read(&self.families.log, start, end)? {
-                let entry: C::Entry = self.codec.decode(&bytes)?;
-                let entry_index = entry.get_log_id().index;
-                if entry_index != index {
-                    return Err(Error::IndexMismatch {
-                        key: index,
-                        entry: entry_index,
-                    });
-                }
-                out.push(entry);
+                out.push(self.decode_at(index, &bytes)?);
             }
             return Ok(out);
         }
@@ -377,17 +369,25 @@ where
             if !in_range {
                 break;
             }
-            let entry: C::Entry = self.codec.decode(&value)?;
-            let entry_index = entry.get_log_id().index;
-            if entry_index != index {
-                return Err(Error::IndexMismatch {
-                    key: index,
-                    entry: entry_index,
-                });
-            }
-            out.push(entry);
+            out.push(self.decode_at(index, &value)?);
         }
         Ok(out)
+    }
+
+    /// Decodes the entry stored under `index`, which must carry that index.
+    fn decode_at(&self, index: u64, bytes: &[u8]) -> Result<C::Entry>
+    where
+        C::Entry: DeserializeOwned,
+    {
+        let entry: C::Entry = self.codec.decode(bytes)?;
+        let entry_index = entry.get_log_id().index;
+        if entry_index != index {
+            return Err(Error::IndexMismatch {
+                key: index,
+                entry: entry_index,
+            });
+        }
+        Ok(entry)
     }
 
     /// Writes entries (not synced) and adds them to the cache; returns the batch's bytes.

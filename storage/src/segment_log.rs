@@ -77,6 +77,18 @@ struct Segment {
     created: Instant,
 }
 
+impl Segment {
+    /// A segment whose records replay or appends have yet to account for.
+    fn new(file: File) -> Self {
+        Self {
+            file: Arc::new(file),
+            len: 0,
+            live: 0,
+            created: Instant::now(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     segments: BTreeMap<u64, Segment>,
@@ -340,15 +352,7 @@ impl SegmentLog {
                 .open(&path)
                 .map_err(io)?;
             let bytes = std::fs::read(&path).map_err(io)?;
-            state.segments.insert(
-                seq,
-                Segment {
-                    file: Arc::new(file),
-                    len: 0,
-                    live: 0,
-                    created: Instant::now(),
-                },
-            );
+            state.segments.insert(seq, Segment::new(file));
             let mut at = 0;
             while at < bytes.len() {
                 let Some(record) = parse(&bytes, at) else {
@@ -465,15 +469,7 @@ impl SegmentLog {
             .map_err(io)?;
         // The new file's name must survive a crash before anything in it is acknowledged.
         self.durable(state, None)?;
-        state.segments.insert(
-            seq,
-            Segment {
-                file: Arc::new(file),
-                len: 0,
-                live: 0,
-                created: Instant::now(),
-            },
-        );
+        state.segments.insert(seq, Segment::new(file));
         Ok(())
     }
 
