@@ -121,6 +121,9 @@ pub struct TelemetryCheck {
     pub replicas_identical: bool,
     /// Lost messages, first few, as `device-seq`.
     pub lost_examples: Vec<String>,
+    /// Devices out of order, first few: the device, then the stored sequence numbers around the
+    /// first place they go backwards, each with its partition and offset (`seq@p:offset`).
+    pub out_of_order_examples: Vec<String>,
 }
 
 /// Checks the replicas' stored messages against the acknowledged ones.
@@ -139,8 +142,13 @@ pub fn check_telemetry(
     };
     check.stored = first.len();
     let mut stored: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
-    for (_, _, device, seq) in first {
+    let mut placed: BTreeMap<&str, Vec<(u64, u32, u64)>> = BTreeMap::new();
+    for (partition, offset, device, seq) in first {
         stored.entry(device.as_str()).or_default().push(*seq);
+        placed
+            .entry(device.as_str())
+            .or_default()
+            .push((*seq, *partition, *offset));
     }
     for (device, seqs) in acked {
         let mut log = stored.get(device.as_str()).cloned().unwrap_or_default();
@@ -149,6 +157,19 @@ pub fn check_telemetry(
         check.duplicates += len - log.len();
         if !log.windows(2).all(|w| w[0] < w[1]) {
             check.out_of_order_devices += 1;
+            if check.out_of_order_examples.len() < 5 {
+                let all = placed.get(device.as_str()).cloned().unwrap_or_default();
+                let back = all.windows(2).position(|w| w[1].0 < w[0].0).unwrap_or(0);
+                let around: Vec<String> = all
+                    .iter()
+                    .skip(back.saturating_sub(3))
+                    .take(8)
+                    .map(|(seq, p, o)| format!("{seq}@{p}:{o}"))
+                    .collect();
+                check
+                    .out_of_order_examples
+                    .push(format!("{device}: {}", around.join(" ")));
+            }
         }
         let mut sorted = log.clone();
         sorted.sort_unstable();
@@ -227,5 +248,9 @@ mod tests {
         let reordered = vec![msg(0, 0, "a", 2), msg(0, 1, "a", 1), msg(0, 2, "a", 3)];
         let c = check_telemetry(&acked, &[reordered]);
         assert_eq!((c.lost, c.out_of_order_devices), (0, 1));
+        assert_eq!(
+            c.out_of_order_examples,
+            vec!["a: 2@0:0 1@0:1 3@0:2".to_string()]
+        );
     }
 }

@@ -1170,8 +1170,9 @@ pub async fn regions(opts: &RegionsOptions, dir: &Path) -> Result<RegionsReport>
     }
     if telemetry_check.out_of_order_devices > 0 {
         failures.push(format!(
-            "{} devices out of order",
-            telemetry_check.out_of_order_devices
+            "{} devices out of order: {}",
+            telemetry_check.out_of_order_devices,
+            telemetry_check.out_of_order_examples.join("; ")
         ));
     }
     // Lost acknowledged operations, by type, with their acknowledgement times.

@@ -399,8 +399,9 @@ pub async fn cluster_nemeses(opts: &NemesesOptions, dir: &Path) -> Result<Report
     }
     if telemetry_check.out_of_order_devices > 0 {
         failures.push(format!(
-            "{} devices out of order",
-            telemetry_check.out_of_order_devices
+            "{} devices out of order: {}",
+            telemetry_check.out_of_order_devices,
+            telemetry_check.out_of_order_examples.join("; ")
         ));
     }
     if !telemetry_check.replicas_identical {

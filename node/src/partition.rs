@@ -73,7 +73,8 @@ pub enum PartitionCommand {
     },
     /// Records copied from the primary region's replica of this partition, at the offsets they
     /// have there (a secondary region's shipper). Records already held are skipped; a gap (the
-    /// source's retention removed records never copied) moves the end forward.
+    /// source's retention removed records never copied) moves the end forward. Written by
+    /// versions before `ShipInEpoch`; applied as before, whatever the epoch.
     Ship {
         /// Stream key.
         key: u32,
@@ -91,6 +92,21 @@ pub enum PartitionCommand {
         /// entry applies, not when it is proposed: appends committed in between (a cut-off
         /// leader's entries that commit after healing) must be cut too.
         promoted_ends: BTreeMap<u32, u64>,
+    },
+    /// `Ship`, taken while the source region was primary in `epoch`. A copy that reaches the log
+    /// after this partition took appends of a later epoch (this region was promoted while the
+    /// copy was in flight) or was cut back to a later promotion is discarded: its offsets belong
+    /// to newer records now, and applying it would put the old primary's records after them
+    /// (found by `chaos --regions async`: devices stored out of order).
+    ShipInEpoch {
+        /// The source's promotion epoch when the shipper asked it for its ends.
+        epoch: u64,
+        /// Stream key.
+        key: u32,
+        /// Offset of the first record.
+        first_offset: u64,
+        /// The records, in offset order.
+        records: Vec<Vec<u8>>,
     },
 }
 

@@ -1181,13 +1181,25 @@ impl Region {
                 }
                 // Offsets are consecutive in a replica (retention only removes a prefix).
                 let records = read.into_iter().map(|r| r.data).collect();
-                raft.client_write(PartitionCommand::Ship {
-                    key: *key,
-                    first_offset,
-                    records,
-                })
-                .await
-                .map_err(|e| e.to_string())?;
+                // Taken in the source's promotion epoch: should this region be promoted before
+                // the copy commits, the partition discards it instead of putting the old
+                // primary's records behind its new ones.
+                let applied = raft
+                    .client_write(PartitionCommand::ShipInEpoch {
+                        epoch: ends.promoted_epoch,
+                        key: *key,
+                        first_offset,
+                        records,
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .data;
+                if !applied {
+                    return Err(format!(
+                        "partition {partition}: a copy of epoch {} was discarded (promoted meanwhile)",
+                        ends.promoted_epoch
+                    ));
+                }
                 copied = true;
             }
             if complete && let Ok(mut caught) = self.partition_caught_up.lock() {
