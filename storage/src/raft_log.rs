@@ -392,35 +392,35 @@ where
 
     /// Writes entries (not synced) and adds them to the cache; returns the batch's bytes.
     fn write_entries(&self, entries: impl IntoIterator<Item = C::Entry>) -> Result<usize> {
-        if let Some(segments) = &self.segments {
-            let mut batch = Batch::default();
-            let mut written = Vec::new();
-            for entry in entries {
-                let index = entry.get_log_id().index;
-                let size = batch.entry(&self.families.log, index, |out| {
-                    self.codec.encode_into(&entry, out)
-                })?;
-                written.push((index, entry, size));
-            }
-            segments.append(&batch)?;
-            let mut tail = self.tail();
-            for (index, entry, size) in written {
-                tail.push(index, entry, size);
-            }
-            return Ok(batch.len());
-        }
-        let cf = cf(&self.db, &self.families.log)?;
-        let mut batch = WriteBatch::default();
         let mut written = Vec::new();
-        for entry in entries {
-            let index = entry.get_log_id().index;
-            let bytes = self.codec.encode(&entry)?;
-            let size = bytes.len();
-            batch.put_cf(cf, index_key(index), bytes);
-            written.push((index, entry, size));
-        }
-        let bytes = batch.size_in_bytes();
-        self.db.write(batch)?;
+        let bytes = match &self.segments {
+            Some(segments) => {
+                let mut batch = Batch::default();
+                for entry in entries {
+                    let index = entry.get_log_id().index;
+                    let size = batch.entry(&self.families.log, index, |out| {
+                        self.codec.encode_into(&entry, out)
+                    })?;
+                    written.push((index, entry, size));
+                }
+                segments.append(&batch)?;
+                batch.len()
+            }
+            None => {
+                let cf = cf(&self.db, &self.families.log)?;
+                let mut batch = WriteBatch::default();
+                for entry in entries {
+                    let index = entry.get_log_id().index;
+                    let bytes = self.codec.encode(&entry)?;
+                    let size = bytes.len();
+                    batch.put_cf(cf, index_key(index), bytes);
+                    written.push((index, entry, size));
+                }
+                let bytes = batch.size_in_bytes();
+                self.db.write(batch)?;
+                bytes
+            }
+        };
         let mut tail = self.tail();
         for (index, entry, size) in written {
             tail.push(index, entry, size);

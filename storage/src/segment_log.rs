@@ -346,12 +346,13 @@ impl SegmentLog {
         let last = seqs.last().copied();
         for seq in seqs {
             let path = segment_path(dir, seq);
-            let file = OpenOptions::new()
+            let mut file = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(&path)
                 .map_err(io)?;
-            let bytes = std::fs::read(&path).map_err(io)?;
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut file, &mut bytes).map_err(io)?;
             state.segments.insert(seq, Segment::new(file));
             let mut at = 0;
             while at < bytes.len() {
