@@ -4,6 +4,7 @@
 //! connections.
 
 pub mod connection;
+mod outlet;
 pub mod session;
 pub mod topics;
 

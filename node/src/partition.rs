@@ -15,6 +15,8 @@ mod intake;
 pub mod service;
 pub mod state_machine;
 
+pub(crate) use intake::AppendWatcher;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Cursor;
 use std::path::Path;
@@ -484,12 +486,32 @@ impl Partitions {
         result
     }
 
-    async fn append_unchecked<D: Into<bytes::Bytes>>(
+    /// Like [`Partitions::append`] without waiting: `watcher` is told the outcome with `tag`
+    /// once the records are committed and applied (and this region still holds the primary's
+    /// lease), or failed. `Err` here means nothing was appended and the watcher is not called.
+    pub(crate) fn append_watched(
+        &self,
+        records: Vec<(u32, bytes::Bytes)>,
+        watcher: Arc<dyn intake::AppendWatcher>,
+        tag: u64,
+    ) -> Result<(), HubError> {
+        if let Some(gate) = &self.inner.gate {
+            gate.check()?;
+        }
+        let (group, records) = self.group_of(records)?;
+        group
+            .intake
+            .push_watched(records, self.inner.request_timeout, Some((watcher, tag)))
+            .map(drop)
+    }
+
+    /// The partition group the records go to; they must all be of one partition.
+    fn group_of<D: Into<bytes::Bytes>>(
         &self,
         records: Vec<(u32, D)>,
-    ) -> Result<(), HubError> {
+    ) -> Result<(&Group, impl ExactSizeIterator<Item = Record>), HubError> {
         let Some((first, _)) = records.first() else {
-            return Ok(());
+            return Err(HubError::invalid("an append needs at least one record"));
         };
         let partition = partition_of_key(*first);
         if records
@@ -507,6 +529,17 @@ impl Partitions {
             key,
             data: data.into(),
         });
+        Ok((group, records))
+    }
+
+    async fn append_unchecked<D: Into<bytes::Bytes>>(
+        &self,
+        records: Vec<(u32, D)>,
+    ) -> Result<(), HubError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let (group, records) = self.group_of(records)?;
         group
             .intake
             .push(records, self.inner.request_timeout)?
@@ -1060,6 +1093,12 @@ async fn batch_appends(partitions: Partitions, partition: u32, intake: Arc<intak
             let records = batch.take_records();
             let result = partitions.submit(partition, records, deadline, true).await;
             drop(permit);
+            // Stored, but acknowledged only while this region still holds the primary's lease
+            // (watchers acknowledge to devices straight from the settle).
+            let result = result.and_then(|()| match &partitions.inner.gate {
+                Some(gate) => gate.check(),
+                None => Ok(()),
+            });
             batch.settle(result);
         });
     }

@@ -14,11 +14,12 @@ use rumqttc::mqttbytes::v4::{
 };
 use rumqttc::mqttbytes::{Error as CodecError, QoS};
 use serde_json::{Value, json};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep_until};
 
 use super::MqttContext;
+use super::outlet::{NO_PUBACK, Outlet, Stopped};
 use super::session::{MethodReply, Outbound};
 use super::topics::{self, ClientIdentity, DeviceRequest};
 use crate::auth::{DeviceCredential, authenticate_device};
@@ -27,6 +28,7 @@ use crate::domain::routing::{RouteSource, RoutingDocument, STREAM_STRIDE, json_b
 use crate::domain::telemetry::{Sender, TelemetryMessage, encode_property_bag, partition_for};
 use crate::domain::{DeviceId, HubCommand, HubError, HubResponse, ModuleId};
 use crate::hub::ReadConsistency;
+use crate::partition::AppendWatcher;
 use meridian_proto::error::MqttBehaviour;
 
 /// The hub name enrichments and notifications carry (`$iothubname`).
@@ -64,7 +66,9 @@ struct Conn<S> {
     client_id: String,
     clean_session: bool,
     subscriptions: Vec<(String, u8)>,
-    writer: WriteHalf<S>,
+    /// Every packet to the device goes through here; telemetry PUBACKs are written into it by
+    /// the partition batch that stored the message.
+    outlet: Arc<Outlet<S>>,
     /// Who this connection's messages are stamped as sent by (anti-spoofing).
     sender: Sender,
     next_pkid: u16,
@@ -114,6 +118,10 @@ fn connack_code(error: &HubError) -> ConnectReturnCode {
     }
 }
 
+/// How long a closing connection waits for its last telemetry append, so that a stored message
+/// is still acknowledged when the device is there to read it.
+const SETTLE_ON_CLOSE: Duration = Duration::from_secs(5);
+
 /// Serves one MQTT connection until it ends.
 pub async fn serve<S>(
     ctx: Arc<MqttContext>,
@@ -121,7 +129,7 @@ pub async fn serve<S>(
     peer: String,
     client_chain: Option<Vec<Vec<u8>>>,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut buf = BytesMut::with_capacity(8 * 1024);
@@ -284,6 +292,8 @@ pub async fn serve<S>(
         generation_id: auth.generation_id.clone(),
         auth_type: auth.auth_type,
     };
+    // This task's waker: the outlet polls writes made from other tasks with it (see outlet.rs).
+    let task = std::future::poll_fn(|cx| std::task::Poll::Ready(cx.waker().clone())).await;
     let mut conn = Conn {
         ctx: ctx.clone(),
         identity,
@@ -292,7 +302,7 @@ pub async fn serve<S>(
         client_id: client_id.clone(),
         clean_session: connect.clean_session,
         subscriptions,
-        writer,
+        outlet: Arc::new(Outlet::new(writer, task)),
         sender,
         next_pkid: 0,
         c2d_inflight: HashMap::new(),
@@ -312,7 +322,7 @@ pub async fn serve<S>(
     conn.finish(close, connect.last_will, registration.id).await;
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
     async fn run(
         &mut self,
         reader: &mut ReadHalf<S>,
@@ -355,6 +365,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         // socket busy cannot starve them, after FAIR_EVERY reads in a row they are checked
         // without waiting.
         let mut reads_in_a_row = 0u32;
+        let outlet = self.outlet.clone();
         loop {
             // Drain every complete packet already buffered before waiting for more bytes.
             loop {
@@ -385,6 +396,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     Ok(0) | Err(_) => return Close::Ungraceful,
                     Ok(_) => reads_in_a_row += 1,
                 },
+                _ = outlet.attention() => {
+                    if let Err(stopped) = outlet.attend().await {
+                        return self.stopped(stopped);
+                    }
+                }
                 work = rx.recv() => match work {
                     Some(work) => {
                         if let Err(close) = self.outbound(work).await {
@@ -450,9 +466,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     }
 
     async fn send(&mut self, packet: Packet) -> Result<(), Close> {
-        write_packet(&mut self.writer, packet)
+        self.outlet
+            .send(packet)
             .await
-            .map_err(|_| Close::Ungraceful)
+            .map_err(|stopped| self.stopped(stopped))
+    }
+
+    /// How the connection closes when its outlet stopped.
+    fn stopped(&self, stopped: Stopped) -> Close {
+        match stopped {
+            Stopped::AppendFailed(e) => {
+                tracing::error!(client_id = self.client_id, error = %e, "telemetry append failed; closing without ack");
+                Close::ByHub
+            }
+            Stopped::Broken => Close::Ungraceful,
+        }
+    }
+
+    /// Waits until the connection's last telemetry message is acknowledged (or fails), so that
+    /// what the device sent next is answered after it.
+    async fn settled(&self) -> Result<(), Close> {
+        self.outlet
+            .wait_settled()
+            .await
+            .map_err(|stopped| self.stopped(stopped))
     }
 
     fn granted_qos(&self, topic: &str) -> Option<QoS> {
@@ -493,6 +530,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     }
 
     async fn handle(&mut self, packet: Packet) -> Result<(), Close> {
+        self.settled().await?;
         match packet {
             Packet::Publish(p) => self.on_publish(p).await,
             Packet::Subscribe(s) => {
@@ -584,7 +622,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         let ack = (p.qos == QoS::AtLeastOnce).then(|| PubAck::new(p.pkid));
         match request {
             DeviceRequest::Telemetry { bag } => {
-                self.store_telemetry(&bag, &p.payload, p.retain).await?;
+                let tag = ack.as_ref().map_or(NO_PUBACK, |a| u64::from(a.pkid));
+                if self
+                    .store_telemetry(&bag, &p.payload, p.retain, Some(tag))
+                    .await?
+                {
+                    // Handed over: the outlet acknowledges once it is fsync'd in its partition.
+                    return Ok(());
+                }
                 // Acknowledge only now: the message is fsync'd in its partition.
                 if let Some(a) = ack {
                     self.send(Packet::PubAck(a)).await?;
@@ -649,7 +694,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         }
     }
 
-    async fn store_telemetry(&mut self, bag: &str, body: &[u8], retain: bool) -> Result<(), Close> {
+    /// Stores a telemetry message. With `watched` (the PUBACK tag) and no routes configured,
+    /// the append is handed to its partition and this returns `true` at once: the outlet writes
+    /// the PUBACK when the message is stored, or wakes the connection to close if it fails.
+    /// Otherwise this returns `false` once the message is stored.
+    async fn store_telemetry(
+        &mut self,
+        bag: &str,
+        body: &[u8],
+        retain: bool,
+        watched: Option<u64>,
+    ) -> Result<bool, Close> {
         let refused = |e: HubError| {
             tracing::info!(client_id = self.client_id, error = %e, "telemetry refused; closing");
             Close::ByHub
@@ -668,6 +723,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             .map_err(refused)?;
             // Stream 0 (`events`): its key in the partition is the partition number itself.
             let key = partition_for(self.device_id.as_str(), self.ctx.partitions);
+            if let Some(tag) = watched {
+                self.outlet.begin_append();
+                let watcher: Arc<dyn AppendWatcher> = self.outlet.clone();
+                return match self.ctx.partition_groups.append_watched(
+                    vec![(key, Bytes::from(encoded))],
+                    watcher,
+                    tag,
+                ) {
+                    Ok(()) => Ok(true),
+                    Err(e) => {
+                        self.outlet.cancel_append();
+                        tracing::error!(client_id = self.client_id, error = %e, "telemetry append failed; closing without ack");
+                        Err(Close::ByHub)
+                    }
+                };
+            }
             self.ctx
                 .partition_groups
                 .append(vec![(key, encoded)])
@@ -685,7 +756,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             .map_err(refused)?;
             store_message(&self.ctx, &self.device_id(), &message).await
         };
-        stored.map_err(|e| {
+        stored.map(|()| false).map_err(|e| {
             tracing::error!(client_id = self.client_id, error = %e, "telemetry append failed; closing without ack");
             Close::ByHub
         })
@@ -929,14 +1000,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         for (_, reply) in self.pending_methods.drain() {
             let _ = reply.send(Err("the device disconnected"));
         }
-        let _ = self.writer.shutdown().await;
+        // A message still being stored is acknowledged first (the device may be there to read it).
+        let _ = tokio::time::timeout(SETTLE_ON_CLOSE, self.outlet.wait_settled()).await;
+        self.outlet.shutdown().await;
         // A will message is published only when the connection ended without DISCONNECT.
         if close == Close::Ungraceful
             && let Some(will) = will
             && let Some(DeviceRequest::Telemetry { bag }) =
                 topics::classify_publish(&self.identity, &will.topic)
         {
-            let _ = self.store_telemetry(&bag, &will.message, will.retain).await;
+            let _ = self
+                .store_telemetry(&bag, &will.message, will.retain, None)
+                .await;
         }
         let still_current = self.ctx.sessions.unregister(&self.client_id, registration);
         if !still_current {

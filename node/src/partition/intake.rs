@@ -39,10 +39,9 @@ struct State {
 
 struct Open {
     records: Vec<Record>,
-    /// First record index and deadline of each append, in arrival order. Deadlines are taken
-    /// under the lock with one timeout, so they never decrease: the appends that expired are
-    /// always a prefix.
-    appends: Vec<(usize, Instant)>,
+    /// The appends, in arrival order. Deadlines are taken under the lock with one timeout, so
+    /// they never decrease: the appends that expired are always a prefix.
+    appends: Vec<Append>,
     /// The outcome every append of this batch waits on.
     outcome: Arc<Outcome>,
 }
@@ -55,6 +54,23 @@ impl Open {
             outcome: Arc::default(),
         }
     }
+}
+
+/// One append's place in its batch.
+struct Append {
+    /// Index of its first record.
+    start: usize,
+    /// Not proposed after this.
+    deadline: Instant,
+    /// Told the outcome when the batch settles (None: the appender awaits its [`Ticket`]).
+    watcher: Option<(Arc<dyn AppendWatcher>, u64)>,
+}
+
+/// Told how an append ended instead of awaiting it: a device connection writes its PUBACK from
+/// here, in the task that settled the batch, which saves waking the connection once per message
+/// (docs/adr/019). Called once per append, with the tag it was pushed with; must not block.
+pub(crate) trait AppendWatcher: Send + Sync {
+    fn settled(&self, tag: u64, result: Result<(), HubError>);
 }
 
 /// How one batch ended, shared by its appends.
@@ -80,7 +96,7 @@ pub(crate) struct Ticket {
 /// The appends taken from an intake at once.
 pub(crate) struct Batch {
     records: Vec<Record>,
-    appends: Vec<(usize, Instant)>,
+    appends: Vec<Append>,
     outcome: Arc<Outcome>,
     /// Records dropped from the front because their appends expired.
     expired_below: usize,
@@ -88,6 +104,13 @@ pub(crate) struct Batch {
 
 fn stopped() -> HubError {
     HubError::new(ErrorCode::ServiceUnavailable, "partition stopped")
+}
+
+fn expired() -> HubError {
+    HubError::new(
+        ErrorCode::ServiceUnavailable,
+        "append expired before it could be proposed",
+    )
 }
 
 impl Intake {
@@ -111,6 +134,17 @@ impl Intake {
         records: impl IntoIterator<Item = Record, IntoIter: ExactSizeIterator>,
         timeout: Duration,
     ) -> Result<Ticket, HubError> {
+        self.push_watched(records, timeout, None)
+    }
+
+    /// Like [`Intake::push`], and `watcher` is told the outcome with `tag` when the batch
+    /// settles (the returned ticket may be dropped).
+    pub(crate) fn push_watched(
+        &self,
+        records: impl IntoIterator<Item = Record, IntoIter: ExactSizeIterator>,
+        timeout: Duration,
+        watcher: Option<(Arc<dyn AppendWatcher>, u64)>,
+    ) -> Result<Ticket, HubError> {
         let mut state = self.state.lock().map_err(|_| stopped())?;
         if state.closed {
             return Err(stopped());
@@ -133,7 +167,11 @@ impl Intake {
         };
         let start = open.records.len();
         open.records.extend(records);
-        open.appends.push((start, Instant::now() + timeout));
+        open.appends.push(Append {
+            start,
+            deadline: Instant::now() + timeout,
+            watcher,
+        });
         let ticket = Ticket {
             outcome: open.outcome.clone(),
             start,
@@ -190,10 +228,7 @@ impl Ticket {
             notified.as_mut().enable();
             if let Some(settled) = self.outcome.settled.get() {
                 return if self.start < settled.expired_below {
-                    Err(HubError::new(
-                        ErrorCode::ServiceUnavailable,
-                        "append expired before it could be proposed",
-                    ))
+                    Err(expired())
                 } else {
                     settled.result.clone()
                 };
@@ -208,13 +243,13 @@ impl Batch {
     /// settles) and returns the earliest deadline of the rest, None when none is left.
     /// Called once per batch.
     pub(crate) fn drop_expired(&mut self, now: Instant) -> Option<Instant> {
-        let live = self.appends.partition_point(|(_, d)| *d <= now);
+        let live = self.appends.partition_point(|a| a.deadline <= now);
         self.expired_below = self
             .appends
             .get(live)
-            .map_or(self.records.len(), |(start, _)| *start);
+            .map_or(self.records.len(), |a| a.start);
         self.records.drain(..self.expired_below);
-        self.appends.get(live).map(|(_, d)| *d)
+        self.appends.get(live).map(|a| a.deadline)
     }
 
     /// The records to propose (after [`Batch::drop_expired`]).
@@ -229,6 +264,18 @@ impl Batch {
     }
 
     fn settle_with(&mut self, result: Result<(), HubError>) {
+        for append in &mut self.appends {
+            if let Some((watcher, tag)) = append.watcher.take() {
+                watcher.settled(
+                    tag,
+                    if append.start < self.expired_below {
+                        Err(expired())
+                    } else {
+                        result.clone()
+                    },
+                );
+            }
+        }
         let settled = Settled {
             expired_below: self.expired_below,
             result,
@@ -387,5 +434,55 @@ mod tests {
         intake.close();
         assert!(matches!(answer(waiting).await, Ok(Err(_))));
         assert!(intake.push([record(1, b"c")], long).is_err());
+    }
+
+    /// Records what each watched append was told, in the order it was told.
+    #[derive(Default)]
+    struct Told(Mutex<Vec<(u64, Result<(), String>)>>);
+
+    impl AppendWatcher for Told {
+        fn settled(&self, tag: u64, result: Result<(), HubError>) {
+            if let Ok(mut told) = self.0.lock() {
+                told.push((tag, result.map_err(|e| e.message)));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn watchers_are_told_each_appends_outcome_in_order_when_the_batch_settles() {
+        let intake = Intake::new(100);
+        let told = Arc::new(Told::default());
+        let watch = |tag| Some((told.clone() as Arc<dyn AppendWatcher>, tag));
+        intake
+            .push_watched([record(1, b"old")], Duration::ZERO, watch(1))
+            .expect("accepted");
+        let awaited = intake
+            .push([record(2, b"a")], Duration::from_secs(60))
+            .expect("accepted");
+        intake
+            .push_watched([record(3, b"b")], Duration::from_secs(60), watch(3))
+            .expect("accepted");
+        let mut batch = intake.next().await;
+        assert!(batch.drop_expired(Instant::now()).is_some());
+        assert_eq!(batch.take_records().len(), 2);
+        assert!(
+            told.0.lock().expect("lock").is_empty(),
+            "told only on settle"
+        );
+        batch.settle(Ok(()));
+        let outcomes = told.0.lock().expect("lock").clone();
+        assert_eq!(outcomes.len(), 2);
+        assert_eq!(outcomes[0].0, 1);
+        assert!(outcomes[0].1.as_ref().is_err_and(|e| e.contains("expired")));
+        assert_eq!(outcomes[1], (3, Ok(())));
+        assert!(awaited.outcome().await.is_ok());
+
+        // A batch dropped unanswered fails its watched appends too.
+        intake
+            .push_watched([record(1, b"c")], Duration::from_secs(60), watch(4))
+            .expect("accepted");
+        drop(intake.next().await);
+        let last = told.0.lock().expect("lock").last().cloned();
+        assert!(matches!(last, Some((4, Err(_)))));
     }
 }
