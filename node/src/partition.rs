@@ -1086,7 +1086,10 @@ async fn batch_appends(partitions: Partitions, partition: u32, intake: Arc<intak
         };
         let mut batch = intake.next().await;
         let partitions = partitions.clone();
-        tokio::spawn(async move {
+        // Unconstrained: settling writes each watched append's PUBACK (one socket write per
+        // device), and Tokio's cooperative budget (128 I/O operations per poll) would turn the
+        // rest of a large batch into wake-ups of their connections.
+        tokio::spawn(tokio::task::unconstrained(async move {
             let Some(deadline) = batch.drop_expired(Instant::now()) else {
                 return batch.settle(Ok(()));
             };
@@ -1100,7 +1103,7 @@ async fn batch_appends(partitions: Partitions, partition: u32, intake: Arc<intak
                 None => Ok(()),
             });
             batch.settle(result);
-        });
+        }));
     }
 }
 
