@@ -341,7 +341,9 @@ pub async fn all_partitions_writable(
 }
 
 /// Time from `trigger` until a create through one of `clients` (tried in turn) is answered 200;
-/// the last try's outcome when none is within `timeout`.
+/// the last try's outcome when none is within `timeout`. Each try creates its own device
+/// (`{id}-{try}`): a try whose answer was lost (its node paused past the 3 s limit) may still
+/// commit, and a retry of the same id would then be answered 409 for ever.
 pub async fn registry_writable(
     clients: &[ServiceClient],
     id: &str,
@@ -355,6 +357,7 @@ pub async fn registry_writable(
             return Err("no node to write through".into());
         };
         next += 1;
+        let device = format!("{id}-{next}");
         let attempt = async {
             let mut c = client
                 .connect()
@@ -363,8 +366,8 @@ pub async fn registry_writable(
             let r = c
                 .json(
                     "PUT",
-                    &format!("/devices/{id}"),
-                    Some(&json!({"deviceId": id})),
+                    &format!("/devices/{device}"),
+                    Some(&json!({"deviceId": device})),
                 )
                 .await
                 .map_err(|e| format!("PUT: {e}"))?;
