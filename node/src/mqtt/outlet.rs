@@ -263,24 +263,36 @@ mod tests {
     use rumqttc::mqttbytes::v4::PubAck;
     use tokio::io::AsyncReadExt;
 
-    async fn task_waker() -> Waker {
-        poll_fn(|cx| Poll::Ready(cx.waker().clone())).await
+    type Duplex = tokio::io::DuplexStream;
+
+    /// An outlet over one end of a pipe with `room` bytes of buffer (polled with this test's
+    /// task waker), the device's end, and the connection's read half (kept open).
+    async fn outlet(room: usize) -> (Outlet<Duplex>, Duplex, tokio::io::ReadHalf<Duplex>) {
+        let (ours, device) = tokio::io::duplex(room);
+        let (read, half) = tokio::io::split(ours);
+        let task = poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
+        (Outlet::new(half, task), device, read)
+    }
+
+    /// `f`, failing the test instead of hanging when it never finishes.
+    async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(std::time::Duration::from_secs(5), f)
+            .await
+            .expect("finishes within 5 s")
     }
 
     #[tokio::test]
     async fn a_settled_append_writes_its_puback_in_order_after_earlier_packets() {
-        let (ours, mut device) = tokio::io::duplex(1024);
-        let (_read, half) = tokio::io::split(ours);
-        let outlet = Outlet::new(half, task_waker().await);
+        let (outlet, mut device, _read) = outlet(1024).await;
         outlet.send(Packet::PingResp).await.expect("sent");
         outlet.begin_append();
         AppendWatcher::settled(&outlet, 7, Ok(()));
         outlet.begin_append();
         AppendWatcher::settled(&outlet, NO_PUBACK, Ok(()));
-        outlet.wait_settled().await.expect("settled");
+        bounded(outlet.wait_settled()).await.expect("settled");
         assert!(!outlet.attention.load(Ordering::Acquire));
         let mut bytes = [0u8; 6];
-        device.read_exact(&mut bytes).await.expect("read");
+        bounded(device.read_exact(&mut bytes)).await.expect("read");
         assert_eq!(bytes, [0xd0, 0x00, 0x40, 0x02, 0x00, 0x07]);
         let mut buf = BytesMut::from(&bytes[2..]);
         assert_eq!(
@@ -291,9 +303,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_append_is_not_acknowledged_and_stops_the_connection() {
-        let (ours, mut device) = tokio::io::duplex(1024);
-        let (_read, half) = tokio::io::split(ours);
-        let outlet = Outlet::new(half, task_waker().await);
+        let (outlet, mut device, _read) = outlet(1024).await;
         outlet.begin_append();
         AppendWatcher::settled(
             &outlet,
@@ -308,32 +318,29 @@ mod tests {
             "the connection is woken"
         );
         assert!(matches!(
-            outlet.wait_settled().await,
+            bounded(outlet.wait_settled()).await,
             Err(Stopped::AppendFailed(e)) if e.message == "no quorum"
         ));
-        outlet.shutdown().await;
+        bounded(outlet.shutdown()).await;
         let mut rest = Vec::new();
-        device.read_to_end(&mut rest).await.expect("read");
+        bounded(device.read_to_end(&mut rest)).await.expect("read");
         assert!(rest.is_empty(), "nothing was acknowledged: {rest:?}");
     }
 
     #[tokio::test]
     async fn a_puback_the_socket_cannot_take_at_once_is_finished_by_the_connection() {
         // Two bytes of room: the settle writes half the PUBACK and leaves the rest.
-        let (ours, mut device) = tokio::io::duplex(2);
-        let (_read, half) = tokio::io::split(ours);
-        let outlet = Outlet::new(half, task_waker().await);
+        let (outlet, mut device, _read) = outlet(2).await;
         outlet.begin_append();
         AppendWatcher::settled(&outlet, 0x0102, Ok(()));
-        tokio::time::timeout(std::time::Duration::from_secs(5), outlet.attention())
-            .await
-            .expect("the connection is asked to finish the write");
+        // The connection is asked to finish the write.
+        bounded(outlet.attention()).await;
         let mut first = [0u8; 2];
-        device.read_exact(&mut first).await.expect("read");
-        outlet.attend().await.expect("the rest is written");
+        bounded(device.read_exact(&mut first)).await.expect("read");
+        bounded(outlet.attend()).await.expect("the rest is written");
         let mut second = [0u8; 2];
-        device.read_exact(&mut second).await.expect("read");
+        bounded(device.read_exact(&mut second)).await.expect("read");
         assert_eq!([first, second].concat(), [0x40, 0x02, 0x01, 0x02]);
-        outlet.wait_settled().await.expect("settled");
+        bounded(outlet.wait_settled()).await.expect("settled");
     }
 }
