@@ -15,6 +15,7 @@ use bytes::{Buf, BytesMut};
 use rumqttc::mqttbytes::v4::Packet;
 use tokio::io::{AsyncWrite, WriteHalf};
 
+use super::session::Doorbell;
 use crate::domain::HubError;
 use crate::partition::AppendWatcher;
 
@@ -31,8 +32,10 @@ pub(super) struct Outlet<S> {
     /// the socket's readiness wakes the connection, which finishes it.
     task: Waker,
     /// Set (and the task woken) when the connection must look at the outlet: bytes left
-    /// unwritten, or a write or an append failed.
+    /// unwritten, a write or an append failed, or work was queued (`mail`).
     attention: AtomicBool,
+    /// Work was queued for the connection since it last looked (its doorbell rang).
+    mail: AtomicBool,
 }
 
 struct State<S> {
@@ -77,7 +80,13 @@ impl<S: AsyncWrite> Outlet<S> {
             }),
             task,
             attention: AtomicBool::new(false),
+            mail: AtomicBool::new(false),
         }
+    }
+
+    /// Whether work was queued since the last call.
+    pub(super) fn take_mail(&self) -> bool {
+        self.mail.load(Ordering::Acquire) && self.mail.swap(false, Ordering::AcqRel)
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, State<S>>, Stopped> {
@@ -214,6 +223,16 @@ fn drain<S: AsyncWrite>(state: &mut State<S>, cx: &mut Context<'_>) -> Poll<std:
         }
     }
     Poll::Ready(Ok(()))
+}
+
+impl<S: AsyncWrite + Send + 'static> Doorbell for Outlet<S> {
+    /// Called after work was queued for the connection: the connection drains its queue when it
+    /// next looks at the outlet.
+    fn ring(&self) {
+        self.mail.store(true, Ordering::Release);
+        self.attention.store(true, Ordering::Release);
+        self.task.wake_by_ref();
+    }
 }
 
 impl<S: AsyncWrite + Send + 'static> AppendWatcher for Outlet<S> {

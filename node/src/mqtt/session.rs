@@ -45,10 +45,29 @@ pub enum Outbound {
     Drain,
 }
 
+/// Rung after work is queued for a connection, so that it need not poll its queue while
+/// waiting for its device (the MQTT connection's outlet; AMQP links wait on the queue itself).
+pub trait Doorbell: Send + Sync {
+    fn ring(&self);
+}
+
 #[derive(Clone)]
 struct Entry {
     id: u64,
     tx: mpsc::Sender<Outbound>,
+    doorbell: Option<Arc<dyn Doorbell>>,
+}
+
+impl Entry {
+    /// Queues `work` for the connection and rings its doorbell; false when the queue is full or
+    /// gone.
+    fn deliver(&self, work: Outbound) -> bool {
+        let queued = self.tx.try_send(work).is_ok();
+        if queued && let Some(bell) = &self.doorbell {
+            bell.ring();
+        }
+        queued
+    }
 }
 
 /// The registry of live connections. Cheap to clone.
@@ -69,6 +88,15 @@ impl Sessions {
     /// Registers a connection for `client_id`, telling any previous one to close (one live
     /// connection per device).
     pub fn register(&self, client_id: &str) -> Registration {
+        self.register_with_doorbell(client_id, None)
+    }
+
+    /// Like [`Sessions::register`]; `doorbell` is rung after each piece of work is queued.
+    pub fn register_with_doorbell(
+        &self,
+        client_id: &str,
+        doorbell: Option<Arc<dyn Doorbell>>,
+    ) -> Registration {
         let (tx, rx) = mpsc::channel(256);
         let previous = {
             let Ok(mut guard) = self.inner.lock() else {
@@ -76,11 +104,13 @@ impl Sessions {
             };
             guard.0 += 1;
             let id = guard.0;
-            let previous = guard.1.insert(client_id.to_string(), Entry { id, tx });
+            let previous = guard
+                .1
+                .insert(client_id.to_string(), Entry { id, tx, doorbell });
             (id, previous)
         };
         if let Some(old) = previous.1 {
-            let _ = old.tx.try_send(Outbound::TakenOver);
+            old.deliver(Outbound::TakenOver);
         }
         Registration { id: previous.0, rx }
     }
@@ -99,15 +129,12 @@ impl Sessions {
 
     /// Sends work to the live connection of `client_id`; false when there is none.
     pub fn send(&self, client_id: &str, work: Outbound) -> bool {
-        let tx = self
+        let entry = self
             .inner
             .lock()
             .ok()
-            .and_then(|g| g.1.get(client_id).map(|e| e.tx.clone()));
-        match tx {
-            Some(tx) => tx.try_send(work).is_ok(),
-            None => false,
-        }
+            .and_then(|g| g.1.get(client_id).cloned());
+        entry.is_some_and(|e| e.deliver(work))
     }
 
     /// Client ids connected to this node whose device is `device_id` (the device and its
@@ -135,14 +162,14 @@ impl Sessions {
     /// Live connections on this node.
     /// Tells every connection on this node to close (drain); returns how many were told.
     pub fn close_all(&self) -> usize {
-        let senders: Vec<mpsc::Sender<Outbound>> = self
+        let entries: Vec<Entry> = self
             .inner
             .lock()
-            .map(|g| g.1.values().map(|e| e.tx.clone()).collect())
+            .map(|g| g.1.values().cloned().collect())
             .unwrap_or_default();
-        senders
+        entries
             .iter()
-            .filter(|tx| tx.try_send(Outbound::Drain).is_ok())
+            .filter(|e| e.deliver(Outbound::Drain))
             .count()
     }
 
@@ -169,5 +196,34 @@ mod tests {
         let _m = sessions.register("d1/m1");
         assert_eq!(sessions.clients_of("d1"), vec!["d1/m1".to_string()]);
         assert!(sessions.clients_of("d").is_empty());
+    }
+
+    #[derive(Default)]
+    struct Rings(std::sync::atomic::AtomicUsize);
+
+    impl Doorbell for Rings {
+        fn ring(&self) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn queued_work_rings_the_connections_doorbell() {
+        let sessions = Sessions::default();
+        let rings = Arc::new(Rings::default());
+        let count = || rings.0.load(std::sync::atomic::Ordering::SeqCst);
+        let mut first = sessions.register_with_doorbell("d1", Some(rings.clone()));
+        assert!(sessions.send("d1", Outbound::C2dAvailable));
+        assert_eq!(count(), 1);
+        assert!(matches!(first.rx.try_recv(), Ok(Outbound::C2dAvailable)));
+        assert_eq!(sessions.close_all(), 1);
+        assert_eq!(count(), 2);
+        // Taken over: the old connection is told and rung.
+        let _second = sessions.register("d1");
+        assert_eq!(count(), 3);
+        assert!(matches!(first.rx.try_recv(), Ok(Outbound::Drain)));
+        assert!(matches!(first.rx.try_recv(), Ok(Outbound::TakenOver)));
+        assert!(!sessions.send("d2", Outbound::C2dAvailable));
+        assert_eq!(count(), 3);
     }
 }
