@@ -396,23 +396,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 // Also rung when work is queued for the connection (`Sessions::send`): polling
                 // the queue itself in every select cost ~2% of a node's CPU under telemetry load.
                 _ = outlet.attention() => {
-                    if let Err(stopped) = outlet.attend().await {
-                        return self.stopped(stopped);
-                    }
-                    if outlet.take_mail() {
-                        loop {
-                            match rx.try_recv() {
-                                Ok(work) => {
-                                    if let Err(close) = self.outbound(work).await {
-                                        return close;
-                                    }
-                                }
-                                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
-                                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
-                                    return Close::ByHub;
-                                }
-                            }
-                        }
+                    if let Err(close) = self.attend(rx).await {
+                        return close;
                     }
                 }
                 _ = lock_tick.tick(), if !self.c2d_inflight.is_empty() => {
@@ -447,6 +432,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         expiry: Instant,
         idle_due: Instant,
     ) -> Result<(), Close> {
+        if self.outlet.take_attention() {
+            self.attend(rx).await?;
+        }
         for _ in 0..FAIR_EVERY {
             match rx.try_recv() {
                 Ok(work) => self.outbound(work).await?,
@@ -467,6 +455,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         }
         if !self.c2d_inflight.is_empty() && lock_tick.tick().now_or_never().is_some() {
             self.redeliver_expired().await?;
+        }
+        Ok(())
+    }
+
+    /// Does what the outlet asked for: finishes its writes (or closes after a failed append or
+    /// write), then takes the work queued for the connection if its doorbell rang.
+    async fn attend(
+        &mut self,
+        rx: &mut tokio::sync::mpsc::Receiver<Outbound>,
+    ) -> Result<(), Close> {
+        if let Err(stopped) = self.outlet.attend().await {
+            return Err(self.stopped(stopped));
+        }
+        if self.outlet.take_mail() {
+            loop {
+                match rx.try_recv() {
+                    Ok(work) => self.outbound(work).await?,
+                    Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                    Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                        return Err(Close::ByHub);
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -1007,7 +1018,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             let _ = reply.send(Err("the device disconnected"));
         }
         // A message still being stored is acknowledged first (the device may be there to read it).
-        let _ = tokio::time::timeout(SETTLE_ON_CLOSE, self.outlet.wait_settled()).await;
+        if !self.outlet.is_broken() {
+            let _ = tokio::time::timeout(SETTLE_ON_CLOSE, self.outlet.wait_settled()).await;
+        }
         self.outlet.shutdown().await;
         // A will message is published only when the connection ended without DISCONNECT.
         if close == Close::Ungraceful

@@ -101,9 +101,12 @@ impl<S: AsyncWrite> Outlet<S> {
             if state.broken {
                 return Err(Stopped::Broken);
             }
-            packet
-                .write(&mut state.out, usize::MAX)
-                .map_err(|_| Stopped::Broken)?;
+            let before = state.out.len();
+            if packet.write(&mut state.out, usize::MAX).is_err() {
+                // No fragment of a packet that failed to encode may reach the device.
+                state.out.truncate(before);
+                return Err(Stopped::Broken);
+            }
         }
         self.drain().await
     }
@@ -177,8 +180,10 @@ impl<S: AsyncWrite> Outlet<S> {
     /// Ready when the connection must call [`Outlet::attend`].
     pub(super) async fn attention(&self) {
         poll_fn(|_| {
-            if self.attention.load(Ordering::Acquire) {
-                self.attention.store(false, Ordering::Release);
+            // Swapped, not stored: a ring between a load and a store would be lost.
+            if self.attention.load(Ordering::Acquire)
+                && self.attention.swap(false, Ordering::AcqRel)
+            {
                 Poll::Ready(())
             } else {
                 // Woken through `task` by whoever sets the flag.
@@ -186,6 +191,17 @@ impl<S: AsyncWrite> Outlet<S> {
             }
         })
         .await
+    }
+
+    /// Whether a write failed (the device is gone).
+    pub(super) fn is_broken(&self) -> bool {
+        self.state.lock().map_or(true, |s| s.broken)
+    }
+
+    /// Takes the attention flag: true when [`Outlet::attend`] is due (checked between reads by a
+    /// connection whose socket never lets its `select!` reach the attention arm).
+    pub(super) fn take_attention(&self) -> bool {
+        self.attention.load(Ordering::Acquire) && self.attention.swap(false, Ordering::AcqRel)
     }
 
     /// Finishes what a settle could not: reports a failed append or write, writes what is left.
@@ -245,23 +261,27 @@ impl<S: AsyncWrite + Send + 'static> AppendWatcher for Outlet<S> {
         state.appending = false;
         let mut attention = false;
         match result {
-            Ok(()) if tag == NO_PUBACK || state.broken => {}
-            Ok(()) => {
+            Ok(()) if tag != NO_PUBACK && !state.broken => {
                 // PUBACK: fixed header, remaining length 2, packet id.
                 let pkid = u16::try_from(tag).unwrap_or_default().to_be_bytes();
                 state.out.extend_from_slice(&[0x40, 0x02, pkid[0], pkid[1]]);
-                match drain(&mut state, &mut Context::from_waker(&self.task)) {
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(_)) => {
-                        state.broken = true;
-                        attention = true;
-                    }
-                    Poll::Pending => attention = true,
-                }
             }
+            Ok(()) => {}
             Err(e) => {
                 state.failed = Some(e);
                 attention = true;
+            }
+        }
+        // Whatever is left from before goes too (a QoS 0 settle included): a device streaming
+        // fast keeps the connection reading, and bytes left here would wait for it to pause.
+        if !state.broken && (!state.out.is_empty() || state.unflushed) {
+            match drain(&mut state, &mut Context::from_waker(&self.task)) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => {
+                    state.broken = true;
+                    attention = true;
+                }
+                Poll::Pending => attention = true,
             }
         }
         let waiter = state.waiter.take();
@@ -361,5 +381,21 @@ mod tests {
         bounded(device.read_exact(&mut second)).await.expect("read");
         assert_eq!([first, second].concat(), [0x40, 0x02, 0x01, 0x02]);
         bounded(outlet.wait_settled()).await.expect("settled");
+    }
+
+    #[tokio::test]
+    async fn a_later_settle_writes_what_an_earlier_one_left_even_without_a_puback() {
+        let (outlet, mut device, _read) = outlet(2).await;
+        outlet.begin_append();
+        AppendWatcher::settled(&outlet, 0x0102, Ok(()));
+        let mut first = [0u8; 2];
+        bounded(device.read_exact(&mut first)).await.expect("read");
+        // A QoS 0 message settles next: the rest of the PUBACK goes out with it, although the
+        // connection (busy reading) has not attended to the outlet.
+        outlet.begin_append();
+        AppendWatcher::settled(&outlet, NO_PUBACK, Ok(()));
+        let mut second = [0u8; 2];
+        bounded(device.read_exact(&mut second)).await.expect("read");
+        assert_eq!([first, second].concat(), [0x40, 0x02, 0x01, 0x02]);
     }
 }
