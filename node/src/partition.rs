@@ -475,15 +475,17 @@ impl Partitions {
         &self,
         records: Vec<(u32, D)>,
     ) -> Result<(), HubError> {
-        if let Some(gate) = &self.inner.gate {
-            gate.check()?;
+        self.check_gate()?;
+        // The batcher checks the gate again once the records are stored (`batch_appends`).
+        self.append_unchecked(records).await
+    }
+
+    /// Ok while this region may take appends (always, in a one-region hub).
+    fn check_gate(&self) -> Result<(), HubError> {
+        match &self.inner.gate {
+            Some(gate) => gate.check(),
+            None => Ok(()),
         }
-        let result = self.append_unchecked(records).await;
-        if let (Some(gate), Ok(())) = (&self.inner.gate, &result) {
-            // Stored, but acknowledged only while this region still holds the primary's lease.
-            gate.check()?;
-        }
-        result
     }
 
     /// Like [`Partitions::append`] without waiting: `watcher` is told the outcome with `tag`
@@ -495,9 +497,7 @@ impl Partitions {
         watcher: Arc<dyn intake::AppendWatcher>,
         tag: u64,
     ) -> Result<(), HubError> {
-        if let Some(gate) = &self.inner.gate {
-            gate.check()?;
-        }
+        self.check_gate()?;
         let (group, records) = self.group_of(records)?;
         group
             .intake
@@ -1098,10 +1098,7 @@ async fn batch_appends(partitions: Partitions, partition: u32, intake: Arc<intak
             drop(permit);
             // Stored, but acknowledged only while this region still holds the primary's lease
             // (watchers acknowledge to devices straight from the settle).
-            let result = result.and_then(|()| match &partitions.inner.gate {
-                Some(gate) => gate.check(),
-                None => Ok(()),
-            });
+            let result = result.and_then(|()| partitions.check_gate());
             batch.settle(result);
         }));
     }

@@ -751,8 +751,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                     Ok(()) => Ok(true),
                     Err(e) => {
                         self.outlet.cancel_append();
-                        tracing::error!(client_id = self.client_id, error = %e, "telemetry append failed; closing without ack");
-                        Err(Close::ByHub)
+                        Err(self.stopped(Stopped::AppendFailed(e)))
                     }
                 };
             }

@@ -180,10 +180,7 @@ impl<S: AsyncWrite> Outlet<S> {
     /// Ready when the connection must call [`Outlet::attend`].
     pub(super) async fn attention(&self) {
         poll_fn(|_| {
-            // Swapped, not stored: a ring between a load and a store would be lost.
-            if self.attention.load(Ordering::Acquire)
-                && self.attention.swap(false, Ordering::AcqRel)
-            {
+            if self.take_attention() {
                 Poll::Ready(())
             } else {
                 // Woken through `task` by whoever sets the flag.
@@ -201,6 +198,7 @@ impl<S: AsyncWrite> Outlet<S> {
     /// Takes the attention flag: true when [`Outlet::attend`] is due (checked between reads by a
     /// connection whose socket never lets its `select!` reach the attention arm).
     pub(super) fn take_attention(&self) -> bool {
+        // Swapped, not stored: a ring between a load and a store would be lost.
         self.attention.load(Ordering::Acquire) && self.attention.swap(false, Ordering::AcqRel)
     }
 
