@@ -54,6 +54,9 @@ struct State<S> {
     failed: Option<HubError>,
     /// A write failed: the device is gone.
     broken: bool,
+    /// The stream was shut down: an append settling later (after the close gave up waiting for
+    /// it) writes nothing after the end of the stream.
+    closed: bool,
 }
 
 /// Why the outlet cannot go on.
@@ -77,6 +80,7 @@ impl<S: AsyncWrite> Outlet<S> {
                 waiter: None,
                 failed: None,
                 broken: false,
+                closed: false,
             }),
             task,
             attention: AtomicBool::new(false),
@@ -98,7 +102,7 @@ impl<S: AsyncWrite> Outlet<S> {
     pub(super) async fn send(&self, packet: Packet) -> Result<(), Stopped> {
         {
             let mut state = self.lock()?;
-            if state.broken {
+            if state.broken || state.closed {
                 return Err(Stopped::Broken);
             }
             let before = state.out.len();
@@ -136,7 +140,10 @@ impl<S: AsyncWrite> Outlet<S> {
             return;
         }
         let _ = poll_fn(|cx| match self.state.lock() {
-            Ok(mut state) => Pin::new(&mut state.half).poll_shutdown(cx),
+            Ok(mut state) => {
+                state.closed = true;
+                Pin::new(&mut state.half).poll_shutdown(cx)
+            }
             Err(_) => Poll::Ready(Ok(())),
         })
         .await;
@@ -259,7 +266,7 @@ impl<S: AsyncWrite + Send + 'static> AppendWatcher for Outlet<S> {
         state.appending = false;
         let mut attention = false;
         match result {
-            Ok(()) if tag != NO_PUBACK && !state.broken => {
+            Ok(()) if tag != NO_PUBACK && !state.broken && !state.closed => {
                 // PUBACK: fixed header, remaining length 2, packet id.
                 let pkid = u16::try_from(tag).unwrap_or_default().to_be_bytes();
                 state.out.extend_from_slice(&[0x40, 0x02, pkid[0], pkid[1]]);
@@ -272,7 +279,7 @@ impl<S: AsyncWrite + Send + 'static> AppendWatcher for Outlet<S> {
         }
         // Whatever is left from before goes too (a QoS 0 settle included): a device streaming
         // fast keeps the connection reading, and bytes left here would wait for it to pause.
-        if !state.broken && (!state.out.is_empty() || state.unflushed) {
+        if !state.broken && !state.closed && (!state.out.is_empty() || state.unflushed) {
             match drain(&mut state, &mut Context::from_waker(&self.task)) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(_)) => {
@@ -395,5 +402,63 @@ mod tests {
         let mut second = [0u8; 2];
         bounded(device.read_exact(&mut second)).await.expect("read");
         assert_eq!([first, second].concat(), [0x40, 0x02, 0x01, 0x02]);
+    }
+
+    /// A stream that records what is written into it, also after its shutdown (which it
+    /// records as `EOF`), as a stream that does not refuse late writes would take them.
+    #[derive(Clone, Default)]
+    struct Recorder(std::sync::Arc<Mutex<Vec<u8>>>);
+
+    const EOF: &[u8] = b"<eof>";
+
+    impl tokio::io::AsyncRead for Recorder {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            match self.0.lock() {
+                Ok(mut bytes) => bytes.extend_from_slice(buf),
+                Err(_) => return Poll::Ready(Err(std::io::ErrorKind::Other.into())),
+            }
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            self.poll_write(cx, EOF).map_ok(|_| ())
+        }
+    }
+
+    #[tokio::test]
+    async fn an_append_settling_after_the_close_writes_nothing_after_the_end_of_the_stream() {
+        let recorder = Recorder::default();
+        let (_read, half) = tokio::io::split(recorder.clone());
+        let task = poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
+        let outlet = Outlet::new(half, task);
+        outlet.send(Packet::PingResp).await.expect("sent");
+        // The close gave up waiting for this append; it settles after the stream ended.
+        outlet.begin_append();
+        bounded(outlet.shutdown()).await;
+        AppendWatcher::settled(&outlet, 7, Ok(()));
+        assert!(outlet.send(Packet::PingResp).await.is_err(), "closed");
+        bounded(outlet.wait_settled()).await.expect("settled");
+        let written = recorder.0.lock().map(|b| b.clone()).unwrap_or_default();
+        assert_eq!(
+            written,
+            [&[0xd0, 0x00][..], EOF].concat(),
+            "only what was sent before the close"
+        );
     }
 }
