@@ -1173,7 +1173,12 @@ async fn propose_merged(
         let first = match carried.take() {
             Some(p) => p,
             None => match rx.recv().await {
-                Some(p) => p,
+                Some(p) => {
+                    // As the intake's batcher does: let the proposals already on their way
+                    // join this entry instead of proposing at once (docs/adr/020).
+                    tokio::task::yield_now().await;
+                    p
+                }
                 None => return,
             },
         };
