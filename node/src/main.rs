@@ -29,7 +29,7 @@ fn main() -> anyhow::Result<()> {
             return tokio::runtime::Runtime::new()?.block_on(run_cluster(args));
         }
         Command::Demo(args) => {
-            let runtime = tokio::runtime::Runtime::new()?;
+            let runtime = server::runtime()?;
             return runtime.block_on(async move {
                 let config = Config::load(None, &env)?;
                 let _telemetry = init_tracing(&config.observability)?;
@@ -49,7 +49,7 @@ fn main() -> anyhow::Result<()> {
         default_hook(info);
         std::process::abort();
     }));
-    let runtime = tokio::runtime::Runtime::new()?;
+    let runtime = server::runtime()?;
     runtime.block_on(async move {
         let _telemetry = init_tracing(&config.observability)?;
         match cli.command {
