@@ -1174,8 +1174,9 @@ async fn propose_merged(
             Some(p) => p,
             None => match rx.recv().await {
                 Some(p) => {
-                    // As the intake's batcher does: let the proposals already on their way
-                    // join this entry instead of proposing at once (docs/adr/020).
+                    // As the intake's batcher does: deferred until the worker runs out of tasks
+                    // or polls for I/O, so proposals already on their way join this entry
+                    // (docs/adr/020).
                     tokio::task::yield_now().await;
                     p
                 }

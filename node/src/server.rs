@@ -933,10 +933,11 @@ pub fn write_credentials(path: &std::path::Path, credentials: &Credentials) -> s
     Ok(())
 }
 
-/// Tokio polls for I/O events after this many task polls (its default is 61). A node's tasks
-/// poll briefly (a read and decode, a hand-over, a settle), so under load fewer driver polls mean
-/// more devices' packets per `epoll` round, fewer wake-ups and larger partition batches
-/// (docs/adr/020); Raft heartbeats and keep-alives are still seen within a millisecond or two.
+/// Tokio polls for I/O events after this many task polls (its default is 61), and only then
+/// resumes yielded tasks such as the partition batchers. A node's tasks poll briefly (a read and
+/// decode, a hand-over, a settle), so under load fewer driver polls mean more devices' packets
+/// per `epoll` round and larger partition batches (docs/adr/020); I/O (Raft heartbeats,
+/// keep-alives) still waits at most 255 short polls, a millisecond or two.
 pub const EVENT_INTERVAL: u32 = 255;
 
 /// The multi-threaded runtime a node runs on (`meridian node`, `dev`, `demo`).

@@ -1020,7 +1020,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         if !self.outlet.is_broken() {
             let _ = tokio::time::timeout(SETTLE_ON_CLOSE, self.outlet.wait_settled()).await;
         }
-        self.outlet.shutdown().await;
+        // Bounded: a device that stopped reading would otherwise keep its registration forever.
+        let _ = tokio::time::timeout(SETTLE_ON_CLOSE, self.outlet.shutdown()).await;
         // A will message is published only when the connection ended without DISCONNECT.
         if close == Close::Ungraceful
             && let Some(will) = will

@@ -136,15 +136,24 @@ impl<S: AsyncWrite> Outlet<S> {
 
     /// Writes what is left and closes the stream.
     pub(super) async fn shutdown(&self) {
-        if self.drain().await.is_err() {
-            return;
-        }
-        let _ = poll_fn(|cx| match self.state.lock() {
-            Ok(mut state) => {
-                state.closed = true;
-                Pin::new(&mut state.half).poll_shutdown(cx)
+        let _ = poll_fn(|cx| {
+            let Ok(mut state) = self.state.lock() else {
+                return Poll::Ready(Ok(()));
+            };
+            if state.broken {
+                return Poll::Ready(Ok(()));
             }
-            Err(_) => Poll::Ready(Ok(())),
+            // Closed under the same lock as the last drain: whatever a settle queued before is
+            // written whole, and a settle after it writes nothing.
+            state.closed = true;
+            match drain(&mut state, cx) {
+                Poll::Ready(Ok(())) => Pin::new(&mut state.half).poll_shutdown(cx),
+                Poll::Ready(Err(e)) => {
+                    state.broken = true;
+                    Poll::Ready(Err(e))
+                }
+                Poll::Pending => Poll::Pending,
+            }
         })
         .await;
     }

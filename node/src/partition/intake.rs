@@ -205,8 +205,9 @@ impl Intake {
             }
             self.ready.notified().await;
             // Woken by the first append, the batcher would run next on that worker (Tokio's
-            // LIFO slot) and take a batch of one; yielding lets the connections already
-            // scheduled push theirs first, so each Raft entry carries more (docs/adr/020).
+            // LIFO slot) and take a batch of one. A yielded task is deferred until the worker
+            // runs out of tasks or next polls for I/O, so the connections already scheduled
+            // push theirs first and each Raft entry carries more (docs/adr/020).
             tokio::task::yield_now().await;
         }
     }
