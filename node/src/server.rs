@@ -938,7 +938,7 @@ pub fn write_credentials(path: &std::path::Path, credentials: &Credentials) -> s
 /// decode, a hand-over, a settle), so under load fewer driver polls mean more devices' packets
 /// per `epoll` round and larger partition batches (docs/adr/020); I/O (Raft heartbeats,
 /// keep-alives) still waits at most 255 short polls, a millisecond or two.
-pub const EVENT_INTERVAL: u32 = 255;
+const EVENT_INTERVAL: u32 = 255;
 
 /// The multi-threaded runtime a node runs on (`meridian node`, `dev`, `demo`).
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {

@@ -435,15 +435,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         if self.outlet.take_attention() {
             self.attend(rx).await?;
         }
-        for _ in 0..FAIR_EVERY {
-            match rx.try_recv() {
-                Ok(work) => self.outbound(work).await?,
-                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
-                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
-                    return Err(Close::ByHub);
-                }
-            }
-        }
+        self.take_queued(rx, FAIR_EVERY as usize).await?;
         let now = Instant::now();
         if now >= expiry {
             tracing::info!(client_id = self.client_id, "SAS token expired; closing");
@@ -469,13 +461,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             return Err(self.stopped(stopped));
         }
         if self.outlet.take_mail() {
-            loop {
-                match rx.try_recv() {
-                    Ok(work) => self.outbound(work).await?,
-                    Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
-                    Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
-                        return Err(Close::ByHub);
-                    }
+            self.take_queued(rx, usize::MAX).await?;
+        }
+        Ok(())
+    }
+
+    /// Handles up to `limit` pieces of work queued for the connection, without waiting.
+    async fn take_queued(
+        &mut self,
+        rx: &mut tokio::sync::mpsc::Receiver<Outbound>,
+        limit: usize,
+    ) -> Result<(), Close> {
+        for _ in 0..limit {
+            match rx.try_recv() {
+                Ok(work) => self.outbound(work).await?,
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                    return Err(Close::ByHub);
                 }
             }
         }

@@ -59,6 +59,13 @@ struct State<S> {
     closed: bool,
 }
 
+impl<S> State<S> {
+    /// Whether bytes may still go to the device.
+    fn writable(&self) -> bool {
+        !self.broken && !self.closed
+    }
+}
+
 /// Why the outlet cannot go on.
 #[derive(Debug)]
 pub(super) enum Stopped {
@@ -102,7 +109,7 @@ impl<S: AsyncWrite> Outlet<S> {
     pub(super) async fn send(&self, packet: Packet) -> Result<(), Stopped> {
         {
             let mut state = self.lock()?;
-            if state.broken || state.closed {
+            if !state.writable() {
                 return Err(Stopped::Broken);
             }
             let before = state.out.len();
@@ -275,7 +282,7 @@ impl<S: AsyncWrite + Send + 'static> AppendWatcher for Outlet<S> {
         state.appending = false;
         let mut attention = false;
         match result {
-            Ok(()) if tag != NO_PUBACK && !state.broken && !state.closed => {
+            Ok(()) if tag != NO_PUBACK && state.writable() => {
                 // PUBACK: fixed header, remaining length 2, packet id.
                 let pkid = u16::try_from(tag).unwrap_or_default().to_be_bytes();
                 state.out.extend_from_slice(&[0x40, 0x02, pkid[0], pkid[1]]);
@@ -288,7 +295,7 @@ impl<S: AsyncWrite + Send + 'static> AppendWatcher for Outlet<S> {
         }
         // Whatever is left from before goes too (a QoS 0 settle included): a device streaming
         // fast keeps the connection reading, and bytes left here would wait for it to pause.
-        if !state.broken && !state.closed && (!state.out.is_empty() || state.unflushed) {
+        if state.writable() && (!state.out.is_empty() || state.unflushed) {
             match drain(&mut state, &mut Context::from_waker(&self.task)) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(_)) => {
@@ -322,9 +329,18 @@ mod tests {
     /// task waker), the device's end, and the connection's read half (kept open).
     async fn outlet(room: usize) -> (Outlet<Duplex>, Duplex, tokio::io::ReadHalf<Duplex>) {
         let (ours, device) = tokio::io::duplex(room);
-        let (read, half) = tokio::io::split(ours);
+        let (outlet, read) = over(ours).await;
+        (outlet, device, read)
+    }
+
+    /// An outlet writing to `stream` (polled with this test's task waker) and the stream's read
+    /// half, kept open.
+    async fn over<S: tokio::io::AsyncRead + AsyncWrite>(
+        stream: S,
+    ) -> (Outlet<S>, tokio::io::ReadHalf<S>) {
+        let (read, half) = tokio::io::split(stream);
         let task = poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
-        (Outlet::new(half, task), device, read)
+        (Outlet::new(half, task), read)
     }
 
     /// `f`, failing the test instead of hanging when it never finishes.
@@ -453,9 +469,7 @@ mod tests {
     #[tokio::test]
     async fn an_append_settling_after_the_close_writes_nothing_after_the_end_of_the_stream() {
         let recorder = Recorder::default();
-        let (_read, half) = tokio::io::split(recorder.clone());
-        let task = poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
-        let outlet = Outlet::new(half, task);
+        let (outlet, _read) = over(recorder.clone()).await;
         outlet.send(Packet::PingResp).await.expect("sent");
         // The close gave up waiting for this append; it settles after the stream ended.
         outlet.begin_append();
